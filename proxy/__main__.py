@@ -1,0 +1,178 @@
+"""The `tollgate` command: serve, stats, export, reset, check."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import csv
+import logging
+import os
+import sys
+import time
+from datetime import datetime
+from pathlib import Path
+
+import aiohttp
+import orjson
+from aiohttp import web
+
+from . import config as config_mod
+from . import stats
+from .accounting import DAY, Accounting
+from .app import create_app
+from .config import Config, ConfigError
+from .store import COLUMNS, Ledger
+from .upstream import UpstreamClient, UpstreamError
+
+
+def _parse_since(value: str) -> float:
+    """A unix timestamp, or an ISO date/time in local time (2024-01-15 or 2024-01-15T14:00)."""
+    try:
+        return float(value)
+    except ValueError:
+        pass
+    try:
+        return datetime.fromisoformat(value).timestamp()
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"--since {value!r}: expected an ISO date such as 2024-01-15, or a unix time")
+
+
+def _ledger(config: Config) -> Ledger | None:
+    return Ledger(config.db_path) if config.db_path.exists() else None
+
+
+def _offline_accounting(config: Config) -> Accounting:
+    acc = Accounting(None)
+    ledger = _ledger(config)
+    if ledger is not None:
+        epoch = ledger.epoch_started()
+        acc.rebuild(epoch, ledger.rows(since=min(epoch, time.time() - DAY)))
+    return acc
+
+
+def cmd_serve(config: Config, args: argparse.Namespace) -> int:
+    config_mod.check_bind(config)
+    host = args.host or config.server.host
+    port = args.port if args.port is not None else config.server.port
+    logging.info("tollgate listening on http://%s:%d (ledger %s)", host, port, config.db_path)
+    web.run_app(create_app(config), host=host, port=port, handler_cancellation=True,
+                shutdown_timeout=config.server.drain_timeout_s, access_log=None, print=None)
+    return 0
+
+
+def cmd_stats(config: Config, args: argparse.Namespace) -> int:
+    acc = _offline_accounting(config)
+    if args.text:
+        print(stats.stats_text(config, acc, args.lang))
+    else:
+        sys.stdout.buffer.write(orjson.dumps(stats.stats_json(config, acc), option=orjson.OPT_INDENT_2) + b"\n")
+    return 0
+
+
+def cmd_export(config: Config, args: argparse.Namespace) -> int:
+    ledger = _ledger(config)
+    out = sys.stdout if args.csv == "-" else open(args.csv, "w", newline="", encoding="utf-8")
+    try:
+        writer = csv.writer(out)
+        writer.writerow(COLUMNS)
+        for rec in ledger.rows(since=args.since, until=args.until) if ledger else ():
+            writer.writerow([getattr(rec, c) for c in COLUMNS])
+    finally:
+        if out is not sys.stdout:
+            out.close()
+    return 0
+
+
+async def _reset_running(config: Config) -> dict[str, object] | None:
+    """Ask a running server to reset, so its live aggregates follow; None if none answers."""
+    url = f"http://{config.server.host}:{config.server.port}/metrics/reset"
+    token = config.server.admin_token()
+    headers = {"Authorization": f"Bearer {token}"} if token else {}
+    try:
+        async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=5)) as session:
+            async with session.post(url, headers=headers) as response:
+                if response.status != 200:
+                    raise SystemExit(f"tollgate reset: the running server answered HTTP {response.status}")
+                body = await response.json()
+                return body if isinstance(body, dict) else None
+    except (aiohttp.ClientConnectionError, asyncio.TimeoutError):
+        return None
+
+
+def cmd_reset(config: Config, args: argparse.Namespace) -> int:
+    answer = asyncio.run(_reset_running(config))
+    if answer is None:
+        ledger = Ledger(config.db_path)
+        now = time.time()
+        ledger.open(now)
+        ledger.new_epoch(now)
+        ledger.close()
+        answer = {"message": "Métricas reiniciadas exitosamente", "nuevo_inicio": stats.fmt_time(config, now)}
+    print(orjson.dumps(answer).decode())
+    return 0
+
+
+async def _probe_all(config: Config) -> bool:
+    ok = True
+    for upstream in config.upstreams.values():
+        client = UpstreamClient(upstream)
+        await client.start()
+        try:
+            result = await asyncio.wait_for(client.probe(), upstream.connect_timeout_s + 5)
+        except (UpstreamError, asyncio.TimeoutError) as exc:
+            result, ok = f"FAILED: {getattr(exc, 'message', 'timed out')}", False
+        finally:
+            await client.close()
+        key = ""
+        if upstream.api_key_env:
+            key = f", key from ${upstream.api_key_env} ({'set' if upstream.api_key() else 'NOT SET'})"
+        print(f"{upstream.name}: {upstream.kind} {upstream.base_url}{key}: {result}")
+    return ok
+
+
+def cmd_check(config: Config, args: argparse.Namespace) -> int:
+    config_mod.check_bind(config)
+    print(f"{config.source}: valid ({len(config.upstreams)} upstreams, ledger {config.db_path})")
+    return 0 if asyncio.run(_probe_all(config)) else 2
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="tollgate", description="Metering proxy for LLM APIs.")
+    parser.add_argument("-c", "--config", default=os.environ.get("TOLLGATE_CONFIG", "config.toml"),
+                        help="path to config.toml (default: $TOLLGATE_CONFIG or ./config.toml)")
+    sub = parser.add_subparsers(dest="command")
+    serve = sub.add_parser("serve", help="run the proxy (the default command)")
+    serve.add_argument("--host")
+    serve.add_argument("--port", type=int)
+    st = sub.add_parser("stats", help="print /stats from the ledger (server may be stopped)")
+    st.add_argument("--text", action="store_true", help="the WhatsApp text instead of JSON")
+    st.add_argument("--lang", default="es", choices=stats.LANGS)
+    ex = sub.add_parser("export", help="write ledger rows as CSV")
+    ex.add_argument("--csv", required=True, metavar="FILE", help="output file, - for stdout")
+    ex.add_argument("--since", type=_parse_since)
+    ex.add_argument("--until", type=_parse_since)
+    sub.add_parser("reset", help="start a new stats epoch (no ledger row is deleted)")
+    sub.add_parser("check", help="validate the config and probe each upstream")
+    return parser
+
+
+COMMANDS = {"serve": cmd_serve, "stats": cmd_stats, "export": cmd_export,
+            "reset": cmd_reset, "check": cmd_check}
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    try:
+        config = config_mod.load(args.config)
+        command = args.command or "serve"
+        if command == "serve" and args.command is None:
+            args.host, args.port = None, None
+        return COMMANDS[command](config, args)
+    except ConfigError as exc:
+        print(f"tollgate: config error: {exc}", file=sys.stderr)
+        return 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,222 @@
+"""From finished calls to the aggregates /stats shows, since the current stats epoch.
+
+`Accounting.record` is called once per finished call. It updates the in-memory aggregates
+and hands the row to the ledger; nothing here does I/O. At start the aggregates are rebuilt by
+replaying the epoch's rows, and the rolling windows by replaying the last day, so both come out
+as they were before the restart. The clock is injected so tests control time.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from collections import deque
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
+from typing import Any
+
+from .errors import OUTCOMES
+from .store import CallRecord, Ledger
+
+DAY = 86_400.0
+
+
+@dataclass
+class Tally:
+    """Counts for one slice of the traffic (an upstream, a model, a type, a user)."""
+
+    requests: int = 0
+    errors: int = 0
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+    cached_tokens: int = 0
+    estimated_calls: int = 0
+    estimated_tokens: int = 0
+    cost_usd: float = 0.0
+
+    def add(self, rec: CallRecord) -> None:
+        self.requests += 1
+        self.errors += not rec.ok
+        self.prompt_tokens += rec.prompt_tokens
+        self.completion_tokens += rec.completion_tokens
+        self.cached_tokens += rec.cached_tokens
+        if rec.estimated:
+            self.estimated_calls += 1
+            self.estimated_tokens += rec.total_tokens
+        self.cost_usd += rec.cost_usd
+
+    @property
+    def total_tokens(self) -> int:
+        return self.prompt_tokens + self.completion_tokens
+
+    def as_dict(self) -> dict[str, Any]:
+        return {
+            "requests": self.requests, "errors": self.errors,
+            "prompt_tokens": self.prompt_tokens, "completion_tokens": self.completion_tokens,
+            "total_tokens": self.total_tokens, "cached_tokens": self.cached_tokens,
+            "estimated_calls": self.estimated_calls, "estimated_tokens": self.estimated_tokens,
+            "cost_usd": round(self.cost_usd, 6),
+        }
+
+
+class Histogram:
+    """Latency distribution in log-spaced buckets: bounded memory, about 1% relative error.
+
+    Percentiles since the epoch would otherwise need every latency kept; at 2% bucket width a
+    day or a year of traffic costs the same few hundred integers.
+    """
+
+    _BASE = 1.02
+    _FLOOR = 1e-6  # one microsecond: anything below is counted as that
+
+    def __init__(self) -> None:
+        self.buckets: dict[int, int] = {}
+        self.count = 0
+        self.sum = 0.0
+
+    def add(self, value: float) -> None:
+        index = math.floor(math.log(max(value, self._FLOOR)) / math.log(self._BASE))
+        self.buckets[index] = self.buckets.get(index, 0) + 1
+        self.count += 1
+        self.sum += value
+
+    @property
+    def mean(self) -> float:
+        return self.sum / self.count if self.count else 0.0
+
+    def quantile(self, q: float) -> float:
+        if not self.count:
+            return 0.0
+        rank = max(1, math.ceil(q * self.count))
+        seen = 0
+        for index in sorted(self.buckets):
+            seen += self.buckets[index]
+            if seen >= rank:
+                # the bucket's geometric middle
+                return float(self._BASE ** (index + 0.5))
+        return 0.0  # unreachable: the buckets add up to count
+
+    def summary(self) -> dict[str, float]:
+        return {"avg": round(self.mean, 4), "p50": round(self.quantile(0.50), 4),
+                "p95": round(self.quantile(0.95), 4), "p99": round(self.quantile(0.99), 4),
+                "count": self.count}
+
+
+class RollingWindow:
+    """Requests and tokens per second over the last day, for one upstream.
+
+    One slot per second with traffic, so memory is bounded by the window whatever the rate.
+    """
+
+    def __init__(self, span: float = DAY) -> None:
+        self.span = span
+        self._slots: deque[list[float]] = deque()  # [second, requests, tokens]
+
+    def add(self, ts: float, requests: int, tokens: int) -> None:
+        second = math.floor(ts)
+        # Calls are recorded when they finish, with the same clock, so seconds only grow; a
+        # wall clock stepped backwards folds into the newest slot rather than reorder them.
+        if self._slots and self._slots[-1][0] >= second:
+            self._slots[-1][1] += requests
+            self._slots[-1][2] += tokens
+        else:
+            self._slots.append([second, requests, tokens])
+
+    def usage(self, now: float, seconds: float) -> tuple[int, int]:
+        """(requests, tokens) in the last `seconds` up to `now`."""
+        horizon = now - self.span
+        while self._slots and self._slots[0][0] <= horizon - 1:
+            self._slots.popleft()
+        start = now - seconds
+        requests = tokens = 0
+        for second, reqs, toks in reversed(self._slots):
+            if second + 1 <= start:
+                break
+            requests += int(reqs)
+            tokens += int(toks)
+        return requests, tokens
+
+
+@dataclass
+class Aggregates:
+    """Everything counted since the epoch began."""
+
+    epoch_started: float
+    totals: Tally = field(default_factory=Tally)
+    by_upstream: dict[str, Tally] = field(default_factory=dict)
+    by_model: dict[str, Tally] = field(default_factory=dict)
+    by_type: dict[str, Tally] = field(default_factory=dict)
+    by_user: dict[str, Tally] = field(default_factory=dict)
+    outcomes: dict[str, int] = field(default_factory=lambda: dict.fromkeys(OUTCOMES, 0))
+    latency: Histogram = field(default_factory=Histogram)
+    ttft: Histogram = field(default_factory=Histogram)
+    last_request: float | None = None
+    user_last_seen: dict[str, float] = field(default_factory=dict)
+    chat_messages: int = 0
+
+    def add(self, rec: CallRecord) -> None:
+        self.totals.add(rec)
+        for table, key in ((self.by_upstream, rec.upstream), (self.by_model, rec.model),
+                           (self.by_type, rec.type)):
+            if key:
+                table.setdefault(key, Tally()).add(rec)
+        if rec.user:
+            self.by_user.setdefault(rec.user, Tally()).add(rec)
+            self.user_last_seen[rec.user] = max(rec.ts, self.user_last_seen.get(rec.user, 0.0))
+        self.outcomes[rec.outcome] = self.outcomes.get(rec.outcome, 0) + 1
+        self.latency.add(rec.latency_s)
+        if rec.ttft_s is not None:
+            self.ttft.add(rec.ttft_s)
+        self.last_request = rec.ts if self.last_request is None else max(self.last_request, rec.ts)
+        if rec.ok and rec.endpoint in ("chat", "responses", "generate", "completion"):
+            self.chat_messages += 1
+
+
+class Accounting:
+    def __init__(self, ledger: Ledger | None, clock: Callable[[], float] = time.time) -> None:
+        self.ledger = ledger
+        self.clock = clock
+        self.process_started = clock()
+        self.current = Aggregates(epoch_started=self.process_started)
+        self.windows: dict[str, RollingWindow] = {}
+        self.listeners: list[Callable[[CallRecord], None]] = []
+
+    def rebuild(self, epoch_started: float, rows: Iterable[CallRecord]) -> None:
+        """Replay the ledger: `rows` must cover at least the last day and the whole epoch."""
+        self.current = Aggregates(epoch_started=epoch_started)
+        self.windows = {}
+        day_ago = self.clock() - DAY
+        for rec in rows:
+            if rec.ts >= epoch_started:
+                self.current.add(rec)
+            if rec.ts >= day_ago:
+                self._window_add(rec)
+
+    def record(self, rec: CallRecord) -> None:
+        self.current.add(rec)
+        self._window_add(rec)
+        if self.ledger is not None:
+            self.ledger.append(rec)
+        for listener in self.listeners:
+            listener(rec)
+
+    def _window_add(self, rec: CallRecord) -> None:
+        if rec.upstream and rec.outcome not in ("bad_request", "too_large", "unknown_model", "unauthorized"):
+            self.windows.setdefault(rec.upstream, RollingWindow()).add(rec.ts, 1, rec.total_tokens)
+
+    def reset(self) -> float:
+        """Start a new stats epoch. The ledger keeps every row; windows are not touched."""
+        started = self.clock()
+        self.current = Aggregates(epoch_started=started)
+        if self.ledger is not None:
+            self.ledger.new_epoch(started)
+        return started
+
+    def window_usage(self, upstream: str, seconds: float) -> tuple[int, int]:
+        window = self.windows.get(upstream)
+        return window.usage(self.clock(), seconds) if window else (0, 0)
+
+    def active_users(self, window_s: float) -> list[str]:
+        horizon = self.clock() - window_s
+        seen = self.current.user_last_seen
+        return sorted((u for u, ts in seen.items() if ts >= horizon), key=lambda u: -seen[u])

@@ -1,0 +1,151 @@
+"""`create_app(config)`: the wiring diagram, read top to bottom."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import time
+from collections.abc import AsyncIterator, Callable
+from pathlib import Path
+
+import orjson
+from aiohttp import web
+
+from . import stats
+from .accounting import DAY, Accounting
+from .config import Config
+from .dialects import Dialect, error_body
+from .errors import ProxyError
+from .keys import ACCOUNTING, CONFIG, ESTIMATOR, LEDGER, UPSTREAMS
+from .routes import setup_routes
+from .store import Ledger, make_private_dir
+from .tokens import Estimator
+from .upstream import UpstreamClient
+
+log = logging.getLogger("tollgate")
+
+
+def create_app(config: Config, clock: Callable[[], float] = time.time) -> web.Application:
+    app = web.Application(middlewares=[error_middleware], client_max_size=config.server.max_body_bytes)
+
+    ledger = Ledger(config.db_path)
+    app[CONFIG] = config
+    app[LEDGER] = ledger
+    app[ACCOUNTING] = Accounting(ledger, clock)
+    app[ESTIMATOR] = Estimator(config.stats.estimate_max_chars)
+    app[UPSTREAMS] = {name: UpstreamClient(u) for name, u in config.upstreams.items()}
+
+    app.cleanup_ctx.append(ledger_ctx)
+    app.cleanup_ctx.append(upstreams_ctx)
+    app.cleanup_ctx.append(snapshot_ctx)
+
+    setup_routes(app)
+    return app
+
+
+# --- resources ---------------------------------------------------------------------------
+
+
+async def ledger_ctx(app: web.Application) -> AsyncIterator[None]:
+    """Open the ledger and rebuild /stats and the rate windows from it; flush it at the end."""
+    ledger, acc = app[LEDGER], app[ACCOUNTING]
+    loop = asyncio.get_running_loop()
+
+    def open_and_replay() -> None:
+        now = acc.clock()
+        ledger.open(now)
+        epoch = ledger.epoch_started()
+        acc.rebuild(epoch, ledger.rows(since=min(epoch, now - DAY)))
+
+    await loop.run_in_executor(None, open_and_replay)
+    yield
+    await ledger.flush()
+    await loop.run_in_executor(None, ledger.close)
+
+
+async def upstreams_ctx(app: web.Application) -> AsyncIterator[None]:
+    clients = app[UPSTREAMS].values()
+    for client in clients:
+        await client.start()
+    yield
+    for client in clients:
+        await client.close()
+
+
+async def snapshot_ctx(app: web.Application) -> AsyncIterator[None]:
+    """Keep metrics.json (the seed's file) as a derived snapshot, rewritten while things change."""
+    config, acc = app[CONFIG], app[ACCOUNTING]
+    loop = asyncio.get_running_loop()
+
+    async def write() -> None:
+        data = orjson.dumps(stats.snapshot(config, acc), option=orjson.OPT_INDENT_2)
+        await loop.run_in_executor(None, write_private_atomic, config.snapshot_path, data)
+
+    async def every_interval() -> None:
+        last = None
+        while True:
+            await asyncio.sleep(config.server.snapshot_interval_s)
+            marker = (acc.current.totals.requests, acc.current.epoch_started)
+            if marker != last:
+                await write()
+                last = marker
+
+    task = asyncio.create_task(every_interval())
+    yield
+    task.cancel()
+    try:
+        await task
+    except asyncio.CancelledError:
+        pass
+    await write()
+
+
+def write_private_atomic(path: Path, data: bytes) -> None:
+    """Write a file owner-only and atomically: readers see the old or the new, never half."""
+    make_private_dir(path.parent)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    try:
+        os.write(fd, data)
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+    os.replace(tmp, path)
+
+
+# --- errors ------------------------------------------------------------------------------
+
+
+def request_dialect(request: web.Request) -> Dialect:
+    path = request.path
+    return "ollama" if path.startswith("/api/") or (path.startswith("/t/") and "/api/" in path) else "openai"
+
+
+def error_response(request: web.Request, status: int, message: str, type_: str, code: str) -> web.Response:
+    return web.Response(status=status, content_type="application/json",
+                        body=error_body(request_dialect(request), message, type_, code))
+
+
+@web.middleware
+async def error_middleware(request: web.Request, handler: Callable[[web.Request], object]) -> web.StreamResponse:
+    """Every failure leaves in the caller's dialect, with a message and never a traceback."""
+    try:
+        response = await handler(request)  # type: ignore[misc]
+        assert isinstance(response, web.StreamResponse)
+        return response
+    except ProxyError as exc:
+        return error_response(request, exc.status, exc.message, exc.type, exc.code)
+    except web.HTTPException as exc:
+        if exc.status < 400:
+            raise
+        message = {404: f"No such endpoint: {request.method} {request.path}",
+                   405: f"{request.method} is not allowed on {request.path}"}.get(exc.status, exc.reason)
+        return error_response(request, exc.status, message, "invalid_request_error",
+                              exc.reason.lower().replace(" ", "_"))
+    except (asyncio.CancelledError, ConnectionResetError):
+        raise
+    except Exception:
+        log.exception("unexpected error on %s %s", request.method, request.path)
+        return error_response(request, 500, "Tollgate hit an internal error; it has been logged.",
+                              "server_error", "internal_error")

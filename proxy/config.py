@@ -1,0 +1,476 @@
+"""`config.toml` into frozen dataclasses, validated once.
+
+Every problem is reported as one `ConfigError` line naming the file, the key, the bad value
+and what was expected, so a typo stops start-up with a message a person can act on.
+Unknown keys are errors too: a misspelt limit silently ignored is a limit not enforced.
+
+Secrets never enter these objects: the config names the environment variable that holds a
+key, and the key is read from the environment at the moment it is sent upstream. So no repr,
+log line or traceback of a config object can carry one.
+"""
+
+from __future__ import annotations
+
+import fnmatch
+import ipaddress
+import os
+import re
+import tomllib
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal, TypeVar, cast
+from urllib.parse import urlsplit
+from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
+
+Kind = Literal["openai", "ollama"]
+DayMode = Literal["rolling", "calendar"]
+RuleScope = Literal["system", "last_user", "any"]
+
+T = TypeVar("T")
+
+
+class ConfigError(Exception):
+    """A config problem, worded as one line: file, key, value, what was expected."""
+
+
+@dataclass(frozen=True)
+class Limits:
+    """Free-tier style limits of one scope; None means unlimited."""
+
+    rpm: int | None = None
+    rpd: int | None = None
+    tpm: int | None = None
+    concurrency: int | None = None
+    max_input_tokens: int | None = None
+    max_output_tokens: int | None = None
+    day: DayMode = "rolling"
+    timezone: str = "UTC"
+
+    @property
+    def any(self) -> bool:
+        return any(
+            v is not None
+            for v in (self.rpm, self.rpd, self.tpm, self.concurrency,
+                      self.max_input_tokens, self.max_output_tokens)
+        )
+
+
+@dataclass(frozen=True)
+class Upstream:
+    name: str
+    kind: Kind
+    base_url: str
+    label: str
+    short_name: str
+    models: tuple[str, ...]
+    aliases: Mapping[str, str]
+    free: bool
+    api_key_env: str | None
+    connect_timeout_s: float
+    read_timeout_s: float
+    limits: Limits
+
+    def serves(self, model: str) -> bool:
+        return any(fnmatch.fnmatchcase(model, pattern) for pattern in self.models)
+
+    def upstream_model(self, model: str) -> str:
+        """The name the upstream wants for the model the client named."""
+        return self.aliases.get(model, model)
+
+    def api_key(self) -> str | None:
+        if not self.api_key_env:
+            return None
+        return os.environ.get(self.api_key_env) or None
+
+    @property
+    def listed_models(self) -> tuple[str, ...]:
+        """Model names given literally (not as globs), for GET /v1/models."""
+        return tuple(m for m in self.models if not any(c in m for c in "*?["))
+
+
+@dataclass(frozen=True)
+class Price:
+    """USD per 1,000 tokens."""
+
+    input: float
+    output: float
+    cached_input: float
+
+    def cost(self, prompt: int, completion: int, cached: int) -> float:
+        cached = min(cached, prompt)
+        return ((prompt - cached) * self.input + cached * self.cached_input
+                + completion * self.output) / 1000.0
+
+
+FREE = Price(0.0, 0.0, 0.0)
+
+
+@dataclass(frozen=True)
+class RequestType:
+    name: str
+    label: str
+    label_en: str
+
+
+@dataclass(frozen=True)
+class TagRule:
+    type: str
+    on: RuleScope
+    pattern: re.Pattern[str]
+
+
+@dataclass(frozen=True)
+class Server:
+    host: str
+    port: int
+    admin_token_env: str | None
+    max_body_bytes: int
+    data_dir: Path
+    snapshot_interval_s: float
+    drain_timeout_s: float
+
+    def admin_token(self) -> str | None:
+        if not self.admin_token_env:
+            return None
+        return os.environ.get(self.admin_token_env) or None
+
+
+@dataclass(frozen=True)
+class Stats:
+    title: str
+    plan: str
+    tier: str
+    timezone: str
+    active_window_s: float
+    limits_upstream: str | None
+    limits_label: str | None
+    # How many characters of a call's text the estimator may read; bounds CPU per call.
+    estimate_max_chars: int
+
+    @property
+    def tz(self) -> ZoneInfo | None:
+        return None if self.timezone == "local" else ZoneInfo(self.timezone)
+
+
+@dataclass(frozen=True)
+class Routing:
+    default_upstream: str | None
+    ollama_upstream: str | None
+    default_type: str
+
+
+@dataclass(frozen=True)
+class Config:
+    source: Path
+    server: Server
+    stats: Stats
+    routing: Routing
+    upstreams: Mapping[str, Upstream]
+    prices: tuple[tuple[str, Price], ...]
+    types: Mapping[str, RequestType]
+    rules: tuple[TagRule, ...] = field(default=())
+
+    def upstream_for(self, model: str | None) -> Upstream | None:
+        """The upstream that serves `model`: first match in file order, else the default."""
+        if model:
+            for upstream in self.upstreams.values():
+                if upstream.serves(model):
+                    return upstream
+        if self.routing.default_upstream:
+            return self.upstreams[self.routing.default_upstream]
+        return None
+
+    def ollama_upstream(self, model: str | None) -> Upstream | None:
+        """Where an /api/ call goes: the Ollama upstream serving the model, else the default one."""
+        if model:
+            for upstream in self.upstreams.values():
+                if upstream.kind == "ollama" and upstream.serves(model):
+                    return upstream
+        if self.routing.ollama_upstream:
+            return self.upstreams[self.routing.ollama_upstream]
+        return None
+
+    def price(self, upstream: Upstream, model: str) -> Price:
+        if upstream.free:
+            return FREE
+        for pattern, price in self.prices:
+            if fnmatch.fnmatchcase(model, pattern):
+                return price
+        return FREE
+
+    @property
+    def db_path(self) -> Path:
+        return self.server.data_dir / "ledger.sqlite3"
+
+    @property
+    def snapshot_path(self) -> Path:
+        return self.server.data_dir / "metrics.json"
+
+
+# --- reading -----------------------------------------------------------------------------
+
+
+class _Table:
+    """One TOML table being read: remembers its dotted path and which keys were used."""
+
+    def __init__(self, source: Path, path: str, data: Any) -> None:
+        if not isinstance(data, dict):
+            raise ConfigError(f"{source}: {path or '<top>'} = {_show(data)}: expected a table")
+        self.source, self.path, self.data = source, path, data
+        self.used: set[str] = set()
+
+    def key(self, name: str) -> str:
+        return f"{self.path}.{name}" if self.path else name
+
+    def fail(self, name: str, value: Any, expected: str) -> ConfigError:
+        return ConfigError(f"{self.source}: {self.key(name)} = {_show(value)}: expected {expected}")
+
+    def get(self, name: str, kind: type[T], default: T, expected: str) -> T:
+        self.used.add(name)
+        if name not in self.data:
+            return default
+        value = self.data[name]
+        # bool is an int in Python; a limit of `true` is a mistake, not 1.
+        ok = isinstance(value, kind) and not (kind is int and isinstance(value, bool))
+        if kind is float and isinstance(value, int) and not isinstance(value, bool):
+            value, ok = float(value), True
+        if not ok:
+            raise self.fail(name, value, expected)
+        return cast(T, value)
+
+    def opt(self, name: str, kind: type[T], expected: str) -> T | None:
+        self.used.add(name)
+        if name not in self.data:
+            return None
+        return self.get(name, kind, cast(T, None), expected)
+
+    def positive(self, name: str, default: float, integer: bool = False) -> Any:
+        kind: type = int if integer else float
+        expected = "a positive whole number" if integer else "a positive number"
+        value = self.get(name, kind, default, expected)
+        if value <= 0:
+            raise self.fail(name, value, expected)
+        return value
+
+    def limit(self, name: str) -> int | None:
+        value = self.opt(name, int, "a positive whole number (omit the key for no limit)")
+        if value is not None and value <= 0:
+            raise self.fail(name, value, "a positive whole number (omit the key for no limit)")
+        return value
+
+    def sub(self, name: str) -> _Table:
+        self.used.add(name)
+        return _Table(self.source, self.key(name), self.data.get(name, {}))
+
+    def done(self) -> None:
+        for name in self.data:
+            if name not in self.used:
+                raise self.fail(name, self.data[name], "no such key (see the README's config reference)")
+
+
+def _show(value: Any) -> str:
+    text = repr(value)
+    return text if len(text) <= 80 else text[:77] + "..."
+
+
+def _check_tz(table: _Table, name: str, value: str) -> str:
+    if value == "local":
+        return value
+    try:
+        ZoneInfo(value)
+    except (ZoneInfoNotFoundError, ValueError):
+        raise table.fail(name, value, "an IANA time zone such as 'America/Mexico_City', or 'local'")
+    return value
+
+
+def _limits(table: _Table) -> Limits:
+    day = table.get("day", str, "rolling", "'rolling' or 'calendar'")
+    if day not in ("rolling", "calendar"):
+        raise table.fail("day", day, "'rolling' or 'calendar'")
+    tz = _check_tz(table, "timezone", table.get("timezone", str, "UTC", "a time zone name"))
+    limits = Limits(
+        rpm=table.limit("rpm"), rpd=table.limit("rpd"), tpm=table.limit("tpm"),
+        concurrency=table.limit("concurrency"),
+        max_input_tokens=table.limit("max_input_tokens"),
+        max_output_tokens=table.limit("max_output_tokens"),
+        day=cast(DayMode, day), timezone=tz,
+    )
+    table.done()
+    return limits
+
+
+def _upstream(name: str, table: _Table) -> Upstream:
+    kind = table.get("kind", str, "", "'openai' or 'ollama'")
+    if kind not in ("openai", "ollama"):
+        raise table.fail("kind", kind or None, "'openai' or 'ollama'")
+    base_url = table.get("base_url", str, "", "an http:// or https:// URL")
+    parts = urlsplit(base_url)
+    if parts.scheme not in ("http", "https") or not parts.hostname or parts.query or parts.fragment:
+        raise table.fail("base_url", base_url or None, "an http:// or https:// URL with a host")
+    models = table.get("models", list, [], "a list of model names or glob patterns")
+    if not all(isinstance(m, str) and m for m in models):
+        raise table.fail("models", models, "a list of model names or glob patterns")
+    aliases_t = table.sub("aliases")
+    aliases: dict[str, str] = {}
+    for alias in list(aliases_t.data):
+        aliases[alias] = aliases_t.get(alias, str, "", "the model name the upstream expects")
+    api_key_env = table.opt("api_key_env", str, "the name of an environment variable")
+    if api_key_env is not None and not re.fullmatch(r"[A-Za-z_][A-Za-z0-9_]*", api_key_env):
+        raise table.fail("api_key_env", api_key_env, "the name of an environment variable")
+    upstream = Upstream(
+        name=name,
+        kind=cast(Kind, kind),
+        base_url=base_url.rstrip("/"),
+        label=table.get("label", str, name, "a display name"),
+        short_name=table.get("short_name", str, name, "a short identifier"),
+        models=tuple(models),
+        aliases=aliases,
+        free=table.get("free", bool, kind == "ollama", "true or false"),
+        api_key_env=api_key_env,
+        connect_timeout_s=table.positive("connect_timeout_s", 10.0),
+        read_timeout_s=table.positive("read_timeout_s", 300.0),
+        limits=_limits(table.sub("limits")),
+    )
+    table.done()
+    return upstream
+
+
+def _price(table: _Table) -> Price:
+    values = {}
+    for name in ("input", "output", "cached_input"):
+        default = values.get("input", 0.0) if name == "cached_input" else 0.0
+        value = table.get(name, float, default, "USD per 1,000 tokens, zero or more")
+        if value < 0:
+            raise table.fail(name, value, "USD per 1,000 tokens, zero or more")
+        values[name] = value
+    table.done()
+    return Price(**values)
+
+
+def _is_loopback(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+def load(path: str | Path) -> Config:
+    """Read and validate `path`; raise ConfigError with a one-line reason."""
+    source = Path(path)
+    try:
+        with source.open("rb") as fh:
+            raw = tomllib.load(fh)
+    except FileNotFoundError:
+        raise ConfigError(f"{source}: no such file")
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError(f"{source}: not valid TOML: {exc}")
+    return parse(raw, source)
+
+
+def parse(raw: dict[str, Any], source: Path = Path("<config>")) -> Config:
+    top = _Table(source, "", raw)
+
+    s = top.sub("server")
+    data_dir = Path(s.get("data_dir", str, "data", "a directory path"))
+    if not data_dir.is_absolute():
+        data_dir = (source.parent / data_dir).resolve()
+    server = Server(
+        host=s.get("host", str, "127.0.0.1", "an address to bind"),
+        port=s.get("port", int, 5000, "a port number"),
+        admin_token_env=s.opt("admin_token_env", str, "the name of an environment variable"),
+        max_body_bytes=s.positive("max_body_bytes", 10 * 1024 * 1024, integer=True),
+        data_dir=data_dir,
+        snapshot_interval_s=s.positive("snapshot_interval_s", 5.0),
+        drain_timeout_s=s.positive("drain_timeout_s", 10.0),
+    )
+    if not 0 <= server.port <= 65535:
+        raise s.fail("port", server.port, "a port number from 0 to 65535")
+    s.done()
+
+    ups_t = top.sub("upstreams")
+    if not ups_t.data:
+        raise ups_t.fail("", None, "at least one [upstreams.<name>] table")
+    upstreams = {name: _upstream(name, ups_t.sub(name)) for name in list(ups_t.data)}
+
+    t_t = top.sub("types")
+    types: dict[str, RequestType] = {}
+    for name in list(t_t.data):
+        one = t_t.sub(name)
+        label = one.get("label", str, name, "a display name")
+        types[name] = RequestType(name, label, one.get("label_en", str, label, "a display name"))
+        one.done()
+    for required in ("chat", "vision"):
+        types.setdefault(required, RequestType(required, required.capitalize(), required.capitalize()))
+
+    r = top.sub("routing")
+    routing = Routing(
+        default_upstream=r.opt("default_upstream", str, "the name of an upstream"),
+        ollama_upstream=r.opt("ollama_upstream", str, "the name of an ollama upstream"),
+        default_type=r.get("default_type", str, "chat", "the name of a request type"),
+    )
+    if routing.default_upstream is not None and routing.default_upstream not in upstreams:
+        raise r.fail("default_upstream", routing.default_upstream,
+                     f"one of the configured upstreams {sorted(upstreams)}")
+    ollamas = [u.name for u in upstreams.values() if u.kind == "ollama"]
+    if routing.ollama_upstream is None and ollamas:
+        routing = Routing(routing.default_upstream, ollamas[0], routing.default_type)
+    elif routing.ollama_upstream is not None and routing.ollama_upstream not in ollamas:
+        raise r.fail("ollama_upstream", routing.ollama_upstream, f"one of the ollama upstreams {ollamas}")
+    if routing.default_type not in types:
+        raise r.fail("default_type", routing.default_type, f"one of the request types {sorted(types)}")
+    r.done()
+
+    st = top.sub("stats")
+    stats = Stats(
+        title=st.get("title", str, "TOLLGATE", "a title"),
+        plan=st.get("plan", str, "", "a plan description"),
+        tier=st.get("tier", str, "🆓 Gratuito", "a tier description"),
+        timezone=_check_tz(st, "timezone", st.get("timezone", str, "local", "a time zone name")),
+        active_window_s=60.0 * st.positive("active_window_min", 30.0),
+        limits_upstream=st.opt("limits_upstream", str, "the name of an upstream"),
+        limits_label=st.opt("limits_label", str, "a display name for the limits' plan"),
+        estimate_max_chars=st.positive("estimate_max_chars", 200_000, integer=True),
+    )
+    if stats.limits_upstream is not None and stats.limits_upstream not in upstreams:
+        raise st.fail("limits_upstream", stats.limits_upstream, f"one of {sorted(upstreams)}")
+    st.done()
+
+    p_t = top.sub("prices")
+    prices = tuple((pattern, _price(p_t.sub(pattern))) for pattern in list(p_t.data))
+
+    tag_t = top.sub("tagging")
+    raw_rules = tag_t.get("rules", list, [], "a list of {type, on, pattern} tables")
+    rules = []
+    for i, raw_rule in enumerate(raw_rules):
+        rule_t = _Table(source, f"tagging.rules[{i}]", raw_rule)
+        rtype = rule_t.get("type", str, "", "the name of a request type")
+        if rtype not in types:
+            raise rule_t.fail("type", rtype, f"one of the request types {sorted(types)}")
+        on = rule_t.get("on", str, "any", "'system', 'last_user' or 'any'")
+        if on not in ("system", "last_user", "any"):
+            raise rule_t.fail("on", on, "'system', 'last_user' or 'any'")
+        pattern = rule_t.get("pattern", str, "", "a regular expression")
+        try:
+            compiled = re.compile(pattern)
+        except re.error as exc:
+            raise rule_t.fail("pattern", pattern, f"a valid regular expression ({exc})")
+        rules.append(TagRule(rtype, cast(RuleScope, on), compiled))
+        rule_t.done()
+    tag_t.done()
+    top.done()
+
+    return Config(source=source, server=server, stats=stats, routing=routing,
+                  upstreams=upstreams, prices=prices, types=types, rules=tuple(rules))
+
+
+def check_bind(config: Config) -> None:
+    """Refuse to listen beyond loopback when nobody set an admin token."""
+    if not _is_loopback(config.server.host) and config.server.admin_token() is None:
+        env = config.server.admin_token_env or "<unset>"
+        raise ConfigError(
+            f"{config.source}: server.host = {config.server.host!r}: a non-loopback address needs "
+            f"an admin token (set server.admin_token_env and the variable it names, now {env})"
+        )

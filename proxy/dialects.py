@@ -1,0 +1,482 @@
+"""Everything that differs between the OpenAI and the Ollama protocol, as pure functions.
+
+What a request body says (model, streaming, user, images, the text to estimate from), where
+usage sits in a body or a stream, how streams are framed (SSE events vs NDJSON lines), and
+the shape of an error body. Nothing here does I/O, so all of it is tested without HTTP.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+import orjson
+
+from .tokens import Estimator, message_text
+
+Dialect = Literal["openai", "ollama"]
+
+# Endpoints that are LLM calls (metered); every other path is passed through uncounted.
+OPENAI_ENDPOINTS = {
+    "chat/completions": "chat",
+    "completions": "completion",
+    "embeddings": "embedding",
+    "responses": "responses",
+}
+OLLAMA_ENDPOINTS = {
+    "chat": "chat",
+    "generate": "generate",
+    "embed": "embed",
+    "embeddings": "embeddings",
+}
+# Which endpoints stream by default when the body says nothing: Ollama's chat and generate.
+_OLLAMA_STREAM_DEFAULT = {"chat", "generate"}
+# OpenAI endpoints that accept stream_options.include_usage.
+_INCLUDE_USAGE_ENDPOINTS = {"chat", "completion"}
+
+
+@dataclass
+class Usage:
+    prompt: int = 0
+    completion: int = 0
+    cached: int = 0
+
+    @property
+    def total(self) -> int:
+        return self.prompt + self.completion
+
+
+@dataclass
+class CallInfo:
+    """What one LLM request body says, read once."""
+
+    dialect: Dialect
+    endpoint: str
+    model: str | None
+    stream: bool
+    user: str | None
+    has_images: bool
+    system_text: str
+    last_user_text: str
+    max_output_tokens: int | None
+    body: dict[str, Any] = field(repr=False)
+
+    def estimate_prompt(self, estimator: Estimator) -> int:
+        model = self.model or ""
+        body = self.body
+        if self.endpoint == "chat":
+            messages = body.get("messages")
+            return estimator.chat_prompt(messages if isinstance(messages, list) else [], model)
+        if self.endpoint == "responses":
+            text = _responses_input_text(body.get("input"))
+            if isinstance(body.get("instructions"), str):
+                text = body["instructions"] + "\n" + text
+            return estimator.text(text, model)
+        if self.endpoint == "generate":
+            return estimator.text(_join(body.get("system"), body.get("prompt")), model)
+        key = "prompt" if self.endpoint in ("completion", "embeddings") else "input"
+        value = body.get(key)
+        if isinstance(value, list) and value and all(isinstance(v, int) for v in value):
+            return len(value)  # already token ids
+        if isinstance(value, list) and value and all(isinstance(v, list) for v in value):
+            return sum(len(v) for v in value)
+        return estimator.text(_join(value), model)
+
+
+class BadRequest(ValueError):
+    """The client's body is not what the endpoint takes; the message says why."""
+
+
+def _join(*values: Any) -> str:
+    out: list[str] = []
+    for value in values:
+        if isinstance(value, str):
+            out.append(value)
+        elif isinstance(value, list):
+            out.extend(v for v in value if isinstance(v, str))
+    return "\n".join(out)
+
+
+def _responses_input_text(value: Any) -> str:
+    if isinstance(value, str):
+        return value
+    if not isinstance(value, list):
+        return ""
+    parts = []
+    for item in value:
+        if isinstance(item, dict):
+            content = item.get("content")
+            if isinstance(content, str):
+                parts.append(content)
+            elif isinstance(content, list):
+                parts.extend(p["text"] for p in content
+                             if isinstance(p, dict) and isinstance(p.get("text"), str))
+    return "\n".join(parts)
+
+
+def _has_images(body: dict[str, Any], messages: list[Any]) -> bool:
+    if isinstance(body.get("images"), list) and body["images"]:
+        return True  # Ollama /api/generate
+    for message in messages:
+        if not isinstance(message, dict):
+            continue
+        if isinstance(message.get("images"), list) and message["images"]:
+            return True  # Ollama /api/chat
+        content = message.get("content")
+        if isinstance(content, list):
+            for part in content:
+                if isinstance(part, dict) and part.get("type") in ("image_url", "input_image", "image"):
+                    return True
+    return False
+
+
+def parse_request(dialect: Dialect, endpoint: str, raw: bytes) -> CallInfo:
+    """Read an LLM request body; raise BadRequest with a message a person understands."""
+    if not raw.strip():
+        raise BadRequest("The request body is empty; this endpoint takes a JSON object.")
+    try:
+        body = orjson.loads(raw)
+    except orjson.JSONDecodeError as exc:
+        raise BadRequest(f"The request body is not valid JSON ({exc}).") from None
+    if not isinstance(body, dict):
+        raise BadRequest("The request body must be a JSON object.")
+    model = body.get("model")
+    if model is not None and not isinstance(model, str):
+        raise BadRequest("'model' must be a string.")
+    stream_value = body.get("stream")
+    if stream_value is not None and not isinstance(stream_value, bool):
+        raise BadRequest("'stream' must be true or false.")
+    if dialect == "ollama":
+        stream = endpoint in _OLLAMA_STREAM_DEFAULT if stream_value is None else stream_value
+    else:
+        stream = bool(stream_value)
+    messages = body.get("messages") if isinstance(body.get("messages"), list) else []
+    if endpoint == "responses" and isinstance(body.get("input"), list):
+        messages = body["input"]
+    system_parts, last_user = [], ""
+    for message in messages:
+        if isinstance(message, dict):
+            role = message.get("role")
+            if role in ("system", "developer"):
+                system_parts.append(message_text(message))
+            elif role == "user":
+                last_user = message_text(message)
+    if isinstance(body.get("system"), str):
+        system_parts.append(body["system"])
+    if isinstance(body.get("instructions"), str):
+        system_parts.append(body["instructions"])
+    if not messages:
+        for key in ("prompt", "input"):
+            if isinstance(body.get(key), str):
+                last_user = body[key]
+    user = body.get("user") if isinstance(body.get("user"), str) else None
+    return CallInfo(
+        dialect=dialect, endpoint=endpoint, model=model, stream=stream, user=user or None,
+        has_images=_has_images(body, messages),
+        system_text="\n".join(system_parts), last_user_text=last_user,
+        max_output_tokens=_max_output(dialect, body), body=body,
+    )
+
+
+def _max_output(dialect: Dialect, body: dict[str, Any]) -> int | None:
+    if dialect == "ollama":
+        options = body.get("options")
+        value = options.get("num_predict") if isinstance(options, dict) else None
+    else:
+        value = next((body[k] for k in ("max_completion_tokens", "max_tokens", "max_output_tokens")
+                      if body.get(k) is not None), None)
+    return value if isinstance(value, int) and not isinstance(value, bool) and value >= 0 else None
+
+
+def wants_injected_usage(info: CallInfo) -> bool:
+    """True when the proxy must ask for the usage chunk the client did not ask for."""
+    if info.dialect != "openai" or not info.stream or info.endpoint not in _INCLUDE_USAGE_ENDPOINTS:
+        return False
+    options = info.body.get("stream_options")
+    return not (isinstance(options, dict) and options.get("include_usage") is True)
+
+
+def with_injected_usage(info: CallInfo) -> dict[str, Any]:
+    body = dict(info.body)
+    options = dict(body["stream_options"]) if isinstance(body.get("stream_options"), dict) else {}
+    options["include_usage"] = True
+    body["stream_options"] = options
+    return body
+
+
+# --- usage ------------------------------------------------------------------------------
+
+
+def _int(value: Any) -> int:
+    return value if isinstance(value, int) and not isinstance(value, bool) and value >= 0 else 0
+
+
+def openai_usage(usage: Any) -> Usage | None:
+    """Usage from an OpenAI `usage` object, chat/completions/embeddings or responses style."""
+    if not isinstance(usage, dict):
+        return None
+    if "input_tokens" in usage or "output_tokens" in usage:
+        details = usage.get("input_tokens_details")
+        cached = _int(details.get("cached_tokens")) if isinstance(details, dict) else 0
+        return Usage(_int(usage.get("input_tokens")), _int(usage.get("output_tokens")), cached)
+    if "prompt_tokens" not in usage:
+        return None
+    details = usage.get("prompt_tokens_details")
+    cached = _int(details.get("cached_tokens")) if isinstance(details, dict) else 0
+    prompt = _int(usage.get("prompt_tokens"))
+    completion = usage.get("completion_tokens")
+    if completion is None:  # embeddings report only prompt and total
+        completion = _int(usage.get("total_tokens")) - prompt
+    return Usage(prompt, max(_int(completion), 0), cached)
+
+
+def ollama_usage(obj: dict[str, Any]) -> tuple[Usage, bool] | None:
+    """Usage from Ollama's final object; the flag is True when the prompt count was missing.
+
+    Ollama leaves `prompt_eval_count` out when the whole prompt came from its cache, so its
+    absence does not mean zero tokens were sent: the caller estimates that part.
+    """
+    if "eval_count" not in obj and "prompt_eval_count" not in obj:
+        return None
+    missing_prompt = "prompt_eval_count" not in obj
+    return Usage(_int(obj.get("prompt_eval_count")), _int(obj.get("eval_count"))), missing_prompt
+
+
+def body_usage(dialect: Dialect, body: Any) -> Usage | None:
+    if not isinstance(body, dict):
+        return None
+    if dialect == "openai":
+        return openai_usage(body.get("usage"))
+    found = ollama_usage(body)
+    return found[0] if found and not found[1] else None
+
+
+def body_text(dialect: Dialect, body: Any) -> str:
+    """The generated text of a non-streamed reply, for an estimate when usage is missing."""
+    if not isinstance(body, dict):
+        return ""
+    if dialect == "ollama":
+        message = body.get("message")
+        text = message_text(message) if isinstance(message, dict) else ""
+        return _join(text, body.get("response"), body.get("thinking"))
+    parts = []
+    for choice in body.get("choices") or ():
+        if isinstance(choice, dict):
+            message = choice.get("message")
+            if isinstance(message, dict):
+                parts.append(message_text(message))
+            if isinstance(choice.get("text"), str):
+                parts.append(choice["text"])
+    for item in body.get("output") or ():
+        if isinstance(item, dict) and isinstance(item.get("content"), list):
+            parts.extend(p["text"] for p in item["content"]
+                         if isinstance(p, dict) and isinstance(p.get("text"), str))
+    return "\n".join(parts)
+
+
+_OLLAMA_COUNT = re.compile(rb'"(prompt_eval_count|eval_count)"\s*:\s*(\d+)')
+
+
+def tail_usage(dialect: Dialect, tail: bytes) -> Usage | None:
+    """Usage from the last bytes of a body too large to keep whole.
+
+    Both protocols put usage at the end of a reply (OpenAI's `usage` object, Ollama's counts),
+    so the relay keeps only a bounded tail of a huge body and looks there.
+    """
+    if dialect == "ollama":
+        counts = {m.group(1): int(m.group(2)) for m in _OLLAMA_COUNT.finditer(tail)}
+        if b"prompt_eval_count" in counts or b"eval_count" in counts:
+            return Usage(counts.get(b"prompt_eval_count", 0), counts.get(b"eval_count", 0))
+        return None
+    at = tail.rfind(b'"usage"')
+    start = tail.find(b"{", at)
+    if at == -1 or start == -1:
+        return None
+    depth = 0
+    for end in range(start, len(tail)):
+        depth += {ord("{"): 1, ord("}"): -1}.get(tail[end], 0)
+        if depth == 0:
+            try:
+                return openai_usage(orjson.loads(tail[start:end + 1]))
+            except orjson.JSONDecodeError:
+                return None
+    return None
+
+
+# --- stream framing ---------------------------------------------------------------------
+
+
+class Framer:
+    """Splits arriving bytes into whole frames, keeping each frame's bytes exactly."""
+
+    def __init__(self, separators: tuple[bytes, ...]) -> None:
+        self._separators = separators
+        self._buffer = bytearray()
+        self._scan_from = 0
+
+    def feed(self, data: bytes) -> list[bytes]:
+        self._buffer += data
+        frames: list[bytes] = []
+        start = 0
+        while True:
+            best, size = -1, 0
+            for sep in self._separators:
+                at = self._buffer.find(sep, max(start, self._scan_from - len(sep) + 1))
+                if at != -1 and (best == -1 or at < best):
+                    best, size = at, len(sep)
+            if best == -1:
+                break
+            frames.append(bytes(self._buffer[start:best + size]))
+            start = best + size
+        del self._buffer[:start]
+        self._scan_from = len(self._buffer)
+        return frames
+
+    def rest(self) -> bytes:
+        """Whatever arrived after the last complete frame (a stream cut mid-frame)."""
+        rest = bytes(self._buffer)
+        self._buffer.clear()
+        self._scan_from = 0
+        return rest
+
+
+def sse_framer() -> Framer:
+    return Framer((b"\n\n", b"\r\n\r\n"))
+
+
+def ndjson_framer() -> Framer:
+    return Framer((b"\n",))
+
+
+def sse_data(frame: bytes) -> tuple[str | None, bytes | None]:
+    """The event name and the data of one SSE frame (None when it carries no data)."""
+    event: str | None = None
+    data: list[bytes] = []
+    for line in frame.splitlines():
+        if line.startswith(b"data:"):
+            value = line[5:]
+            data.append(value[1:] if value.startswith(b" ") else value)
+        elif line.startswith(b"event:"):
+            event = line[6:].strip().decode("utf-8", "replace")
+    return event, (b"\n".join(data) if data else None)
+
+
+@dataclass
+class StreamState:
+    """What a stream has told us so far: usage, generated text, an error."""
+
+    usage: Usage | None = None
+    prompt_missing: bool = False
+    text_parts: list[str] = field(default_factory=list)
+    error: str | None = None
+    done: bool = False
+
+    @property
+    def text(self) -> str:
+        return "".join(self.text_parts)
+
+
+def scan_openai_frame(frame: bytes, state: StreamState, strip_usage: bool) -> bytes | None:
+    """Learn from one SSE frame; return the bytes to forward (None to drop the frame).
+
+    With `strip_usage`, the proxy asked for usage the client did not: the usage-only chunk is
+    dropped and the `usage: null` the upstream adds to every other chunk is removed, so the
+    client receives the stream it asked for.
+    """
+    event, data = sse_data(frame)
+    if data is None:
+        return frame
+    if data.strip() == b"[DONE]":
+        state.done = True
+        return frame
+    try:
+        obj = orjson.loads(data)
+    except orjson.JSONDecodeError:
+        return frame
+    if not isinstance(obj, dict):
+        return frame
+    kind = obj.get("type") if isinstance(obj.get("type"), str) else event
+    if "error" in obj and obj["error"]:
+        err = obj["error"]
+        state.error = str(err.get("message") if isinstance(err, dict) else err)
+        return frame
+    if kind and kind.startswith("response."):
+        _scan_responses_event(kind, obj, state)
+        return frame
+    for choice in obj.get("choices") or ():
+        if isinstance(choice, dict):
+            delta = choice.get("delta")
+            if isinstance(delta, dict):
+                state.text_parts.append(message_text(delta))
+            elif isinstance(choice.get("text"), str):
+                state.text_parts.append(choice["text"])
+    usage = openai_usage(obj.get("usage"))
+    if usage is not None:
+        state.usage = usage
+    if not strip_usage or "usage" not in obj:
+        return frame
+    if not obj.get("choices") and usage is not None:
+        return None
+    del obj["usage"]
+    return b"data: " + orjson.dumps(obj) + b"\n\n"
+
+
+def _scan_responses_event(kind: str, obj: dict[str, Any], state: StreamState) -> None:
+    if kind == "response.output_text.delta" and isinstance(obj.get("delta"), str):
+        state.text_parts.append(obj["delta"])
+    elif kind in ("response.completed", "response.incomplete", "response.failed"):
+        response = obj.get("response")
+        if isinstance(response, dict):
+            usage = openai_usage(response.get("usage"))
+            if usage is not None:
+                state.usage = usage
+            if kind == "response.failed":
+                err = response.get("error")
+                state.error = str(err.get("message") if isinstance(err, dict) else err or "failed")
+        state.done = True
+
+
+def scan_ollama_line(line: bytes, state: StreamState) -> None:
+    """Learn from one NDJSON line of an Ollama stream (always forwarded as is)."""
+    if not line.strip():
+        return
+    try:
+        obj = orjson.loads(line)
+    except orjson.JSONDecodeError:
+        return
+    if not isinstance(obj, dict):
+        return
+    if obj.get("error"):
+        state.error = str(obj["error"])
+        return
+    message = obj.get("message")
+    if isinstance(message, dict):
+        state.text_parts.append(message_text(message))
+        if isinstance(message.get("thinking"), str):
+            state.text_parts.append(message["thinking"])
+    for key in ("response", "thinking"):
+        if isinstance(obj.get(key), str):
+            state.text_parts.append(obj[key])
+    if obj.get("done") is True:
+        state.done = True
+        found = ollama_usage(obj)
+        if found is not None:
+            state.usage, state.prompt_missing = found
+
+
+# --- errors -----------------------------------------------------------------------------
+
+
+def error_body(dialect: Dialect, message: str, type_: str = "invalid_request_error",
+               code: str | None = None, param: str | None = None) -> bytes:
+    if dialect == "ollama":
+        return orjson.dumps({"error": message})
+    return orjson.dumps({"error": {"message": message, "type": type_, "param": param, "code": code}})
+
+
+def stream_error_frame(dialect: Dialect, message: str, type_: str, code: str) -> bytes:
+    """An error told inside a stream whose status line has already gone out."""
+    if dialect == "ollama":
+        return orjson.dumps({"error": message}) + b"\n"
+    return b"data: " + error_body(dialect, message, type_, code) + b"\n\n"

@@ -1,0 +1,43 @@
+"""The errors a call can end in, each knowing its HTTP status and its ledger outcome.
+
+One middleware (app.py) turns any of these into the caller's dialect error body, so handlers
+raise and never format errors themselves. Upstream failures live in upstream.py and derive from
+`ProxyError` too.
+"""
+
+from __future__ import annotations
+
+
+class ProxyError(Exception):
+    status = 500
+    type = "server_error"
+    code = "internal_error"
+    # The outcome recorded in the ledger, one of a small fixed set.
+    outcome = "internal"
+
+    def __init__(self, message: str) -> None:
+        super().__init__(message)
+        self.message = message
+
+
+class BadRequest(ProxyError):
+    status, type, code, outcome = 400, "invalid_request_error", "invalid_request", "bad_request"
+
+
+class PayloadTooLarge(ProxyError):
+    status, type, code, outcome = 413, "invalid_request_error", "request_too_large", "too_large"
+
+
+class UnknownModel(ProxyError):
+    status, type, code, outcome = 404, "invalid_request_error", "model_not_found", "unknown_model"
+
+
+class Unauthorized(ProxyError):
+    status, type, code, outcome = 401, "authentication_error", "invalid_api_key", "unauthorized"
+
+
+# Every ledger outcome, so accounting and exports can list them with zeros.
+OUTCOMES = (
+    "ok", "upstream_status", "timeout", "unreachable", "broken_stream", "stream_error",
+    "bad_request", "too_large", "unknown_model", "unauthorized", "cancelled", "internal",
+)

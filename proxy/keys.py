@@ -1,0 +1,17 @@
+"""Typed keys for the objects the application shares between its handlers."""
+
+from __future__ import annotations
+
+from aiohttp import web
+
+from .accounting import Accounting
+from .config import Config
+from .store import Ledger
+from .tokens import Estimator
+from .upstream import UpstreamClient
+
+CONFIG = web.AppKey("config", Config)
+ACCOUNTING = web.AppKey("accounting", Accounting)
+LEDGER = web.AppKey("ledger", Ledger)
+ESTIMATOR = web.AppKey("estimator", Estimator)
+UPSTREAMS = web.AppKey("upstreams", dict[str, UpstreamClient])

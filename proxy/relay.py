@@ -1,0 +1,377 @@
+"""The path of one call: read, parse, route, forward, relay as it arrives, account.
+
+Metered endpoints (chat, completions, embeddings, responses; Ollama's chat, generate, embed,
+embeddings) end in exactly one ledger row whatever happens: success, a bad body, an upstream
+error, a stream cut short, a client that hung up. Every other /v1/ and /api/ path is passed
+through to its upstream and not counted as an LLM call.
+
+Errors are raised, not formatted: the middleware in app.py renders them in the dialect's shape.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Literal
+
+import aiohttp
+import orjson
+from aiohttp import web
+
+from . import dialects, tagging
+from .config import Config, Upstream
+from .dialects import CallInfo, Dialect, StreamState, Usage
+from .errors import BadRequest, PayloadTooLarge, ProxyError, UnknownModel
+from .keys import ACCOUNTING, CONFIG, ESTIMATOR, UPSTREAMS
+from .store import CallRecord
+from .tokens import Estimator
+from .upstream import UpstreamClient, UpstreamError, request_headers, response_headers
+
+log = logging.getLogger("tollgate.relay")
+
+Prefix = Literal["v1", "api"]
+
+# A non-streamed reply is relayed as it arrives; this much of it is also kept to read usage
+# from. A larger reply keeps only its tail, where both protocols put usage.
+_KEEP_BYTES = 1 << 20
+_TAIL_BYTES = 64 << 10
+
+
+@dataclass
+class Call:
+    """One metered call in flight: what is known so far, turned into a ledger row at the end."""
+
+    dialect: Dialect
+    endpoint: str
+    started: float = field(default_factory=time.perf_counter)
+    info: CallInfo | None = None
+    upstream: Upstream | None = None
+    model: str = ""
+    type: str = "chat"
+    user: str | None = None
+    status: int = 200
+    outcome: str = "ok"
+    answered: bool = False      # the upstream accepted the call (2xx): tokens were spent
+    usage: Usage | None = None
+    prompt_missing: bool = False
+    text: str = ""
+    ttft: float | None = None
+
+    def fail(self, exc: ProxyError, status_sent: bool) -> None:
+        self.outcome = exc.outcome
+        if not status_sent:
+            self.status = exc.status
+
+    def record(self, config: Config, estimator: Estimator, now: float) -> CallRecord:
+        usage, estimated = self.usage, False
+        if self.info is not None and self.answered:
+            if usage is None:
+                # The upstream said nothing (no usage chunk, cut short, client gone): estimate.
+                usage = Usage(self.info.estimate_prompt(estimator),
+                              estimator.text(self.text, self.model))
+                estimated = True
+            elif self.prompt_missing:
+                usage = Usage(self.info.estimate_prompt(estimator), usage.completion, usage.cached)
+                estimated = True
+        usage = usage or Usage()
+        price = config.price(self.upstream, self.model) if self.upstream else None
+        return CallRecord(
+            ts=now, upstream=self.upstream.name if self.upstream else "", model=self.model,
+            dialect=self.dialect, endpoint=self.endpoint, type=self.type, user=self.user,
+            stream=bool(self.info and self.info.stream), status=self.status, outcome=self.outcome,
+            prompt_tokens=usage.prompt, completion_tokens=usage.completion,
+            cached_tokens=usage.cached, estimated=estimated,
+            latency_s=time.perf_counter() - self.started, ttft_s=self.ttft,
+            cost_usd=price.cost(usage.prompt, usage.completion, usage.cached) if price else 0.0,
+        )
+
+
+def _dialect(prefix: Prefix) -> Dialect:
+    return "openai" if prefix == "v1" else "ollama"
+
+
+def _check_path(rest: str) -> None:
+    """Refuse paths that could climb out of the upstream's base URL."""
+    segments = rest.split("/")
+    if any(seg in ("", ".", "..") for seg in segments[:-1]) or segments[-1] in (".", "..") \
+            or "\\" in rest or ":" in segments[0] or "%" in rest:
+        raise BadRequest(f"The path '/{rest}' is not allowed.")
+
+
+async def _read_body(request: web.Request, limit: int) -> bytes:
+    if request.content_length is not None and request.content_length > limit:
+        raise PayloadTooLarge(f"The request body is {request.content_length:,} bytes; "
+                              f"this proxy accepts at most {limit:,}.")
+    chunks, size = [], 0
+    async for chunk in request.content.iter_any():
+        size += len(chunk)
+        if size > limit:
+            raise PayloadTooLarge(f"The request body is over {limit:,} bytes, the most this proxy accepts.")
+        chunks.append(chunk)
+    return b"".join(chunks)
+
+
+async def openai_call(request: web.Request) -> web.StreamResponse:
+    return await _handle(request, "v1")
+
+
+async def ollama_call(request: web.Request) -> web.StreamResponse:
+    return await _handle(request, "api")
+
+
+async def _handle(request: web.Request, prefix: Prefix) -> web.StreamResponse:
+    rest = request.match_info["rest"]
+    _check_path(rest)
+    table = dialects.OPENAI_ENDPOINTS if prefix == "v1" else dialects.OLLAMA_ENDPOINTS
+    endpoint = table.get(rest) if request.method == "POST" else None
+    if endpoint is None:
+        return await passthrough(request, prefix, rest)
+    return await metered(request, prefix, rest, endpoint)
+
+
+async def metered(request: web.Request, prefix: Prefix, rest: str, endpoint: str) -> web.StreamResponse:
+    app = request.app
+    call = Call(dialect=_dialect(prefix), endpoint=endpoint)
+    out: web.StreamResponse | None = None
+    try:
+        out = web.StreamResponse()
+        await _metered(request, prefix, rest, call, out)
+        return out
+    except ProxyError as exc:
+        call.fail(exc, status_sent=out is not None and out.prepared)
+        raise
+    except (asyncio.CancelledError, ConnectionResetError):
+        # The client hung up: with handler cancellation on we are cancelled at once; without
+        # it, the next write fails. Either way the upstream response is closed on the way out.
+        call.outcome, call.status = "cancelled", 499
+        raise
+    except Exception:
+        call.outcome, call.status = "internal", 500
+        raise
+    finally:
+        app[ACCOUNTING].record(call.record(app[CONFIG], app[ESTIMATOR], app[ACCOUNTING].clock()))
+
+
+def _route(config: Config, call: Call, info: CallInfo) -> Upstream:
+    if call.dialect == "openai":
+        if not info.model:
+            raise BadRequest("The request body needs a 'model'.")
+        upstream = config.upstream_for(info.model)
+    else:
+        upstream = config.ollama_upstream(info.model)
+    if upstream is None:
+        raise UnknownModel(f"The model '{info.model}' is not served by any configured upstream.")
+    return upstream
+
+
+async def _metered(request: web.Request, prefix: Prefix, rest: str, call: Call,
+                   out: web.StreamResponse) -> None:
+    app = request.app
+    config = app[CONFIG]
+    call.user = tagging.user(None, request.headers)
+    raw = await _read_body(request, config.server.max_body_bytes)
+    try:
+        info = dialects.parse_request(call.dialect, call.endpoint, raw)
+    except dialects.BadRequest as exc:
+        raise BadRequest(str(exc)) from None
+    call.info, call.model = info, info.model or ""
+    call.user = tagging.user(info, request.headers)
+    call.type = tagging.request_type(config, info, request.headers.get("X-Tollgate-Type"),
+                                     request.match_info.get("type"))
+    call.upstream = upstream = _route(config, call, info)
+
+    body = info.body
+    strip_usage = dialects.wants_injected_usage(info)
+    if strip_usage:
+        body = dialects.with_injected_usage(info)
+    upstream_model = upstream.upstream_model(call.model)
+    if upstream_model != call.model:
+        body = {**body, "model": upstream_model}
+    data = raw if body is info.body else orjson.dumps(body)
+
+    client = app[UPSTREAMS][upstream.name]
+    headers = request_headers(request.headers, upstream.api_key())
+    response = await client.send("POST", client.url(prefix, rest), headers, data, request.query_string)
+    async with response:
+        call.status = response.status
+        if response.status >= 400:
+            call.outcome = "upstream_status"
+        else:
+            call.answered = True
+        out.set_status(response.status, response.reason)
+        out.headers.extend(response_headers(response.headers))
+        out.headers["X-Tollgate-Upstream"] = upstream.name
+        try:
+            if response.content_type == "text/event-stream":
+                await _relay_frames(request, call, client, response, out, dialects.sse_framer(),
+                                    _openai_scanner(strip_usage))
+            elif response.content_type == "application/x-ndjson":
+                await _relay_frames(request, call, client, response, out, dialects.ndjson_framer(),
+                                    _ollama_scanner)
+            else:
+                await _relay_body(request, call, client, response, out)
+        except UpstreamError as exc:
+            if not out.prepared:
+                raise
+            call.fail(exc, status_sent=True)
+            await _end_broken(request, call, out, exc)
+
+
+def _openai_scanner(strip_usage: bool) -> Callable[[bytes, StreamState], bytes | None]:
+    def scan(frame: bytes, state: StreamState) -> bytes | None:
+        return dialects.scan_openai_frame(frame, state, strip_usage)
+    return scan
+
+
+def _ollama_scanner(line: bytes, state: StreamState) -> bytes:
+    dialects.scan_ollama_line(line, state)
+    return line
+
+
+async def _relay_frames(request: web.Request, call: Call, client: UpstreamClient,
+                        response: aiohttp.ClientResponse, out: web.StreamResponse,
+                        framer: dialects.Framer,
+                        scan: Callable[[bytes, StreamState], bytes | None]) -> None:
+    """Forward a stream frame by frame as it arrives, learning usage and text on the way."""
+    state = StreamState()
+    await out.prepare(request)
+    try:
+        async for chunk in client.chunks(response):
+            forwarded = [f for f in (scan(frame, state) for frame in framer.feed(chunk)) if f]
+            if forwarded:
+                if call.ttft is None:
+                    call.ttft = time.perf_counter() - call.started
+                await out.write(b"".join(forwarded))
+        rest = framer.rest()
+        if rest.strip():
+            # A last frame without its terminator: still the upstream's words, pass them on.
+            last = scan(rest, state)
+            if last:
+                await out.write(last)
+    finally:
+        call.usage, call.prompt_missing, call.text = state.usage, state.prompt_missing, state.text
+    if state.error is not None and call.outcome == "ok":
+        call.outcome = "stream_error"
+    elif not state.done and state.usage is None and call.outcome == "ok":
+        call.outcome = "broken_stream"
+    await out.write_eof()
+
+
+async def _relay_body(request: web.Request, call: Call, client: UpstreamClient,
+                      response: aiohttp.ClientResponse, out: web.StreamResponse) -> None:
+    """Forward a whole (non-streamed) body as it arrives, keeping a bounded copy for usage."""
+    kept: bytearray | None = bytearray()
+    tail = b""
+    async for chunk in client.chunks(response):
+        if not out.prepared:
+            await out.prepare(request)
+        await out.write(chunk)
+        if kept is not None:
+            kept += chunk
+            if len(kept) > _KEEP_BYTES:
+                tail, kept = bytes(kept[-_TAIL_BYTES:]), None
+        else:
+            tail = (tail + chunk)[-_TAIL_BYTES:]
+    if not out.prepared:
+        await out.prepare(request)
+    await out.write_eof()
+    if not call.answered:
+        return
+    if kept is None:
+        call.usage = dialects.tail_usage(call.dialect, tail)
+        return
+    try:
+        obj = orjson.loads(kept)
+    except orjson.JSONDecodeError:
+        return
+    call.usage = dialects.body_usage(call.dialect, obj)
+    if call.dialect == "ollama" and call.usage is None and isinstance(obj, dict):
+        found = dialects.ollama_usage(obj)
+        if found is not None:
+            call.usage, call.prompt_missing = found
+    if call.usage is None:
+        call.text = dialects.body_text(call.dialect, obj)
+
+
+async def _end_broken(request: web.Request, call: Call, out: web.StreamResponse,
+                      exc: UpstreamError) -> None:
+    """The upstream failed after our status line went out: tell the client as best we can."""
+    info = call.info
+    streaming = info is not None and info.stream
+    try:
+        if streaming:
+            await out.write(dialects.stream_error_frame(call.dialect, exc.message, exc.type, exc.code))
+            await out.write_eof()
+        elif request.transport is not None:
+            # A half-sent JSON body must not look complete: drop the connection instead.
+            request.transport.close()
+    except ConnectionResetError:
+        pass
+
+
+async def passthrough(request: web.Request, prefix: Prefix, rest: str) -> web.StreamResponse:
+    """Relay a non-LLM call (model lists, version, pulls) without counting it."""
+    app = request.app
+    config = app[CONFIG]
+    if prefix == "api":
+        upstream = config.ollama_upstream(None)
+    else:
+        upstream = config.upstream_for(None) or next(iter(config.upstreams.values()))
+    if upstream is None:
+        raise UnknownModel("No Ollama upstream is configured.")
+    client = app[UPSTREAMS][upstream.name]
+    body = await _read_body(request, config.server.max_body_bytes) if request.can_read_body else None
+    headers = request_headers(request.headers, upstream.api_key())
+    response = await client.send(request.method, client.url(prefix, rest), headers, body,
+                                 request.query_string)
+    async with response:
+        out = web.StreamResponse(status=response.status, reason=response.reason,
+                                 headers=response_headers(response.headers))
+        out.headers["X-Tollgate-Upstream"] = upstream.name
+        await out.prepare(request)
+        try:
+            async for chunk in client.chunks(response):
+                await out.write(chunk)
+        except UpstreamError:
+            # Too late for an error status: cut the connection so the body cannot pass as whole.
+            if request.transport is not None:
+                request.transport.close()
+            return out
+        await out.write_eof()
+        return out
+
+
+async def list_models(request: web.Request) -> web.Response:
+    """GET /v1/models: what the configured upstreams serve, named as clients should name them."""
+    app = request.app
+    config = app[CONFIG]
+    seen: dict[str, str] = {}
+    for upstream in config.upstreams.values():
+        names = list(upstream.listed_models) + list(upstream.aliases)
+        if upstream.kind == "ollama":
+            names += await _ollama_models(app[UPSTREAMS][upstream.name])
+        for name in names:
+            if upstream.serves(name) and config.upstream_for(name) is upstream:
+                seen.setdefault(name, upstream.name)
+    data = [{"id": name, "object": "model", "created": 0, "owned_by": owner}
+            for name, owner in seen.items()]
+    return web.Response(body=orjson.dumps({"object": "list", "data": data}),
+                        content_type="application/json")
+
+
+async def _ollama_models(client: UpstreamClient) -> list[str]:
+    """The models an Ollama server has pulled; an unreachable server just lists none."""
+    try:
+        response = await asyncio.wait_for(
+            client.send("GET", client.url("api", "tags"), request_headers({}, None), None), 5.0)
+        async with response:
+            if response.status != 200:
+                return []
+            body = orjson.loads(await response.read())
+    except (UpstreamError, asyncio.TimeoutError, aiohttp.ClientError, orjson.JSONDecodeError):
+        return []
+    models = body.get("models") if isinstance(body, dict) else None
+    return [m["name"] for m in models or () if isinstance(m, dict) and isinstance(m.get("name"), str)]

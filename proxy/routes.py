@@ -1,0 +1,18 @@
+"""The URL table, and nothing else."""
+
+from __future__ import annotations
+
+from aiohttp import web
+
+from . import admin, relay
+
+
+def setup_routes(app: web.Application) -> None:
+    app.router.add_get("/healthz", admin.healthz)
+    app.router.add_get("/stats", admin.get_stats)
+    app.router.add_post("/metrics/reset", admin.reset)
+    # OpenAI dialect; /t/<type>/ lets a client that can only set a base URL tag its calls.
+    for prefix in ("", "/t/{type}"):
+        app.router.add_get(prefix + "/v1/models", relay.list_models)
+        app.router.add_route("*", prefix + "/v1/{rest:.+}", relay.openai_call)
+        app.router.add_route("*", prefix + "/api/{rest:.+}", relay.ollama_call)

@@ -1,0 +1,219 @@
+"""The ledger: one SQLite row per call, in WAL mode, written by a single thread.
+
+The ledger is the single source of truth. Aggregates and rate windows are rebuilt from it at
+start, so a restart neither forgets usage nor hands out a fresh daily quota.
+
+Durability window: `append` only queues the row; the writer thread commits whatever has
+queued as one transaction, straight away, so a row is on disk within one commit (typically a
+few milliseconds) of the call finishing. With WAL and synchronous=NORMAL a committed row
+survives the process being killed; only a power loss can take the last commits back.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import queue
+import sqlite3
+import threading
+from collections.abc import Iterator
+from dataclasses import astuple, dataclass, fields
+from pathlib import Path
+
+
+@dataclass(slots=True)
+class CallRecord:
+    ts: float                 # wall clock (unix seconds) when the call finished
+    upstream: str             # upstream that served it, "" when none was chosen
+    model: str                # the model name the client used
+    dialect: str              # "openai" or "ollama"
+    endpoint: str             # chat, completion, embedding, responses, generate, embed, ...
+    type: str                 # request type (chat, presentacion, ...)
+    user: str | None
+    stream: bool
+    status: int               # HTTP status the client saw
+    outcome: str              # errors.OUTCOMES
+    prompt_tokens: int
+    completion_tokens: int
+    cached_tokens: int
+    estimated: bool           # tokens are tiktoken estimates, not the upstream's report
+    latency_s: float
+    ttft_s: float | None      # time to first streamed chunk
+    cost_usd: float
+
+    @property
+    def total_tokens(self) -> int:
+        return self.prompt_tokens + self.completion_tokens
+
+    @property
+    def ok(self) -> bool:
+        return self.outcome == "ok"
+
+
+_COLUMNS = [f.name for f in fields(CallRecord)]
+_SCHEMA = """
+CREATE TABLE IF NOT EXISTS calls (
+    id INTEGER PRIMARY KEY,
+    ts REAL NOT NULL, upstream TEXT NOT NULL, model TEXT NOT NULL, dialect TEXT NOT NULL,
+    endpoint TEXT NOT NULL, type TEXT NOT NULL, user TEXT, stream INTEGER NOT NULL,
+    status INTEGER NOT NULL, outcome TEXT NOT NULL,
+    prompt_tokens INTEGER NOT NULL, completion_tokens INTEGER NOT NULL,
+    cached_tokens INTEGER NOT NULL, estimated INTEGER NOT NULL,
+    latency_s REAL NOT NULL, ttft_s REAL, cost_usd REAL NOT NULL
+);
+CREATE INDEX IF NOT EXISTS calls_ts ON calls(ts);
+CREATE TABLE IF NOT EXISTS epochs (id INTEGER PRIMARY KEY, started REAL NOT NULL);
+"""
+_INSERT = f"INSERT INTO calls ({', '.join(_COLUMNS)}) VALUES ({', '.join('?' * len(_COLUMNS))})"
+
+
+@dataclass(slots=True)
+class _Epoch:
+    started: float
+
+
+class _Flush:
+    """A marker in the write queue: when the writer reaches it, everything before is committed."""
+
+    def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
+        self.loop = loop
+        self.future: asyncio.Future[None] = loop.create_future()
+
+    def done(self) -> None:
+        self.loop.call_soon_threadsafe(_settle, self.future)
+
+
+def _settle(future: asyncio.Future[None]) -> None:
+    if not future.done():
+        future.set_result(None)
+
+
+_STOP = object()
+
+
+def _connect(path: Path) -> sqlite3.Connection:
+    conn = sqlite3.connect(path, timeout=30.0, isolation_level=None, check_same_thread=False)
+    conn.execute("PRAGMA journal_mode=WAL")
+    conn.execute("PRAGMA synchronous=NORMAL")
+    return conn
+
+
+def make_private_dir(path: Path) -> None:
+    """Create `path` (and parents) readable by the owner only; tighten it if it exists."""
+    path.mkdir(mode=0o700, parents=True, exist_ok=True)
+    os.chmod(path, 0o700)
+
+
+class Ledger:
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self._queue: queue.SimpleQueue[object] = queue.SimpleQueue()
+        self._thread: threading.Thread | None = None
+        self._failure: BaseException | None = None
+
+    # --- lifecycle -------------------------------------------------------------------
+
+    def open(self, now: float) -> None:
+        """Create the file owner-only, set up the schema and start the writer thread."""
+        make_private_dir(self.path.parent)
+        # SQLite creates its -wal and -shm files with the main file's mode, so 0600 here
+        # makes all three private.
+        os.close(os.open(self.path, os.O_CREAT | os.O_RDWR, 0o600))
+        os.chmod(self.path, 0o600)
+        conn = _connect(self.path)
+        try:
+            conn.executescript(_SCHEMA)
+            if conn.execute("SELECT COUNT(*) FROM epochs").fetchone()[0] == 0:
+                conn.execute("INSERT INTO epochs (started) VALUES (?)", (now,))
+        finally:
+            conn.close()
+        self._thread = threading.Thread(target=self._writer, name="tollgate-ledger", daemon=True)
+        self._thread.start()
+
+    def close(self) -> None:
+        """Commit what is queued and stop the writer. Safe to call more than once."""
+        thread, self._thread = self._thread, None
+        if thread is not None:
+            self._queue.put(_STOP)
+            thread.join()
+
+    # --- writing (any thread) -----------------------------------------------------------
+
+    def append(self, record: CallRecord) -> None:
+        self._queue.put(record)
+
+    def new_epoch(self, started: float) -> None:
+        self._queue.put(_Epoch(started))
+
+    async def flush(self) -> None:
+        """Wait until everything appended so far is committed."""
+        if self._thread is None:
+            return
+        marker = _Flush(asyncio.get_running_loop())
+        self._queue.put(marker)
+        await marker.future
+
+    def _writer(self) -> None:
+        conn = _connect(self.path)
+        try:
+            stop = False
+            while not stop:
+                batch = [self._queue.get()]
+                # Whatever queued up meanwhile goes into the same transaction: one commit per
+                # burst instead of one per call, with no timer delaying a lone row.
+                while len(batch) < 2000:
+                    try:
+                        batch.append(self._queue.get_nowait())
+                    except queue.Empty:
+                        break
+                rows = [astuple(item) for item in batch if isinstance(item, CallRecord)]
+                epochs = [(item.started,) for item in batch if isinstance(item, _Epoch)]
+                if rows or epochs:
+                    conn.execute("BEGIN")
+                    conn.executemany(_INSERT, rows)
+                    conn.executemany("INSERT INTO epochs (started) VALUES (?)", epochs)
+                    conn.execute("COMMIT")
+                for item in batch:
+                    if isinstance(item, _Flush):
+                        item.done()
+                    elif item is _STOP:
+                        stop = True
+        finally:
+            conn.close()
+
+    # --- reading (own connection, any thread) ----------------------------------------------
+
+    def epoch_started(self) -> float:
+        conn = _connect(self.path)
+        try:
+            row = conn.execute("SELECT started FROM epochs ORDER BY id DESC LIMIT 1").fetchone()
+        finally:
+            conn.close()
+        return float(row[0])
+
+    def rows(self, since: float | None = None, until: float | None = None) -> Iterator[CallRecord]:
+        """Rows in time order, streamed from the database rather than loaded whole."""
+        conn = _connect(self.path)
+        try:
+            cursor = conn.execute(
+                f"SELECT {', '.join(_COLUMNS)} FROM calls WHERE ts >= ? AND ts < ? ORDER BY ts, id",
+                (since if since is not None else float("-inf"),
+                 until if until is not None else float("inf")),
+            )
+            for row in cursor:
+                values = list(row)
+                values[_COLUMNS.index("stream")] = bool(values[_COLUMNS.index("stream")])
+                values[_COLUMNS.index("estimated")] = bool(values[_COLUMNS.index("estimated")])
+                yield CallRecord(*values)
+        finally:
+            conn.close()
+
+    def count(self) -> int:
+        conn = _connect(self.path)
+        try:
+            return int(conn.execute("SELECT COUNT(*) FROM calls").fetchone()[0])
+        finally:
+            conn.close()
+
+
+COLUMNS = tuple(_COLUMNS)

@@ -1,0 +1,40 @@
+"""Which request type and which user a call belongs to.
+
+A bot that can set headers tags with `X-Tollgate-Type`; one that can only change its base URL
+puts `/t/<type>/` in front of it; otherwise config rules match the system prompt or the last
+user message. Images make a call `vision`. Explicit tags win over everything else.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+
+from .config import Config
+from .dialects import CallInfo
+
+# A user id is a label in aggregates and the ledger: keep it to a sane size.
+MAX_USER_LEN = 128
+
+
+def request_type(config: Config, info: CallInfo, header: str | None, path_type: str | None) -> str:
+    for explicit in (header, path_type):
+        if explicit:
+            name = explicit.strip().lower()
+            if name in config.types:
+                return name
+    if info.has_images:
+        return "vision"
+    for rule in config.rules:
+        texts = {"system": (info.system_text,), "last_user": (info.last_user_text,),
+                 "any": (info.system_text, info.last_user_text)}[rule.on]
+        if any(text and rule.pattern.search(text) for text in texts):
+            return rule.type
+    return config.routing.default_type
+
+
+def user(info: CallInfo | None, headers: Mapping[str, str]) -> str | None:
+    candidate = (info.user if info else None) or headers.get("X-Tollgate-User") or None
+    if candidate is None:
+        return None
+    candidate = candidate.strip()
+    return candidate[:MAX_USER_LEN] or None

@@ -1,0 +1,135 @@
+"""One aiohttp ClientSession per upstream, and the one place where client errors are mapped.
+
+Exception tree (all `errors.ProxyError`, so the error middleware renders them in the caller's
+dialect and the call's ledger row gets the outcome):
+
+    UpstreamError
+    ├── Unreachable    502  connection refused, DNS failure, TLS failure, connection reset
+    ├── UpstreamTimeout 504  no headers, or no bytes for `read_timeout_s`, mid-stream included
+    └── BrokenStream   502  the upstream closed or corrupted the body before its end
+
+Request and response bodies are relayed, never buffered whole: `send` returns as soon as the
+status line and headers are in, and `chunks` yields the body piece by piece as it arrives.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator, Mapping
+from typing import Literal
+
+import aiohttp
+from multidict import CIMultiDict, CIMultiDictProxy
+
+from .config import Upstream
+from .errors import ProxyError
+
+
+class UpstreamError(ProxyError):
+    type, code = "upstream_error", "upstream_error"
+
+
+class Unreachable(UpstreamError):
+    status, outcome = 502, "unreachable"
+
+
+class UpstreamTimeout(UpstreamError):
+    status, type, code, outcome = 504, "timeout", "upstream_timeout", "timeout"
+
+
+class BrokenStream(UpstreamError):
+    status, outcome = 502, "broken_stream"
+
+
+# Hop-by-hop headers (RFC 9110 §7.6.1) and those the relay recomputes itself.
+_HOP = {"connection", "keep-alive", "proxy-authenticate", "proxy-authorization", "te", "trailer",
+        "transfer-encoding", "upgrade", "proxy-connection"}
+_NOT_FORWARDED_UP = _HOP | {"host", "content-length", "authorization", "api-key", "cookie",
+                            "accept-encoding", "x-api-key", "forwarded", "x-forwarded-for"}
+_NOT_RELAYED_DOWN = _HOP | {"content-length", "content-encoding", "set-cookie"}
+
+
+def request_headers(incoming: Mapping[str, str], api_key: str | None) -> CIMultiDict[str]:
+    """The client's headers minus hop-by-hop, credentials and our own; plus the upstream key."""
+    out: CIMultiDict[str] = CIMultiDict()
+    for name, value in incoming.items():
+        lower = name.lower()
+        if lower in _NOT_FORWARDED_UP or lower.startswith("x-tollgate-"):
+            continue
+        out.add(name, value)
+    if api_key:
+        out["Authorization"] = f"Bearer {api_key}"
+    return out
+
+
+def response_headers(incoming: CIMultiDictProxy[str]) -> CIMultiDict[str]:
+    out: CIMultiDict[str] = CIMultiDict()
+    for name, value in incoming.items():
+        if name.lower() not in _NOT_RELAYED_DOWN:
+            out.add(name, value)
+    return out
+
+
+class UpstreamClient:
+    """The connection pool and URL layout of one configured upstream."""
+
+    def __init__(self, upstream: Upstream) -> None:
+        self.upstream = upstream
+        self._session: aiohttp.ClientSession | None = None
+
+    async def start(self) -> None:
+        timeout = aiohttp.ClientTimeout(total=None, connect=self.upstream.connect_timeout_s,
+                                        sock_read=self.upstream.read_timeout_s)
+        connector = aiohttp.TCPConnector(limit=512, enable_cleanup_closed=True)
+        # Cookies from an upstream are never the client's business, nor shared across clients.
+        self._session = aiohttp.ClientSession(timeout=timeout, connector=connector,
+                                              cookie_jar=aiohttp.DummyCookieJar(),
+                                              auto_decompress=True)
+
+    async def close(self) -> None:
+        if self._session is not None:
+            await self._session.close()
+            self._session = None
+
+    def url(self, prefix: Literal["v1", "api"], rest: str) -> str:
+        """Where `/<prefix>/<rest>` goes: an OpenAI base URL already ends in its version."""
+        base = self.upstream.base_url
+        if prefix == "v1" and self.upstream.kind == "openai":
+            return f"{base}/{rest}"
+        return f"{base}/{prefix}/{rest}"
+
+    async def send(self, method: str, url: str, headers: CIMultiDict[str],
+                   body: bytes | None, query: str = "") -> aiohttp.ClientResponse:
+        assert self._session is not None, "UpstreamClient.start() was not awaited"
+        name = self.upstream.name
+        if query:
+            url = f"{url}?{query}"
+        try:
+            return await self._session.request(method, url, headers=headers, data=body,
+                                               allow_redirects=False)
+        except asyncio.TimeoutError:
+            raise UpstreamTimeout(f"Upstream '{name}' did not answer within its timeout.") from None
+        except aiohttp.ClientConnectorError as exc:
+            raise Unreachable(f"Upstream '{name}' is unreachable ({exc.os_error.strerror or 'connection failed'}).") from None
+        except aiohttp.ClientError as exc:
+            raise Unreachable(f"Upstream '{name}' failed before answering ({type(exc).__name__}).") from None
+
+    async def chunks(self, response: aiohttp.ClientResponse) -> AsyncIterator[bytes]:
+        """The body as it arrives; failures mid-way become UpstreamTimeout or BrokenStream."""
+        name = self.upstream.name
+        try:
+            async for chunk in response.content.iter_any():
+                yield chunk
+        except asyncio.TimeoutError:
+            raise UpstreamTimeout(f"Upstream '{name}' stalled: no data for "
+                                  f"{self.upstream.read_timeout_s:g} s.") from None
+        except aiohttp.ClientError as exc:
+            raise BrokenStream(f"Upstream '{name}' broke the response off ({type(exc).__name__}).") from None
+
+    async def probe(self) -> str:
+        """One cheap authenticated GET, for `tollgate check`; raises UpstreamError."""
+        url = self.url("v1", "models") if self.upstream.kind == "openai" else self.url("api", "version")
+        response = await self.send("GET", url, request_headers({}, self.upstream.api_key()), None)
+        async with response:
+            await response.read()
+            return f"HTTP {response.status}"

@@ -1,0 +1,139 @@
+"""Shared fixtures: the fake upstream on a loopback port and the real proxy app in front of it."""
+
+from __future__ import annotations
+
+import copy
+from collections.abc import AsyncIterator, Callable
+from pathlib import Path
+from typing import Any
+
+import pytest
+from aiohttp.test_utils import TestServer
+
+from proxy import config as config_mod
+from proxy.accounting import Accounting
+from proxy.app import create_app
+from proxy.config import Config
+from proxy.keys import ACCOUNTING, LEDGER
+from proxy.store import Ledger
+
+from .fake_upstream import FakeUpstream
+
+CLOUD_KEY = "ghp_fakeCloudKey_0123456789abcdef"
+
+
+class Clock:
+    """A wall clock the test moves by hand."""
+
+    def __init__(self, start: float = 1_705_329_138.0) -> None:
+        self.now = start
+
+    def __call__(self) -> float:
+        return self.now
+
+    def advance(self, seconds: float) -> None:
+        self.now += seconds
+
+
+def base_config(fake_url: str, data_dir: Path) -> dict[str, Any]:
+    return {
+        "server": {"data_dir": str(data_dir), "max_body_bytes": 64 * 1024, "snapshot_interval_s": 3600},
+        "stats": {"title": "Raymundo", "plan": "GitHub Models Free + Ollama Local",
+                  "timezone": "UTC", "limits_upstream": "gpt4o_cloud", "limits_label": "GitHub Models Free"},
+        "upstreams": {
+            "gpt4o_cloud": {
+                "kind": "openai", "base_url": fake_url, "api_key_env": "TOLLGATE_TEST_CLOUD_KEY",
+                "label": "GPT-4o (cloud)", "short_name": "gpt4o",
+                "models": ["gpt-4o", "gpt-4o-mini", "openai/*"],
+                "aliases": {"gpt-4o": "openai/gpt-4o"},
+                "read_timeout_s": 5,
+                "limits": {"rpm": 15, "rpd": 150, "tpm": 150000},
+            },
+            "ollama_local": {
+                "kind": "ollama", "base_url": fake_url, "label": "Ollama (local)", "short_name": "ollama",
+                "models": ["llama*", "qwen*"], "read_timeout_s": 5,
+            },
+        },
+        "prices": {"gpt-4o": {"input": 0.03, "output": 0.06, "cached_input": 0.015}},
+        "types": {"chat": {"label": "Chat"}, "presentacion": {"label": "Presentaciones"},
+                  "documento": {"label": "Documentos"}, "vision": {"label": "Visión/Imágenes"}},
+        "tagging": {"rules": [{"type": "presentacion", "on": "last_user", "pattern": "(?i)presentaci[oó]n"},
+                              {"type": "documento", "on": "system", "pattern": "(?i)documentos"}]},
+    }
+
+
+class Proxy:
+    """The real app on a real loopback port, restartable over the same data directory."""
+
+    def __init__(self, raw: dict[str, Any], clock: Callable[[], float] | None = None) -> None:
+        self.raw = raw
+        self.clock = clock
+        self.server: TestServer | None = None
+
+    @property
+    def config(self) -> Config:
+        return config_mod.parse(copy.deepcopy(self.raw))
+
+    async def start(self) -> None:
+        app = create_app(self.config, self.clock) if self.clock else create_app(self.config)
+        self.server = TestServer(app, host="127.0.0.1")
+        await self.server.start_server()
+
+    async def stop(self) -> None:
+        if self.server is not None:
+            await self.server.close()
+            self.server = None
+
+    async def restart(self) -> None:
+        await self.stop()
+        await self.start()
+
+    @property
+    def url(self) -> str:
+        assert self.server is not None
+        return str(self.server.make_url("")).rstrip("/")
+
+    @property
+    def accounting(self) -> Accounting:
+        assert self.server is not None
+        return self.server.app[ACCOUNTING]
+
+    @property
+    def ledger(self) -> Ledger:
+        assert self.server is not None
+        return self.server.app[LEDGER]
+
+
+@pytest.fixture
+async def fake() -> AsyncIterator[FakeUpstream]:
+    upstream = FakeUpstream()
+    server = TestServer(upstream.app, host="127.0.0.1")
+    await server.start_server()
+    upstream.url = str(server.make_url("")).rstrip("/")  # type: ignore[attr-defined]
+    yield upstream
+    upstream.stall.set()
+    await server.close()
+
+
+@pytest.fixture
+def cloud_key(monkeypatch: pytest.MonkeyPatch) -> str:
+    monkeypatch.setenv("TOLLGATE_TEST_CLOUD_KEY", CLOUD_KEY)
+    return CLOUD_KEY
+
+
+@pytest.fixture
+def raw_config(fake: FakeUpstream, tmp_path: Path, cloud_key: str) -> dict[str, Any]:
+    return base_config(fake.url, tmp_path / "data")  # type: ignore[attr-defined]
+
+
+@pytest.fixture
+def clock() -> Clock:
+    return Clock()
+
+
+@pytest.fixture
+async def proxy(raw_config: dict[str, Any]) -> AsyncIterator[Proxy]:
+    p = Proxy(raw_config)
+    await p.start()
+    yield p
+    await p.stop()
