@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+from collections.abc import AsyncIterator
 
 import aiohttp
 import openai
@@ -17,8 +18,11 @@ def sync_client(proxy: Proxy) -> openai.OpenAI:
     return openai.OpenAI(base_url=proxy.url + "/v1", api_key="bot-key", max_retries=0)
 
 
-def async_client(proxy: Proxy) -> openai.AsyncOpenAI:
-    return openai.AsyncOpenAI(base_url=proxy.url + "/v1", api_key="bot-key", max_retries=0)
+@pytest.fixture
+async def client(proxy: Proxy) -> AsyncIterator[openai.AsyncOpenAI]:
+    c = openai.AsyncOpenAI(base_url=proxy.url + "/v1", api_key="bot-key", max_retries=0)
+    yield c
+    await c.close()
 
 
 async def settled(proxy: Proxy) -> dict:
@@ -47,9 +51,8 @@ async def test_sync_chat_counts_reported_usage(proxy: Proxy, fake: FakeUpstream)
 
 
 async def test_async_stream_without_include_usage_is_exactly_what_was_asked(
-        proxy: Proxy, fake: FakeUpstream) -> None:
+        proxy: Proxy, fake: FakeUpstream, client: openai.AsyncOpenAI) -> None:
     fake.behavior = Behavior(prompt_tokens=11, chunks=5, completion_per_chunk=1)
-    client = async_client(proxy)
     stream = await client.chat.completions.create(
         model="gpt-4o", stream=True, messages=[{"role": "user", "content": "hola"}])
     chunks = [c async for c in stream]
@@ -63,12 +66,10 @@ async def test_async_stream_without_include_usage_is_exactly_what_was_asked(
     stats = await settled(proxy)
     assert stats["tokens"]["gpt4o_cloud"] == 16
     assert stats["detail"]["tokens"]["estimated"] == 0
-    await client.close()
 
 
-async def test_stream_with_include_usage_passes_usage_chunk(proxy: Proxy, fake: FakeUpstream) -> None:
+async def test_stream_with_include_usage_passes_usage_chunk(proxy: Proxy, fake: FakeUpstream, client: openai.AsyncOpenAI) -> None:
     fake.behavior = Behavior(prompt_tokens=9, chunks=2, completion_per_chunk=3)
-    client = async_client(proxy)
     stream = await client.chat.completions.create(
         model="gpt-4o", stream=True, stream_options={"include_usage": True},
         messages=[{"role": "user", "content": "hola"}])
@@ -76,7 +77,6 @@ async def test_stream_with_include_usage_passes_usage_chunk(proxy: Proxy, fake: 
     assert chunks[-1].choices == [] and chunks[-1].usage is not None
     assert chunks[-1].usage.total_tokens == 15
     assert (await settled(proxy))["tokens"]["total"] == 15
-    await client.close()
 
 
 async def test_sync_stream(proxy: Proxy, fake: FakeUpstream) -> None:
@@ -91,10 +91,9 @@ async def test_sync_stream(proxy: Proxy, fake: FakeUpstream) -> None:
     assert (await settled(proxy))["tokens"]["gpt4o_cloud"] == 7
 
 
-async def test_stream_is_relayed_before_upstream_finishes(proxy: Proxy, fake: FakeUpstream) -> None:
+async def test_stream_is_relayed_before_upstream_finishes(proxy: Proxy, fake: FakeUpstream, client: openai.AsyncOpenAI) -> None:
     gate = asyncio.Event()
     fake.behavior = Behavior(chunks=4, gate_before_last=gate)
-    client = async_client(proxy)
     stream = await client.chat.completions.create(
         model="gpt-4o", stream=True, messages=[{"role": "user", "content": "hola"}])
     iterator = stream.__aiter__()
@@ -105,12 +104,10 @@ async def test_stream_is_relayed_before_upstream_finishes(proxy: Proxy, fake: Fa
     gate.set()
     rest = [c async for c in iterator]
     assert "".join(c.choices[0].delta.content or "" for c in rest if c.choices) == "w1 w2 w3 "
-    await client.close()
 
 
-async def test_upstream_ignoring_include_usage_is_estimated(proxy: Proxy, fake: FakeUpstream) -> None:
+async def test_upstream_ignoring_include_usage_is_estimated(proxy: Proxy, fake: FakeUpstream, client: openai.AsyncOpenAI) -> None:
     fake.behavior = Behavior(chunks=3, honor_include_usage=False)
-    client = async_client(proxy)
     stream = await client.chat.completions.create(
         model="gpt-4o", stream=True, messages=[{"role": "user", "content": "hola, ¿qué tal?"}])
     text = "".join([c.choices[0].delta.content or "" async for c in stream if c.choices])
@@ -123,12 +120,10 @@ async def test_upstream_ignoring_include_usage_is_estimated(proxy: Proxy, fake: 
     assert stats["detail"]["tokens"]["prompt"] == 6 + len(enc.encode("hola, ¿qué tal?"))
     assert stats["detail"]["tokens"]["estimated"] == stats["tokens"]["total"]
     assert stats["detail"]["tokens"]["estimated_calls"] == 1
-    await client.close()
 
 
-async def test_completions_embeddings_and_responses(proxy: Proxy, fake: FakeUpstream) -> None:
+async def test_completions_embeddings_and_responses(proxy: Proxy, fake: FakeUpstream, client: openai.AsyncOpenAI) -> None:
     fake.behavior = Behavior(prompt_tokens=10, chunks=2, completion_per_chunk=5)
-    client = async_client(proxy)
     done = await client.completions.create(model="gpt-4o", prompt="hola")
     assert done.usage is not None and done.usage.total_tokens == 20
     stream = await client.completions.create(model="gpt-4o", prompt="hola", stream=True)
@@ -144,14 +139,11 @@ async def test_completions_embeddings_and_responses(proxy: Proxy, fake: FakeUpst
     assert stats["tokens"]["gpt4o_cloud"] == 90
     assert stats["detail"]["tokens"]["estimated"] == 0
     assert stats["total_requests"] == 5
-    await client.close()
 
 
-async def test_models_lists_what_upstreams_serve(proxy: Proxy) -> None:
-    client = async_client(proxy)
+async def test_models_lists_what_upstreams_serve(proxy: Proxy, client: openai.AsyncOpenAI) -> None:
     ids = {m.id async for m in client.models.list()}
     assert {"gpt-4o", "gpt-4o-mini", "llama3.2:latest", "qwen2.5:7b"} <= ids
-    await client.close()
 
 
 async def test_other_v1_paths_pass_through_uncounted(proxy: Proxy, fake: FakeUpstream) -> None:
