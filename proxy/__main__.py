@@ -54,9 +54,12 @@ def cmd_serve(config: Config, args: argparse.Namespace) -> int:
     config_mod.check_bind(config)
     host = args.host or config.server.host
     port = args.port if args.port is not None else config.server.port
-    logging.info("tollgate listening on http://%s:%d (ledger %s)", host, port, config.db_path)
+    logging.info("tollgate starting: ledger %s", config.db_path)
+    # handler_cancellation: a client that hangs up cancels its call at once, so the upstream
+    # request is closed and the call is recorded as cancelled without waiting for a write.
     web.run_app(create_app(config), host=host, port=port, handler_cancellation=True,
-                shutdown_timeout=config.server.drain_timeout_s, access_log=None, print=None)
+                shutdown_timeout=config.server.drain_timeout_s, access_log=None,
+                print=lambda _: logging.info("tollgate ready on http://%s:%d", host, port))
     return 0
 
 

@@ -337,15 +337,16 @@ def _upstream(name: str, table: _Table) -> Upstream:
 
 
 def _price(table: _Table) -> Price:
-    values = {}
-    for name in ("input", "output", "cached_input"):
-        default = values.get("input", 0.0) if name == "cached_input" else 0.0
-        value = table.get(name, float, default, "USD per 1,000 tokens, zero or more")
+    expected = "USD per 1,000 tokens, zero or more"
+    input_ = table.get("input", float, 0.0, expected)
+    price = Price(input=input_, output=table.get("output", float, 0.0, expected),
+                  cached_input=table.get("cached_input", float, input_, expected))
+    for name, value in (("input", price.input), ("output", price.output),
+                        ("cached_input", price.cached_input)):
         if value < 0:
-            raise table.fail(name, value, "USD per 1,000 tokens, zero or more")
-        values[name] = value
+            raise table.fail(name, value, expected)
     table.done()
-    return Price(**values)
+    return price
 
 
 def _is_loopback(host: str) -> bool:

@@ -137,3 +137,28 @@ async def proxy(raw_config: dict[str, Any]) -> AsyncIterator[Proxy]:
     await p.start()
     yield p
     await p.stop()
+
+
+def to_toml(data: dict[str, Any], prefix: str = "") -> str:
+    """Enough of a TOML writer for the test configs (tables, scalars, lists, inline tables)."""
+
+    def value(v: Any) -> str:
+        if isinstance(v, bool):
+            return "true" if v else "false"
+        if isinstance(v, (int, float)):
+            return repr(v)
+        if isinstance(v, str):
+            return '"' + v.replace("\\", "\\\\").replace('"', '\\"') + '"'
+        if isinstance(v, list):
+            return "[" + ", ".join(value(x) for x in v) + "]"
+        if isinstance(v, dict):
+            return "{" + ", ".join(f'"{k}" = {value(x)}' for k, x in v.items()) + "}"
+        raise TypeError(v)
+
+    scalars = [f'"{k}" = {value(v)}' for k, v in data.items() if not isinstance(v, dict) or not v
+               or not all(isinstance(x, dict) for x in v.values())]
+    lines = ([f"[{prefix}]"] if prefix and scalars else []) + scalars
+    for k, v in data.items():
+        if isinstance(v, dict) and v and all(isinstance(x, dict) for x in v.values()):
+            lines.append(to_toml(v, f'{prefix}."{k}"' if prefix else f'"{k}"'))
+    return "\n".join(lines) + "\n"

@@ -1,0 +1,98 @@
+"""The `tollgate` command: the real process, serving, then reading its ledger while stopped."""
+
+from __future__ import annotations
+
+import asyncio
+import csv
+import json
+import signal
+import sys
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+import pytest
+
+from .conftest import to_toml
+from .fake_upstream import Behavior, FakeUpstream
+from .test_failures import closed_port
+
+
+async def tollgate(*args: str, env_ok: bool = True) -> tuple[int, str, str]:
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "proxy", *args,
+        stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE)
+    out, err = await asyncio.wait_for(proc.communicate(), 120)
+    assert proc.returncode is not None
+    return proc.returncode, out.decode(), err.decode()
+
+
+@pytest.fixture
+def config_file(raw_config: dict[str, Any], tmp_path: Path) -> Path:
+    raw_config["server"]["port"] = closed_port()
+    path = tmp_path / "config.toml"
+    path.write_text(to_toml(raw_config))
+    return path
+
+
+async def test_serve_then_stats_export_reset_offline(config_file: Path, raw_config: dict[str, Any],
+                                                     fake: FakeUpstream, tmp_path: Path) -> None:
+    port = raw_config["server"]["port"]
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "proxy", "-c", str(config_file), "serve",
+        stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE)
+    try:
+        assert proc.stderr is not None
+        while True:  # the server says when it is listening; no guessing with sleeps
+            line = await asyncio.wait_for(proc.stderr.readline(), 60)
+            assert line, "tollgate serve exited before it was ready"
+            if b"tollgate ready on" in line:
+                break
+        fake.behavior = Behavior(prompt_tokens=10, chunks=2, completion_per_chunk=5)
+        async with aiohttp.ClientSession() as s:
+            for model, path in (("gpt-4o", "/v1/chat/completions"), ("llama3.2", "/api/generate")):
+                async with s.post(f"http://127.0.0.1:{port}{path}",
+                                  json={"model": model, "prompt": "x", "messages": [], "stream": False}) as r:
+                    assert r.status == 200
+                    await r.read()
+            async with s.get(f"http://127.0.0.1:{port}/stats") as r:
+                live = await r.json()
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        await asyncio.wait_for(proc.wait(), 60)
+    assert proc.returncode == 0
+    assert live["tokens"]["total"] == 40
+
+    code, out, _ = await tollgate("-c", str(config_file), "stats")
+    offline = json.loads(out)
+    assert code == 0 and offline["tokens"] == live["tokens"] and offline["total_requests"] == 2
+    code, out, _ = await tollgate("-c", str(config_file), "stats", "--text")
+    assert "• **Total**: 40" in out and out.startswith("📊 **ESTADÍSTICAS DE RAYMUNDO**")
+
+    csv_path = tmp_path / "out.csv"
+    code, _, _ = await tollgate("-c", str(config_file), "export", "--csv", str(csv_path))
+    with open(csv_path, newline="") as fh:
+        rows = list(csv.DictReader(fh))
+    assert code == 0 and [r["upstream"] for r in rows] == ["gpt4o_cloud", "ollama_local"]
+    assert sum(int(r["prompt_tokens"]) + int(r["completion_tokens"]) for r in rows) == 40
+    code, out, _ = await tollgate("-c", str(config_file), "export", "--csv", "-", "--since", "2999-01-01")
+    assert out.strip().count("\n") == 0  # header only
+
+    code, out, _ = await tollgate("-c", str(config_file), "reset")
+    assert code == 0 and json.loads(out)["message"] == "Métricas reiniciadas exitosamente"
+    code, out, _ = await tollgate("-c", str(config_file), "stats")
+    assert json.loads(out)["total_requests"] == 0
+    code, out, _ = await tollgate("-c", str(config_file), "export", "--csv", "-")
+    assert len(out.strip().splitlines()) == 3  # the reset deleted no row
+
+
+async def test_check_probes_each_upstream(config_file: Path, raw_config: dict[str, Any], fake: FakeUpstream,
+                                          tmp_path: Path) -> None:
+    code, out, _ = await tollgate("-c", str(config_file), "check")
+    assert code == 0, out
+    assert "gpt4o_cloud: openai" in out and "HTTP 200" in out and "(set)" in out
+    raw_config["upstreams"]["ollama_local"]["base_url"] = f"http://127.0.0.1:{closed_port()}"
+    broken = tmp_path / "broken.toml"
+    broken.write_text(to_toml(raw_config))
+    code, out, _ = await tollgate("-c", str(broken), "check")
+    assert code == 2 and "ollama_local" in out and "FAILED" in out and "unreachable" in out

@@ -1,0 +1,97 @@
+"""The pure protocol functions, without HTTP."""
+
+from __future__ import annotations
+
+import orjson
+import pytest
+
+from proxy import dialects
+from proxy.dialects import StreamState, Usage
+from proxy.tokens import Estimator
+
+SSE = (b'data: {"choices":[{"delta":{"content":"Ho"}}],"usage":null}\n\n'
+       b'data: {"choices":[{"delta":{"content":"la"}}],"usage":null}\r\n\r\n'
+       b'data: {"choices":[],"usage":{"prompt_tokens":5,"completion_tokens":2,"total_tokens":7,'
+       b'"prompt_tokens_details":{"cached_tokens":3}}}\n\n'
+       b"data: [DONE]\n\n")
+
+
+def test_framer_gives_the_same_frames_whatever_the_chunking() -> None:
+    whole = dialects.sse_framer().feed(SSE)
+    assert len(whole) == 4 and b"".join(whole) == SSE
+    for size in range(1, 40):
+        framer = dialects.sse_framer()
+        frames = [f for i in range(0, len(SSE), size) for f in framer.feed(SSE[i:i + size])]
+        assert frames == whole, size
+        assert framer.rest() == b""
+
+
+def test_framer_keeps_an_unterminated_tail() -> None:
+    framer = dialects.ndjson_framer()
+    assert framer.feed(b'{"a":1}\n{"b"') == [b'{"a":1}\n']
+    assert framer.rest() == b'{"b"'
+
+
+def test_injected_usage_is_removed_and_read() -> None:
+    state = StreamState()
+    out = [dialects.scan_openai_frame(f, state, strip_usage=True) for f in dialects.sse_framer().feed(SSE)]
+    assert out[0] == b'data: {"choices":[{"delta":{"content":"Ho"}}]}\n\n'
+    assert out[2] is None and out[3] == b"data: [DONE]\n\n"
+    assert state.usage == Usage(5, 2, 3) and state.text == "Hola" and state.done
+
+
+def test_usage_asked_by_the_client_is_left_alone() -> None:
+    state = StreamState()
+    frames = dialects.sse_framer().feed(SSE)
+    assert [dialects.scan_openai_frame(f, state, strip_usage=False) for f in frames] == frames
+    assert state.usage == Usage(5, 2, 3)
+
+
+def test_responses_completed_event_carries_usage() -> None:
+    frame = b'event: response.completed\ndata: ' + orjson.dumps(
+        {"type": "response.completed", "response": {"usage": {"input_tokens": 8, "output_tokens": 4,
+                                                              "input_tokens_details": {"cached_tokens": 2}}}}) + b"\n\n"
+    state = StreamState()
+    dialects.scan_openai_frame(frame, state, strip_usage=False)
+    assert state.usage == Usage(8, 4, 2) and state.done
+
+
+def test_ollama_final_object_and_error_line() -> None:
+    state = StreamState()
+    dialects.scan_ollama_line(b'{"message":{"role":"assistant","content":"hi"},"done":false}\n', state)
+    dialects.scan_ollama_line(b'{"done":true,"prompt_eval_count":9,"eval_count":3}\n', state)
+    assert state.usage == Usage(9, 3) and state.text == "hi" and not state.prompt_missing
+    broken = StreamState()
+    dialects.scan_ollama_line(b'{"error":"model crashed"}\n', broken)
+    assert broken.error == "model crashed"
+
+
+def test_usage_found_in_the_tail_of_a_huge_body() -> None:
+    tail = b'0.1, 0.2]}], "model": "m", "usage": {"prompt_tokens": 40, "total_tokens": 40}}'
+    assert dialects.tail_usage("openai", tail) == Usage(40, 0)
+    assert dialects.tail_usage("ollama", b'..."prompt_eval_count": 12, "eval_count": 30}') == Usage(12, 30)
+    assert dialects.tail_usage("openai", b"no usage here") is None
+
+
+def test_parse_request_reads_what_the_body_says() -> None:
+    info = dialects.parse_request("ollama", "chat", b'{"model":"llama3","messages":[{"role":"user","content":"x","images":["AA"]}]}')
+    assert info.stream and info.has_images and info.last_user_text == "x"
+    info = dialects.parse_request("openai", "chat", b'{"model":"gpt-4o","max_tokens":50,"user":"u1","messages":[{"role":"system","content":"S"}]}')
+    assert not info.stream and info.max_output_tokens == 50 and info.user == "u1" and info.system_text == "S"
+    with pytest.raises(dialects.BadRequest, match="'stream' must be true or false"):
+        dialects.parse_request("openai", "chat", b'{"model":"m","stream":"yes"}')
+
+
+def test_prompt_estimates_count_token_ids_as_given() -> None:
+    est = Estimator()
+    info = dialects.parse_request("openai", "embedding", b'{"model":"m","input":[[1,2,3],[4,5]]}')
+    assert info.estimate_prompt(est) == 5
+    info = dialects.parse_request("openai", "chat", b'{"model":"gpt-4o","messages":[{"role":"user","content":"hola","name":"ana"}]}')
+    # 3 framing + 1 for the name + the text + 3 priming the reply
+    assert info.estimate_prompt(est) == 3 + 1 + est.text("hola", "gpt-4o") + 3
+
+
+def test_error_bodies_per_dialect() -> None:
+    assert orjson.loads(dialects.error_body("ollama", "boom")) == {"error": "boom"}
+    assert orjson.loads(dialects.error_body("openai", "boom", "t", "c")) == {
+        "error": {"message": "boom", "type": "t", "param": None, "code": "c"}}
