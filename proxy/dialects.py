@@ -151,9 +151,8 @@ def parse_request(dialect: Dialect, endpoint: str, raw: bytes) -> CallInfo:
         stream = endpoint in _OLLAMA_STREAM_DEFAULT if stream_value is None else stream_value
     else:
         stream = bool(stream_value)
-    messages = body.get("messages") if isinstance(body.get("messages"), list) else []
-    if endpoint == "responses" and isinstance(body.get("input"), list):
-        messages = body["input"]
+    raw_messages = body.get("input") if endpoint == "responses" else body.get("messages")
+    messages: list[Any] = raw_messages if isinstance(raw_messages, list) else []
     system_parts, last_user = [], ""
     for message in messages:
         if isinstance(message, dict):

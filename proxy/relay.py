@@ -59,6 +59,7 @@ class Call:
     prompt_missing: bool = False
     text: str = ""
     ttft: float | None = None
+    headers_sent: bool = False  # past this, errors can only be told inside the body
 
     def fail(self, exc: ProxyError, status_sent: bool) -> None:
         self.outcome = exc.outcome
@@ -135,13 +136,10 @@ async def _handle(request: web.Request, prefix: Prefix) -> web.StreamResponse:
 async def metered(request: web.Request, prefix: Prefix, rest: str, endpoint: str) -> web.StreamResponse:
     app = request.app
     call = Call(dialect=_dialect(prefix), endpoint=endpoint)
-    out: web.StreamResponse | None = None
     try:
-        out = web.StreamResponse()
-        await _metered(request, prefix, rest, call, out)
-        return out
+        return await _metered(request, prefix, rest, call)
     except ProxyError as exc:
-        call.fail(exc, status_sent=out is not None and out.prepared)
+        call.fail(exc, status_sent=call.headers_sent)
         raise
     except (asyncio.CancelledError, ConnectionResetError):
         # The client hung up: with handler cancellation on we are cancelled at once; without
@@ -167,8 +165,7 @@ def _route(config: Config, call: Call, info: CallInfo) -> Upstream:
     return upstream
 
 
-async def _metered(request: web.Request, prefix: Prefix, rest: str, call: Call,
-                   out: web.StreamResponse) -> None:
+async def _metered(request: web.Request, prefix: Prefix, rest: str, call: Call) -> web.StreamResponse:
     app = request.app
     config = app[CONFIG]
     call.user = tagging.user(None, request.headers)
@@ -201,14 +198,22 @@ async def _metered(request: web.Request, prefix: Prefix, rest: str, call: Call,
             call.outcome = "upstream_status"
         else:
             call.answered = True
-        out.set_status(response.status, response.reason)
-        out.headers.extend(response_headers(response.headers))
-        out.headers["X-Tollgate-Upstream"] = upstream.name
+        out_headers = response_headers(response.headers)
+        out_headers["X-Tollgate-Upstream"] = upstream.name
+        content_type = response.content_type
+        if content_type not in ("text/event-stream", "application/x-ndjson") \
+                and response.content_length is not None and response.content_length <= _KEEP_BYTES:
+            # A small whole reply: read it and answer in one write, headers and body together.
+            whole = await client.read(response)
+            _learn_from_body(call, whole)
+            return web.Response(body=whole, status=response.status, reason=response.reason,
+                                headers=out_headers)
+        out = web.StreamResponse(status=response.status, reason=response.reason, headers=out_headers)
         try:
-            if response.content_type == "text/event-stream":
+            if content_type == "text/event-stream":
                 await _relay_frames(request, call, client, response, out, dialects.sse_framer(),
                                     _openai_scanner(strip_usage))
-            elif response.content_type == "application/x-ndjson":
+            elif content_type == "application/x-ndjson":
                 await _relay_frames(request, call, client, response, out, dialects.ndjson_framer(),
                                     _ollama_scanner)
             else:
@@ -218,6 +223,7 @@ async def _metered(request: web.Request, prefix: Prefix, rest: str, call: Call,
                 raise
             call.fail(exc, status_sent=True)
             await _end_broken(request, call, out, exc)
+        return out
 
 
 def _openai_scanner(strip_usage: bool) -> Callable[[bytes, StreamState], bytes | None]:
@@ -238,6 +244,7 @@ async def _relay_frames(request: web.Request, call: Call, client: UpstreamClient
     """Forward a stream frame by frame as it arrives, learning usage and text on the way."""
     state = StreamState()
     await out.prepare(request)
+    call.headers_sent = True
     try:
         async for chunk in client.chunks(response):
             forwarded = [f for f in (scan(frame, state) for frame in framer.feed(chunk)) if f]
@@ -262,12 +269,13 @@ async def _relay_frames(request: web.Request, call: Call, client: UpstreamClient
 
 async def _relay_body(request: web.Request, call: Call, client: UpstreamClient,
                       response: aiohttp.ClientResponse, out: web.StreamResponse) -> None:
-    """Forward a whole (non-streamed) body as it arrives, keeping a bounded copy for usage."""
+    """Forward a large or unsized body as it arrives, keeping a bounded copy for usage."""
     kept: bytearray | None = bytearray()
     tail = b""
     async for chunk in client.chunks(response):
         if not out.prepared:
             await out.prepare(request)
+            call.headers_sent = True
         await out.write(chunk)
         if kept is not None:
             kept += chunk
@@ -277,14 +285,20 @@ async def _relay_body(request: web.Request, call: Call, client: UpstreamClient,
             tail = (tail + chunk)[-_TAIL_BYTES:]
     if not out.prepared:
         await out.prepare(request)
+        call.headers_sent = True
     await out.write_eof()
+    if kept is not None:
+        _learn_from_body(call, bytes(kept))
+    elif call.answered:
+        call.usage = dialects.tail_usage(call.dialect, tail)
+
+
+def _learn_from_body(call: Call, body: bytes) -> None:
+    """Usage (or, lacking it, the generated text) of a whole non-streamed reply."""
     if not call.answered:
         return
-    if kept is None:
-        call.usage = dialects.tail_usage(call.dialect, tail)
-        return
     try:
-        obj = orjson.loads(kept)
+        obj = orjson.loads(body)
     except orjson.JSONDecodeError:
         return
     call.usage = dialects.body_usage(call.dialect, obj)

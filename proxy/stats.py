@@ -199,13 +199,13 @@ def stats_text(config: Config, acc: Accounting, lang: str = "es") -> str:
     lines.append(words["total"].format(n=fmt_int(data["tokens"]["total"])))
     if agg.totals.estimated_tokens:
         lines.append(words["estimated"].format(n=fmt_int(agg.totals.estimated_tokens)))
-    upstream = limits_upstream(config)
-    if upstream is not None:
+    limited = limits_upstream(config)
+    if limited is not None:
         limits = data["rate_limits"]
         tpm_used, tpm_limit = limits["tokens_pm"].removesuffix(" TPM").split(" / ")
         rpd_used, rpd_limit = limits["requests_dia"].removesuffix(" RPD").split(" / ")
         lines += [
-            "", words["limits"].format(label=config.stats.limits_label or upstream.label),
+            "", words["limits"].format(label=config.stats.limits_label or limited.label),
             words["tpm"].format(used=tpm_used, limit=tpm_limit, pct=limits["uso_tpm"]),
             words["rpd"].format(used=rpd_used, limit=rpd_limit, pct=limits["uso_rpd"]),
         ]

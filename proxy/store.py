@@ -17,7 +17,8 @@ import queue
 import sqlite3
 import threading
 from collections.abc import Iterator
-from dataclasses import astuple, dataclass, fields
+import operator
+from dataclasses import dataclass, fields
 from pathlib import Path
 
 
@@ -64,6 +65,9 @@ CREATE TABLE IF NOT EXISTS calls (
 CREATE INDEX IF NOT EXISTS calls_ts ON calls(ts);
 CREATE TABLE IF NOT EXISTS epochs (id INTEGER PRIMARY KEY, started REAL NOT NULL);
 """
+# attrgetter builds the row tuple in C; dataclasses.astuple deep-copies and costs the writer
+# thread GIL time that the event loop needs.
+_ROW = operator.attrgetter(*_COLUMNS)
 _INSERT = f"INSERT INTO calls ({', '.join(_COLUMNS)}) VALUES ({', '.join('?' * len(_COLUMNS))})"
 
 
@@ -166,7 +170,7 @@ class Ledger:
                         batch.append(self._queue.get_nowait())
                     except queue.Empty:
                         break
-                rows = [astuple(item) for item in batch if isinstance(item, CallRecord)]
+                rows = [_ROW(item) for item in batch if isinstance(item, CallRecord)]
                 epochs = [(item.started,) for item in batch if isinstance(item, _Epoch)]
                 if rows or epochs:
                     conn.execute("BEGIN")

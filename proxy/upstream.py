@@ -126,6 +126,10 @@ class UpstreamClient:
         except aiohttp.ClientError as exc:
             raise BrokenStream(f"Upstream '{name}' broke the response off ({type(exc).__name__}).") from None
 
+    async def read(self, response: aiohttp.ClientResponse) -> bytes:
+        """The whole body of a reply known to be small, with the same error mapping."""
+        return b"".join([chunk async for chunk in self.chunks(response)])
+
     async def probe(self) -> str:
         """One cheap authenticated GET, for `tollgate check`; raises UpstreamError."""
         url = self.url("v1", "models") if self.upstream.kind == "openai" else self.url("api", "version")
