@@ -267,3 +267,9 @@ async def test_two_hundred_concurrent_mixed_calls_add_up_exactly(proxy: Proxy, f
     await proxy.ledger.flush()
     rows = list(proxy.ledger.rows())
     assert len(rows) == 200 and sum(r.total_tokens for r in rows) == fake.reported.total
+
+
+async def test_healthz(proxy: Proxy) -> None:
+    async with aiohttp.ClientSession() as s:
+        async with s.get(proxy.url + "/healthz") as r:
+            assert r.status == 200 and await r.json() == {"status": "ok"}
