@@ -16,6 +16,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from .errors import OUTCOMES
+from .limits import NOT_ADMITTED
 from .store import CallRecord, Ledger
 
 DAY = 86_400.0
@@ -153,6 +154,7 @@ class Aggregates:
     last_request: float | None = None
     user_last_seen: dict[str, float] = field(default_factory=dict)
     chat_messages: int = 0
+    fallbacks: dict[str, int] = field(default_factory=dict)  # by the upstream fallen back from
 
     def add(self, rec: CallRecord) -> None:
         self.totals.add(rec)
@@ -170,6 +172,8 @@ class Aggregates:
         self.last_request = rec.ts if self.last_request is None else max(self.last_request, rec.ts)
         if rec.ok and rec.endpoint in ("chat", "responses", "generate", "completion"):
             self.chat_messages += 1
+        if rec.fallback_from:
+            self.fallbacks[rec.fallback_from] = self.fallbacks.get(rec.fallback_from, 0) + 1
 
 
 class Accounting:
@@ -180,17 +184,24 @@ class Accounting:
         self.current = Aggregates(epoch_started=self.process_started)
         self.windows: dict[str, RollingWindow] = {}
         self.listeners: list[Callable[[CallRecord], None]] = []
+        self._replay_day_start = 0.0
 
     def rebuild(self, epoch_started: float, rows: Iterable[CallRecord]) -> None:
         """Replay the ledger: `rows` must cover at least the last day and the whole epoch."""
+        self.start_replay(epoch_started)
+        for rec in rows:
+            self.replay(rec)
+
+    def start_replay(self, epoch_started: float) -> None:
         self.current = Aggregates(epoch_started=epoch_started)
         self.windows = {}
-        day_ago = self.clock() - DAY
-        for rec in rows:
-            if rec.ts >= epoch_started:
-                self.current.add(rec)
-            if rec.ts >= day_ago:
-                self._window_add(rec)
+        self._replay_day_start = self.clock() - DAY
+
+    def replay(self, rec: CallRecord) -> None:
+        if rec.ts >= self.current.epoch_started:
+            self.current.add(rec)
+        if rec.ts >= self._replay_day_start:
+            self._window_add(rec)
 
     def record(self, rec: CallRecord) -> None:
         self.current.add(rec)
@@ -201,7 +212,7 @@ class Accounting:
             listener(rec)
 
     def _window_add(self, rec: CallRecord) -> None:
-        if rec.upstream and rec.outcome not in ("bad_request", "too_large", "unknown_model", "unauthorized"):
+        if rec.upstream and rec.outcome not in NOT_ADMITTED:
             self.windows.setdefault(rec.upstream, RollingWindow()).add(rec.ts, 1, rec.total_tokens)
 
     def reset(self) -> float:

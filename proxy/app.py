@@ -17,7 +17,9 @@ from .accounting import DAY, Accounting
 from .config import Config
 from .dialects import Dialect, error_body
 from .errors import ProxyError
-from .keys import ACCOUNTING, CONFIG, ESTIMATOR, LEDGER, UPSTREAMS
+from .admission import Admission, WaitLines
+from .keys import ACCOUNTING, ADMISSION, CONFIG, ESTIMATOR, LEDGER, LIMITER, UPSTREAMS
+from .limits import Limiter
 from .routes import setup_routes
 from .store import Ledger, make_private_dir
 from .tokens import Estimator
@@ -35,6 +37,8 @@ def create_app(config: Config, clock: Callable[[], float] = time.time) -> web.Ap
     app[ACCOUNTING] = Accounting(ledger, clock)
     app[ESTIMATOR] = Estimator(config.stats.estimate_max_chars)
     app[UPSTREAMS] = {name: UpstreamClient(u) for name, u in config.upstreams.items()}
+    app[LIMITER] = Limiter(config, clock)
+    app[ADMISSION] = Admission(config, app[LIMITER], WaitLines(), app[ESTIMATOR])
 
     app.cleanup_ctx.append(ledger_ctx)
     app.cleanup_ctx.append(upstreams_ctx)
@@ -48,15 +52,19 @@ def create_app(config: Config, clock: Callable[[], float] = time.time) -> web.Ap
 
 
 async def ledger_ctx(app: web.Application) -> AsyncIterator[None]:
-    """Open the ledger and rebuild /stats and the rate windows from it; flush it at the end."""
-    ledger, acc = app[LEDGER], app[ACCOUNTING]
+    """Open the ledger and rebuild /stats and the limiter's windows from it; flush it at the end."""
+    ledger, acc, limiter = app[LEDGER], app[ACCOUNTING], app[LIMITER]
     loop = asyncio.get_running_loop()
 
     def open_and_replay() -> None:
         now = acc.clock()
         ledger.open(now)
         epoch = ledger.epoch_started()
-        acc.rebuild(epoch, ledger.rows(since=min(epoch, now - DAY)))
+        # One pass over the ledger feeds both: the epoch's rows and the last day's.
+        acc.start_replay(epoch)
+        for rec in ledger.rows(since=min(epoch, now - DAY)):
+            acc.replay(rec)
+            limiter.replay(rec)
 
     await loop.run_in_executor(None, open_and_replay)
     yield
@@ -135,7 +143,9 @@ async def error_middleware(request: web.Request, handler: Callable[[web.Request]
         assert isinstance(response, web.StreamResponse)
         return response
     except ProxyError as exc:
-        return error_response(request, exc.status, exc.message, exc.type, exc.code)
+        response = error_response(request, exc.status, exc.message, exc.type, exc.code)
+        response.headers.update(exc.headers)
+        return response
     except web.HTTPException as exc:
         if exc.status < 400:
             raise

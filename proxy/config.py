@@ -26,6 +26,8 @@ from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 Kind = Literal["openai", "ollama"]
 DayMode = Literal["rolling", "calendar"]
 RuleScope = Literal["system", "last_user", "any"]
+OnLimit = Literal["reject", "wait"]
+OutputCap = Literal["clamp", "reject"]
 
 T = TypeVar("T")
 
@@ -70,6 +72,8 @@ class Upstream:
     connect_timeout_s: float
     read_timeout_s: float
     limits: Limits
+    fallback: str | None = None        # upstream that takes calls this one cannot
+    fallback_model: str | None = None  # the model to ask the fallback for
 
     def serves(self, model: str) -> bool:
         return any(fnmatch.fnmatchcase(model, pattern) for pattern in self.models)
@@ -87,6 +91,22 @@ class Upstream:
     def listed_models(self) -> tuple[str, ...]:
         """Model names given literally (not as globs), for GET /v1/models."""
         return tuple(m for m in self.models if not any(c in m for c in "*?["))
+
+
+@dataclass(frozen=True)
+class LimitPolicy:
+    """How limits are applied, and the scopes beyond upstreams."""
+
+    on_limit: OnLimit = "reject"
+    max_wait_s: float = 30.0
+    count_output_tokens: bool = True
+    output_cap: OutputCap = "clamp"
+    # Beyond this wait, a 429 says x-should-retry: false (the openai SDK honours up to 120 s).
+    no_retry_over_s: float = 120.0
+    concurrency_retry_s: float = 1.0
+    models: Mapping[str, Limits] = field(default_factory=dict)
+    users: Mapping[str, Limits] = field(default_factory=dict)
+    per_user: Limits = field(default_factory=Limits)
 
 
 @dataclass(frozen=True)
@@ -170,6 +190,7 @@ class Config:
     prices: tuple[tuple[str, Price], ...]
     types: Mapping[str, RequestType]
     rules: tuple[TagRule, ...] = field(default=())
+    limits: LimitPolicy = field(default_factory=LimitPolicy)
 
     def upstream_for(self, model: str | None) -> Upstream | None:
         """The upstream that serves `model`: first match in file order, else the default."""
@@ -331,6 +352,8 @@ def _upstream(name: str, table: _Table) -> Upstream:
         connect_timeout_s=table.positive("connect_timeout_s", 10.0),
         read_timeout_s=table.positive("read_timeout_s", 300.0),
         limits=_limits(table.sub("limits")),
+        fallback=table.opt("fallback", str, "the name of another upstream"),
+        fallback_model=table.opt("fallback_model", str, "a model name"),
     )
     table.done()
     return upstream
@@ -442,6 +465,32 @@ def parse(raw: dict[str, Any], source: Path = Path("<config>")) -> Config:
     p_t = top.sub("prices")
     prices = tuple((pattern, _price(p_t.sub(pattern))) for pattern in list(p_t.data))
 
+    for upstream in upstreams.values():
+        if upstream.fallback is not None and (upstream.fallback not in upstreams or upstream.fallback == upstream.name):
+            raise ups_t.sub(upstream.name).fail("fallback", upstream.fallback,
+                                                f"another configured upstream, one of {sorted(upstreams)}")
+
+    lim_t = top.sub("limits")
+    on_limit = lim_t.get("on_limit", str, "reject", "'reject' or 'wait'")
+    if on_limit not in ("reject", "wait"):
+        raise lim_t.fail("on_limit", on_limit, "'reject' or 'wait'")
+    output_cap = lim_t.get("output_cap", str, "clamp", "'clamp' or 'reject'")
+    if output_cap not in ("clamp", "reject"):
+        raise lim_t.fail("output_cap", output_cap, "'clamp' or 'reject'")
+    models_t, users_t = lim_t.sub("models"), lim_t.sub("users")
+    policy = LimitPolicy(
+        on_limit=cast(OnLimit, on_limit),
+        max_wait_s=lim_t.positive("max_wait_s", 30.0),
+        count_output_tokens=lim_t.get("count_output_tokens", bool, True, "true or false"),
+        output_cap=cast(OutputCap, output_cap),
+        no_retry_over_s=lim_t.positive("no_retry_over_s", 120.0),
+        concurrency_retry_s=lim_t.positive("concurrency_retry_s", 1.0),
+        models={pattern: _limits(models_t.sub(pattern)) for pattern in list(models_t.data)},
+        users={user: _limits(users_t.sub(user)) for user in list(users_t.data)},
+        per_user=_limits(lim_t.sub("per_user")),
+    )
+    lim_t.done()
+
     tag_t = top.sub("tagging")
     raw_rules = tag_t.get("rules", list, [], "a list of {type, on, pattern} tables")
     rules = []
@@ -464,7 +513,7 @@ def parse(raw: dict[str, Any], source: Path = Path("<config>")) -> Config:
     top.done()
 
     return Config(source=source, server=server, stats=stats, routing=routing,
-                  upstreams=upstreams, prices=prices, types=types, rules=tuple(rules))
+                  upstreams=upstreams, prices=prices, types=types, rules=tuple(rules), limits=policy)
 
 
 def check_bind(config: Config) -> None:

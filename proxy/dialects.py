@@ -204,6 +204,22 @@ def with_injected_usage(info: CallInfo) -> dict[str, Any]:
     return body
 
 
+def with_max_output(info: CallInfo, body: dict[str, Any], cap: int) -> dict[str, Any]:
+    """`body` with its requested output tokens set to `cap`, in the field the endpoint reads."""
+    body = dict(body)
+    if info.dialect == "ollama":
+        options = dict(body["options"]) if isinstance(body.get("options"), dict) else {}
+        options["num_predict"] = cap
+        body["options"] = options
+        return body
+    keys = [k for k in ("max_completion_tokens", "max_tokens", "max_output_tokens") if body.get(k) is not None]
+    if not keys:
+        keys = ["max_output_tokens" if info.endpoint == "responses" else "max_tokens"]
+    for key in keys:
+        body[key] = cap
+    return body
+
+
 # --- usage ------------------------------------------------------------------------------
 
 

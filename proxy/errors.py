@@ -15,9 +15,10 @@ class ProxyError(Exception):
     # The outcome recorded in the ledger, one of a small fixed set.
     outcome = "internal"
 
-    def __init__(self, message: str) -> None:
+    def __init__(self, message: str, headers: dict[str, str] | None = None) -> None:
         super().__init__(message)
         self.message = message
+        self.headers = headers or {}
 
 
 class BadRequest(ProxyError):
@@ -36,8 +37,19 @@ class Unauthorized(ProxyError):
     status, type, code, outcome = 401, "authentication_error", "invalid_api_key", "unauthorized"
 
 
+class RateLimited(ProxyError):
+    """Refused here, before the upstream: `type` names the limit that was hit."""
+
+    status, code, outcome = 429, "rate_limit_exceeded", "rate_limited"
+
+    def __init__(self, message: str, limit: str, headers: dict[str, str]) -> None:
+        super().__init__(message, headers)
+        self.type = limit
+
+
 # Every ledger outcome, so accounting and exports can list them with zeros.
 OUTCOMES = (
-    "ok", "upstream_status", "timeout", "unreachable", "broken_stream", "stream_error",
-    "bad_request", "too_large", "unknown_model", "unauthorized", "cancelled", "internal",
+    "ok", "upstream_status", "upstream_rate_limited", "timeout", "unreachable", "broken_stream",
+    "stream_error", "bad_request", "too_large", "unknown_model", "unauthorized", "rate_limited",
+    "cancelled", "internal",
 )

@@ -5,7 +5,9 @@ from __future__ import annotations
 from aiohttp import web
 
 from .accounting import Accounting
+from .admission import Admission
 from .config import Config
+from .limits import Limiter
 from .store import Ledger
 from .tokens import Estimator
 from .upstream import UpstreamClient
@@ -14,4 +16,6 @@ CONFIG = web.AppKey("config", Config)
 ACCOUNTING = web.AppKey("accounting", Accounting)
 LEDGER = web.AppKey("ledger", Ledger)
 ESTIMATOR = web.AppKey("estimator", Estimator)
+LIMITER = web.AppKey("limiter", Limiter)
+ADMISSION = web.AppKey("admission", Admission)
 UPSTREAMS = web.AppKey("upstreams", dict[str, UpstreamClient])

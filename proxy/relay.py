@@ -25,10 +25,13 @@ from . import dialects, tagging
 from .config import Config, Upstream
 from .dialects import CallInfo, Dialect, StreamState, Usage
 from .errors import BadRequest, PayloadTooLarge, ProxyError, UnknownModel
-from .keys import ACCOUNTING, CONFIG, ESTIMATOR, UPSTREAMS
+from .admission import Plan, parse_retry_after
+from .keys import ACCOUNTING, ADMISSION, CONFIG, ESTIMATOR, LIMITER, UPSTREAMS
+from .limits import Ticket
 from .store import CallRecord
 from .tokens import Estimator
-from .upstream import UpstreamClient, UpstreamError, request_headers, response_headers
+from .upstream import (Unreachable, UpstreamClient, UpstreamError, UpstreamTimeout, request_headers,
+                       response_headers)
 
 log = logging.getLogger("tollgate.relay")
 
@@ -60,6 +63,8 @@ class Call:
     text: str = ""
     ttft: float | None = None
     headers_sent: bool = False  # past this, errors can only be told inside the body
+    ticket: Ticket | None = None
+    fallback_from: str | None = None
 
     def fail(self, exc: ProxyError, status_sent: bool) -> None:
         self.outcome = exc.outcome
@@ -87,6 +92,7 @@ class Call:
             cached_tokens=usage.cached, estimated=estimated,
             latency_s=time.perf_counter() - self.started, ttft_s=self.ttft,
             cost_usd=price.cost(usage.prompt, usage.completion, usage.cached) if price else 0.0,
+            fallback_from=self.fallback_from,
         )
 
 
@@ -150,7 +156,9 @@ async def metered(request: web.Request, prefix: Prefix, rest: str, endpoint: str
         call.outcome, call.status = "internal", 500
         raise
     finally:
-        app[ACCOUNTING].record(call.record(app[CONFIG], app[ESTIMATOR], app[ACCOUNTING].clock()))
+        record = call.record(app[CONFIG], app[ESTIMATOR], app[ACCOUNTING].clock())
+        _finish_ticket(app, call, record.total_tokens)
+        app[ACCOUNTING].record(record)
 
 
 def _route(config: Config, call: Call, info: CallInfo) -> Upstream:
@@ -179,27 +187,53 @@ async def _metered(request: web.Request, prefix: Prefix, rest: str, call: Call) 
     call.type = tagging.request_type(config, info, request.headers.get("X-Tollgate-Type"),
                                      request.match_info.get("type"))
     call.upstream = upstream = _route(config, call, info)
-
-    body = info.body
     strip_usage = dialects.wants_injected_usage(info)
-    if strip_usage:
-        body = dialects.with_injected_usage(info)
-    upstream_model = upstream.upstream_model(call.model)
-    if upstream_model != call.model:
-        body = {**body, "model": upstream_model}
-    data = raw if body is info.body else orjson.dumps(body)
+    admission, limiter = app[ADMISSION], app[LIMITER]
 
-    client = app[UPSTREAMS][upstream.name]
-    headers = request_headers(request.headers, upstream.api_key())
-    response = await client.send("POST", client.url(prefix, rest), headers, data, request.query_string)
+    # Admit, send, and on refusal (ours or the upstream's) try the fallback, once per upstream.
+    tried: set[str] = set()
+    model, fallback_from = call.model, None
+    while True:
+        plan = await admission.admit(info, upstream, model, call.user, tried, fallback_from)
+        call.upstream, call.model, call.ticket = plan.upstream, plan.model, plan.ticket
+        call.fallback_from = fallback_from = plan.fallback_from
+        client = app[UPSTREAMS][plan.upstream.name]
+        headers = request_headers(request.headers, plan.upstream.api_key())
+        try:
+            response = await client.send("POST", client.url(prefix, rest), headers,
+                                         _upstream_body(raw, info, plan, strip_usage), request.query_string)
+        except (Unreachable, UpstreamTimeout):
+            nxt = admission.fallback_for(plan.upstream, tried, call.dialect)
+            if nxt is None:
+                raise
+        else:
+            if response.status == 429:
+                limiter.upstream_refused(plan.upstream.name, parse_retry_after(response.headers))
+            nxt = None
+            if response.status == 429 or response.status >= 500:
+                nxt = admission.fallback_for(plan.upstream, tried, call.dialect)
+            if nxt is None:
+                break
+            response.release()
+        # Falling back: the refused attempt holds no tokens, and the fallback gets its own admission.
+        _finish_ticket(app, call, 0)
+        tried.add(plan.upstream.name)
+        fallback_from = fallback_from or plan.upstream.name
+        upstream, model = nxt, plan.upstream.fallback_model or plan.model
+
     async with response:
         call.status = response.status
-        if response.status >= 400:
+        if response.status == 429:
+            call.outcome = "upstream_rate_limited"
+        elif response.status >= 400:
             call.outcome = "upstream_status"
         else:
             call.answered = True
         out_headers = response_headers(response.headers)
-        out_headers["X-Tollgate-Upstream"] = upstream.name
+        out_headers.update(limiter.headers(plan.upstream.name))
+        out_headers["X-Tollgate-Upstream"] = plan.upstream.name
+        if call.fallback_from:
+            out_headers["X-Tollgate-Fallback-From"] = call.fallback_from
         content_type = response.content_type
         if content_type not in ("text/event-stream", "application/x-ndjson") \
                 and response.content_length is not None and response.content_length <= _KEEP_BYTES:
@@ -224,6 +258,26 @@ async def _metered(request: web.Request, prefix: Prefix, rest: str, call: Call) 
             call.fail(exc, status_sent=True)
             await _end_broken(request, call, out, exc)
         return out
+
+
+def _upstream_body(raw: bytes, info: CallInfo, plan: Plan, strip_usage: bool) -> bytes:
+    """The client's body as the upstream must see it: its model name, usage asked, output capped."""
+    body = info.body
+    if strip_usage:
+        body = dialects.with_injected_usage(info)
+    upstream_model = plan.upstream.upstream_model(plan.model)
+    if upstream_model != info.model:
+        body = {**body, "model": upstream_model}
+    if plan.clamp_output is not None:
+        body = dialects.with_max_output(info, body, plan.clamp_output)
+    return raw if body is info.body else orjson.dumps(body)
+
+
+def _finish_ticket(app: web.Application, call: Call, tokens: int) -> None:
+    if call.ticket is not None:
+        app[LIMITER].finish(call.ticket, tokens)
+        call.ticket = None
+        app[ADMISSION].lines.notify()
 
 
 def _openai_scanner(strip_usage: bool) -> Callable[[bytes, StreamState], bytes | None]:

@@ -41,6 +41,7 @@ class CallRecord:
     latency_s: float
     ttft_s: float | None      # time to first streamed chunk
     cost_usd: float
+    fallback_from: str | None = None  # the upstream that could not take the call
 
     @property
     def total_tokens(self) -> int:
@@ -60,7 +61,7 @@ CREATE TABLE IF NOT EXISTS calls (
     status INTEGER NOT NULL, outcome TEXT NOT NULL,
     prompt_tokens INTEGER NOT NULL, completion_tokens INTEGER NOT NULL,
     cached_tokens INTEGER NOT NULL, estimated INTEGER NOT NULL,
-    latency_s REAL NOT NULL, ttft_s REAL, cost_usd REAL NOT NULL
+    latency_s REAL NOT NULL, ttft_s REAL, cost_usd REAL NOT NULL, fallback_from TEXT
 );
 CREATE INDEX IF NOT EXISTS calls_ts ON calls(ts);
 CREATE TABLE IF NOT EXISTS epochs (id INTEGER PRIMARY KEY, started REAL NOT NULL);
@@ -127,6 +128,9 @@ class Ledger:
         conn = _connect(self.path)
         try:
             conn.executescript(_SCHEMA)
+            columns = {row[1] for row in conn.execute("PRAGMA table_info(calls)")}
+            if "fallback_from" not in columns:  # a ledger from before fallbacks existed
+                conn.execute("ALTER TABLE calls ADD COLUMN fallback_from TEXT")
             if conn.execute("SELECT COUNT(*) FROM epochs").fetchone()[0] == 0:
                 conn.execute("INSERT INTO epochs (started) VALUES (?)", (now,))
         finally:

@@ -47,7 +47,7 @@ def base_config(fake_url: str, data_dir: Path) -> dict[str, Any]:
                 "models": ["gpt-4o", "gpt-4o-mini", "openai/*"],
                 "aliases": {"gpt-4o": "openai/gpt-4o"},
                 "read_timeout_s": 5,
-                "limits": {"rpm": 15, "rpd": 150, "tpm": 150000},
+                "limits": {"rpm": 10000, "rpd": 150, "tpm": 150000},
             },
             "ollama_local": {
                 "kind": "ollama", "base_url": fake_url, "label": "Ollama (local)", "short_name": "ollama",

@@ -1,0 +1,183 @@
+"""Admission of one call: per-request caps, the limiter, waiting in line, falling back.
+
+`limits.py` decides; this module applies the decision to a call in flight, which may mean
+awaiting (wait mode) or choosing another upstream (fallback). Refusals raise errors that the
+middleware renders as the dialect's 429 / 413 / 400 with OpenAI's rate-limit headers.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import math
+from collections.abc import Mapping
+from dataclasses import dataclass
+from email.utils import parsedate_to_datetime
+
+from .config import Config, Upstream
+from .dialects import CallInfo, Dialect
+from .errors import BadRequest, PayloadTooLarge, RateLimited
+from .limits import Denial, Limiter, Scope, Ticket
+from .tokens import Estimator
+
+
+class WaitLines:
+    """First come, first served: callers waiting on a scope queue behind one lock per scope.
+
+    asyncio.Lock wakes its waiters in the order they came, and while anyone waits on a scope,
+    newcomers to that scope join the line instead of overtaking it. A caller that disconnects
+    is cancelled out of the line, giving its place up.
+    """
+
+    def __init__(self) -> None:
+        self._locks: dict[str, asyncio.Lock] = {}
+        self._released = asyncio.Event()
+
+    def lock(self, scope: str) -> asyncio.Lock:
+        lock = self._locks.get(scope)
+        if lock is None:
+            if len(self._locks) > 1024:  # drop idle lines: per-user scopes come and go
+                self._locks = {k: v for k, v in self._locks.items() if v.locked()}
+            lock = self._locks[scope] = asyncio.Lock()
+        return lock
+
+    def busy(self, scope: str) -> asyncio.Lock | None:
+        lock = self._locks.get(scope)
+        return lock if lock is not None and lock.locked() else None
+
+    def notify(self) -> None:
+        """A place was given back: whoever waits for one looks again."""
+        event, self._released = self._released, asyncio.Event()
+        event.set()
+
+    async def changed(self, timeout: float) -> None:
+        try:
+            await asyncio.wait_for(self._released.wait(), timeout)
+        except asyncio.TimeoutError:
+            pass
+
+
+@dataclass
+class Plan:
+    """Where an admitted call goes, and what it holds."""
+
+    upstream: Upstream
+    model: str
+    ticket: Ticket | None
+    clamp_output: int | None      # rewrite the body's max output tokens to this
+    fallback_from: str | None
+
+
+@dataclass
+class Admission:
+    config: Config
+    limiter: Limiter
+    lines: WaitLines
+    estimator: Estimator
+
+    def fallback_for(self, upstream: Upstream, tried: set[str], dialect: Dialect) -> Upstream | None:
+        name = upstream.fallback
+        if name is None or name in tried:
+            return None
+        fallback = self.config.upstreams[name]
+        # The Ollama dialect (/api/...) can only be served by another Ollama server.
+        if dialect == "ollama" and fallback.kind != "ollama":
+            return None
+        return fallback
+
+    def refusal(self, denial: Denial, upstream: str) -> RateLimited:
+        headers = self.limiter.headers(upstream)
+        if denial.retry_after is not None:
+            headers["Retry-After"] = str(max(1, math.ceil(denial.retry_after)))
+            headers["retry-after-ms"] = str(max(1, math.ceil(denial.retry_after * 1000)))
+        if denial.retry_after is None or denial.retry_after > self.config.limits.no_retry_over_s:
+            # Longer than a client's SDK would wait: retrying now only burns its retries.
+            headers["x-should-retry"] = "false"
+        return RateLimited(denial.message, denial.limit, headers)
+
+    async def admit(self, info: CallInfo, upstream: Upstream, model: str, user: str | None,
+                    tried: set[str], fallback_from: str | None) -> Plan:
+        policy = self.config.limits
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + policy.max_wait_s
+        held: asyncio.Lock | None = None
+        prompt: int | None = None
+        try:
+            while True:
+                scopes = self.limiter.scopes(upstream.name, model, user)
+                if not scopes:
+                    return Plan(upstream, model, None, None, fallback_from)
+                if prompt is None and self.limiter.needs_estimate(scopes):
+                    prompt = info.estimate_prompt(self.estimator)
+                tokens, clamp = self._caps(info, scopes, prompt)
+                if policy.on_limit == "wait" and held is None:
+                    line = next((lock for s in scopes if (lock := self.lines.busy(s.name))), None)
+                    if line is not None:
+                        held = await self._join(line, deadline)
+                        continue
+                decision = self.limiter.admit(scopes, tokens)
+                if isinstance(decision, Ticket):
+                    return Plan(upstream, model, decision, clamp, fallback_from)
+                fallback = self.fallback_for(upstream, tried, info.dialect)
+                if fallback is not None:
+                    tried.add(upstream.name)
+                    fallback_from = fallback_from or upstream.name
+                    upstream, model, prompt = fallback, upstream.fallback_model or model, None
+                    continue
+                remaining = deadline - loop.time()
+                if policy.on_limit != "wait" or decision.retry_after is None or decision.retry_after > remaining:
+                    raise self.refusal(decision, upstream.name)
+                if held is None:
+                    held = await self._join(self.lines.lock(decision.scope), deadline)
+                    continue
+                await self.lines.changed(min(decision.retry_after, remaining))
+        finally:
+            if held is not None:
+                held.release()
+
+    async def _join(self, line: asyncio.Lock, deadline: float) -> asyncio.Lock:
+        remaining = deadline - asyncio.get_running_loop().time()
+        try:
+            await asyncio.wait_for(line.acquire(), max(remaining, 0.0))
+        except asyncio.TimeoutError:
+            raise RateLimited(f"Waited {self.config.limits.max_wait_s:g} s in line for a place; none freed.",
+                              "wait_timeout", {"Retry-After": "1"}) from None
+        return line
+
+    def _caps(self, info: CallInfo, scopes: list[Scope], prompt: int | None) -> tuple[int, int | None]:
+        """Apply per-request caps; return the tokens to admit and the output clamp, if any."""
+        policy = self.config.limits
+        in_cap, out_cap = self.limiter.caps(scopes)
+        if in_cap is not None and prompt is not None and prompt > in_cap:
+            raise PayloadTooLarge(f"This request has about {prompt:,} input tokens; the limit is "
+                                  f"{in_cap:,} input tokens per request (max_input_tokens).")
+        requested, clamp = info.max_output_tokens, None
+        if out_cap is not None and (requested is None or requested > out_cap):
+            if requested is not None and policy.output_cap == "reject":
+                raise BadRequest(f"This request asks for up to {requested:,} output tokens; the limit "
+                                 f"is {out_cap:,} output tokens per request (max_output_tokens).")
+            requested = clamp = out_cap
+        tokens = (prompt or 0) + ((requested or 0) if policy.count_output_tokens else 0)
+        return tokens, clamp
+
+
+def parse_retry_after(headers: Mapping[str, str]) -> float | None:
+    """Seconds an upstream asked us to wait: retry-after-ms, or Retry-After (seconds or a date)."""
+    ms = headers.get("retry-after-ms")
+    if ms:
+        try:
+            return float(ms) / 1000.0
+        except ValueError:
+            pass
+    value = headers.get("Retry-After")
+    if not value:
+        return None
+    try:
+        return float(value)
+    except ValueError:
+        pass
+    try:
+        from time import time
+
+        return parsedate_to_datetime(value).timestamp() - time()
+    except (TypeError, ValueError):
+        return None

@@ -1,0 +1,338 @@
+"""Admission: free-tier limits held exactly, whatever the concurrency.
+
+Pure logic with an injected clock, no I/O and no awaiting: `admit` decides and records in one
+synchronous step, so on one event loop no two callers can both take the last place.
+
+Each *scope* (an upstream, a model pattern, a user) has the limits of its config table:
+requests per minute, requests per day (rolling 24 h, or a calendar day in a time zone), tokens
+per minute, and calls in flight. Windows are sliding logs of admissions, so "never more than
+the limit in any window of its length" holds exactly, and a refusal says exactly how long until
+a place frees: the moment the oldest entries that stand in the way leave the window.
+
+TPM admission counts the call's estimated input (plus its requested output, if configured)
+before forwarding; `finish` replaces that with the real usage. Windows are rebuilt from the
+ledger at start and are never touched by a stats reset.
+"""
+
+from __future__ import annotations
+
+import fnmatch
+import math
+from collections import deque
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
+from datetime import datetime, timedelta
+from zoneinfo import ZoneInfo
+
+from .config import Config, Limits
+from .store import CallRecord
+
+MINUTE, DAY = 60.0, 86_400.0
+
+# Outcomes of calls that never reached an upstream: they hold no place in any window.
+NOT_ADMITTED = frozenset({"bad_request", "too_large", "unknown_model", "unauthorized", "rate_limited"})
+
+
+class Window:
+    """A sliding log of (time, amount) admissions over `span` seconds, or since local midnight."""
+
+    def __init__(self, limit: int, span: float, tz: ZoneInfo | None = None) -> None:
+        self.limit = limit
+        self.span = span
+        self.tz = tz  # set: a calendar day in this zone instead of a rolling span
+        self.log: deque[list[float]] = deque()  # [time, amount, 1.0 while in the log]
+        self.used = 0.0
+
+    def start(self, now: float) -> float:
+        if self.tz is None:
+            return now - self.span
+        local = datetime.fromtimestamp(now, self.tz)
+        return local.replace(hour=0, minute=0, second=0, microsecond=0).timestamp()
+
+    def end_of(self, ts: float) -> float:
+        """When an entry admitted at `ts` stops counting."""
+        if self.tz is None:
+            return ts + self.span
+        local = datetime.fromtimestamp(ts, self.tz)
+        midnight = local.replace(hour=0, minute=0, second=0, microsecond=0) + timedelta(days=1)
+        return midnight.timestamp()
+
+    def prune(self, now: float) -> None:
+        start = self.start(now)
+        while self.log and self.log[0][0] <= start:
+            entry = self.log.popleft()
+            entry[2] = 0.0  # gone: a later `adjust` must not touch `used`
+            self.used -= entry[1]
+        if not self.log:
+            self.used = 0.0  # no float drift once empty
+
+    def wait_for(self, now: float, amount: float) -> float | None:
+        """Seconds until `amount` fits (0: now), None if it never can (larger than the limit)."""
+        self.prune(now)
+        if amount > self.limit:
+            return None
+        excess = self.used + amount - self.limit
+        if excess <= 0:
+            return 0.0
+        freed = 0.0
+        for ts, value, _ in self.log:
+            freed += value
+            if freed >= excess:
+                return max(0.0, self.end_of(ts) - now)
+        return None  # unreachable while used >= excess
+
+    def add(self, now: float, amount: float) -> list[float]:
+        entry = [now, amount, 1.0]  # time, amount, still in the log
+        self.log.append(entry)
+        self.used += amount
+        return entry
+
+    def adjust(self, entry: list[float], amount: float) -> None:
+        if entry[2]:
+            self.used += amount - entry[1]
+        entry[1] = amount
+
+    def reset_in(self, now: float) -> float:
+        """Seconds until the window is empty again (what x-ratelimit-reset-* means)."""
+        self.prune(now)
+        return max(0.0, self.end_of(self.log[-1][0]) - now) if self.log else 0.0
+
+
+@dataclass
+class Scope:
+    name: str              # "upstream:gpt4o_cloud", "model:gpt-4o*", "user:ana"
+    limits: Limits
+    rpm: Window | None = None
+    rpd: Window | None = None
+    tpm: Window | None = None
+    in_flight: int = 0
+    blocked_until: float = 0.0  # the upstream's own 429 holds calls back until then
+
+    @classmethod
+    def build(cls, name: str, limits: Limits) -> Scope:
+        tz = ZoneInfo(limits.timezone) if limits.day == "calendar" else None
+        return cls(name, limits,
+                   rpm=Window(limits.rpm, MINUTE) if limits.rpm else None,
+                   rpd=Window(limits.rpd, DAY, tz) if limits.rpd else None,
+                   tpm=Window(limits.tpm, MINUTE) if limits.tpm else None)
+
+    @property
+    def idle(self) -> bool:
+        return self.in_flight == 0 and not any(w.log for w in (self.rpm, self.rpd, self.tpm) if w)
+
+
+@dataclass
+class Denial:
+    """Why a call may not go now, and when it could."""
+
+    scope: str
+    limit: str             # requests_per_minute, requests_per_day, tokens_per_minute, concurrency, upstream_rate_limit
+    retry_after: float | None  # None: never (the call alone is over the limit)
+    maximum: int
+
+    @property
+    def message(self) -> str:
+        what = {"requests_per_minute": f"{self.maximum:,} requests per minute",
+                "requests_per_day": f"{self.maximum:,} requests per day",
+                "tokens_per_minute": f"{self.maximum:,} tokens per minute",
+                "concurrency": f"{self.maximum:,} concurrent requests",
+                "upstream_rate_limit": "the upstream's own rate limit"}[self.limit]
+        if self.retry_after is None:
+            return f"Rate limit of {what} for {self.scope}: this request alone exceeds it."
+        return (f"Rate limit of {what} reached for {self.scope}; "
+                f"try again in {format_duration(self.retry_after)}.")
+
+
+@dataclass
+class Ticket:
+    """An admitted call's places, given back (and its tokens reconciled) by `finish`."""
+
+    scopes: list[Scope]
+    token_entries: list[tuple[Window, list[float]]] = field(default_factory=list)
+    done: bool = False
+
+
+class Limiter:
+    def __init__(self, config: Config, clock: Callable[[], float]) -> None:
+        self.config = config
+        self.clock = clock
+        self.policy = config.limits
+        self._upstreams = {name: Scope.build(f"upstream:{name}", u.limits)
+                           for name, u in config.upstreams.items()}
+        self._models = {pattern: Scope.build(f"model:{pattern}", limits)
+                        for pattern, limits in config.limits.models.items()}
+        self._named_users = {user: Scope.build(f"user:{user}", limits)
+                             for user, limits in config.limits.users.items()}
+        # Per-user scopes made on demand; idle ones are dropped so 10,000 users cost only
+        # what their live windows hold.
+        self._users: dict[str, Scope] = {}
+        self._admissions = 0
+
+    # --- which scopes a call is in ----------------------------------------------------
+
+    def scopes(self, upstream: str, model: str, user: str | None) -> list[Scope]:
+        found = [self._upstreams[upstream]]
+        found += [s for pattern, s in self._models.items() if fnmatch.fnmatchcase(model, pattern)]
+        if user is not None:
+            if user in self._named_users:
+                found.append(self._named_users[user])
+            elif self.policy.per_user.any:
+                scope = self._users.get(user)
+                if scope is None:
+                    scope = self._users[user] = Scope.build(f"user:{user}", self.policy.per_user)
+                found.append(scope)
+        return [s for s in found if s.limits.any or s.blocked_until]
+
+    def needs_estimate(self, scopes: list[Scope]) -> bool:
+        return any(s.tpm or s.limits.max_input_tokens for s in scopes)
+
+    def caps(self, scopes: list[Scope]) -> tuple[int | None, int | None]:
+        """The tightest per-request (input, output) token caps among the scopes."""
+        ins = [s.limits.max_input_tokens for s in scopes if s.limits.max_input_tokens]
+        outs = [s.limits.max_output_tokens for s in scopes if s.limits.max_output_tokens]
+        return (min(ins) if ins else None), (min(outs) if outs else None)
+
+    # --- admission ----------------------------------------------------------------------
+
+    def check(self, scopes: list[Scope], tokens: int) -> Denial | None:
+        """The denial that lasts longest, or None if every scope has room now."""
+        now = self.clock()
+        worst: Denial | None = None
+        for scope in scopes:
+            for denial in self._scope_denials(scope, now, tokens):
+                if worst is None or _longer(denial, worst):
+                    worst = denial
+        return worst
+
+    def _scope_denials(self, scope: Scope, now: float, tokens: int) -> Iterable[Denial]:
+        if scope.blocked_until > now:
+            yield Denial(scope.name, "upstream_rate_limit", scope.blocked_until - now, 0)
+        if scope.limits.concurrency and scope.in_flight >= scope.limits.concurrency:
+            # No time can be promised: a place frees when a call in flight ends.
+            yield Denial(scope.name, "concurrency", self.policy.concurrency_retry_s, scope.limits.concurrency)
+        for window, kind, amount in ((scope.rpm, "requests_per_minute", 1), (scope.rpd, "requests_per_day", 1),
+                                     (scope.tpm, "tokens_per_minute", tokens)):
+            if window is not None:
+                wait = window.wait_for(now, amount)
+                if wait is None or wait > 0:
+                    yield Denial(scope.name, kind, wait, window.limit)
+
+    def admit(self, scopes: list[Scope], tokens: int) -> Ticket | Denial:
+        denial = self.check(scopes, tokens)
+        if denial is not None:
+            return denial
+        now = self.clock()
+        ticket = Ticket(scopes)
+        for scope in scopes:
+            scope.in_flight += 1
+            for window in (scope.rpm, scope.rpd):
+                if window is not None:
+                    window.add(now, 1)
+            if scope.tpm is not None:
+                ticket.token_entries.append((scope.tpm, scope.tpm.add(now, tokens)))
+        self._admissions += 1
+        if self._admissions % 1024 == 0:
+            self._sweep()
+        return ticket
+
+    def finish(self, ticket: Ticket, tokens: int) -> None:
+        """The call ended: give back its concurrency place, put its real tokens in the windows."""
+        if ticket.done:
+            return
+        ticket.done = True
+        for scope in ticket.scopes:
+            scope.in_flight -= 1
+        for window, entry in ticket.token_entries:
+            window.adjust(entry, tokens)
+
+    def upstream_refused(self, upstream: str, retry_after: float | None) -> None:
+        """The upstream answered 429 itself: hold calls to it back until it said to retry."""
+        if retry_after is not None and retry_after > 0:
+            scope = self._upstreams[upstream]
+            scope.blocked_until = max(scope.blocked_until, self.clock() + retry_after)
+
+    def _sweep(self) -> None:
+        now = self.clock()
+        for user, scope in list(self._users.items()):
+            for window in (scope.rpm, scope.rpd, scope.tpm):
+                if window is not None:
+                    window.prune(now)
+            if scope.idle:
+                del self._users[user]
+
+    @property
+    def tracked_users(self) -> int:
+        return len(self._users)
+
+    # --- restart -------------------------------------------------------------------------
+
+    def replay(self, rec: CallRecord) -> None:
+        """Refill the windows from one ledger row; rows come oldest first at start-up."""
+        if rec.outcome in NOT_ADMITTED or rec.upstream not in self._upstreams:
+            return
+        now = self.clock()
+        admitted = rec.ts - rec.latency_s
+        for scope in self.scopes(rec.upstream, rec.model, rec.user):
+            for window, amount in ((scope.rpm, 1), (scope.rpd, 1), (scope.tpm, rec.total_tokens)):
+                if window is not None and admitted > window.start(now):
+                    window.add(admitted, amount)
+
+    # --- reporting -----------------------------------------------------------------------
+
+    def headers(self, upstream: str) -> dict[str, str]:
+        """OpenAI's x-ratelimit-* headers for the upstream scope, on every response."""
+        scope = self._upstreams.get(upstream)
+        if scope is None:
+            return {}
+        now = self.clock()
+        out: dict[str, str] = {}
+        requests = scope.rpm or scope.rpd
+        for window, kind in ((requests, "requests"), (scope.tpm, "tokens")):
+            if window is not None:
+                window.prune(now)
+                out[f"x-ratelimit-limit-{kind}"] = str(window.limit)
+                out[f"x-ratelimit-remaining-{kind}"] = str(max(0, int(window.limit - window.used)))
+                out[f"x-ratelimit-reset-{kind}"] = format_duration(window.reset_in(now))
+        return out
+
+    def report(self) -> list[dict[str, object]]:
+        """Every limited scope with used, limit, percentage and seconds until it resets."""
+        now = self.clock()
+        rows: list[dict[str, object]] = []
+        scopes = [*self._upstreams.values(), *self._models.values(), *self._named_users.values()]
+        for scope in scopes:
+            for window, kind in ((scope.rpm, "requests_per_minute"), (scope.rpd, "requests_per_day"),
+                                 (scope.tpm, "tokens_per_minute")):
+                if window is not None:
+                    window.prune(now)
+                    rows.append(_row(scope.name, kind, window.used, window.limit, window.reset_in(now)))
+            if scope.limits.concurrency:
+                rows.append(_row(scope.name, "concurrency", scope.in_flight, scope.limits.concurrency, 0.0))
+            if scope.blocked_until > now:
+                rows.append(_row(scope.name, "upstream_rate_limit", 1, 1, scope.blocked_until - now))
+        return rows
+
+
+def _row(scope: str, limit: str, used: float, maximum: int, reset: float) -> dict[str, object]:
+    return {"scope": scope, "limit": limit, "used": int(used), "max": maximum,
+            "pct": round(100.0 * used / maximum, 1) if maximum else 0.0, "reset_s": round(reset, 3)}
+
+
+def _longer(a: Denial, b: Denial) -> bool:
+    if a.retry_after is None:
+        return b.retry_after is not None
+    return b.retry_after is not None and a.retry_after > b.retry_after
+
+
+def format_duration(seconds: float) -> str:
+    """OpenAI's reset format: 20ms, 1s, 6m0s, 1h2m3s."""
+    if seconds < 1:
+        return f"{max(0, math.ceil(seconds * 1000))}ms"
+    total = math.ceil(seconds)
+    hours, rest = divmod(total, 3600)
+    minutes, secs = divmod(rest, 60)
+    if hours:
+        return f"{hours}h{minutes}m{secs}s"
+    if minutes:
+        return f"{minutes}m{secs}s"
+    return f"{secs}s"
