@@ -18,9 +18,10 @@ from aiohttp import web
 
 from . import config as config_mod
 from . import stats
-from .accounting import DAY, Accounting
-from .app import create_app
+from .accounting import Accounting
+from .app import create_app, replay_ledger
 from .config import Config, ConfigError
+from .limits import Limiter
 from .store import COLUMNS, Ledger
 from .upstream import UpstreamClient, UpstreamError
 
@@ -41,13 +42,13 @@ def _ledger(config: Config) -> Ledger | None:
     return Ledger(config.db_path) if config.db_path.exists() else None
 
 
-def _offline_accounting(config: Config) -> Accounting:
-    acc = Accounting(None)
+def _offline_state(config: Config) -> tuple[Accounting, Limiter]:
+    """/stats' state rebuilt from the ledger, as the server does at start."""
+    acc, limiter = Accounting(None), Limiter(config, time.time)
     ledger = _ledger(config)
     if ledger is not None:
-        epoch = ledger.epoch_started()
-        acc.rebuild(epoch, ledger.rows(since=min(epoch, time.time() - DAY)))
-    return acc
+        replay_ledger(ledger, acc, limiter)
+    return acc, limiter
 
 
 def _new_loop() -> asyncio.AbstractEventLoop:
@@ -75,11 +76,12 @@ def cmd_serve(config: Config, args: argparse.Namespace) -> int:
 
 
 def cmd_stats(config: Config, args: argparse.Namespace) -> int:
-    acc = _offline_accounting(config)
+    acc, limiter = _offline_state(config)
     if args.text:
         print(stats.stats_text(config, acc, args.lang))
     else:
-        sys.stdout.buffer.write(orjson.dumps(stats.stats_json(config, acc), option=orjson.OPT_INDENT_2) + b"\n")
+        data = stats.stats_json(config, acc, limiter)
+        sys.stdout.buffer.write(orjson.dumps(data, option=orjson.OPT_INDENT_2) + b"\n")
     return 0
 
 

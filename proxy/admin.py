@@ -12,7 +12,7 @@ from aiohttp import web
 
 from . import stats
 from .errors import Unauthorized
-from .keys import ACCOUNTING, CONFIG
+from .keys import ACCOUNTING, CONFIG, LIMITER
 
 
 def require_admin(request: web.Request) -> None:
@@ -36,7 +36,7 @@ async def get_stats(request: web.Request) -> web.Response:
     if request.query.get("format") == "text":
         lang = request.query.get("lang", "es")
         return web.Response(text=stats.stats_text(config, acc, lang), content_type="text/plain")
-    return _json(stats.stats_json(config, acc))
+    return _json(stats.stats_json(config, acc, request.app[LIMITER]))
 
 
 async def reset(request: web.Request) -> web.Response:

@@ -31,6 +31,7 @@ class WaitLines:
     def __init__(self) -> None:
         self._locks: dict[str, asyncio.Lock] = {}
         self._released = asyncio.Event()
+        self.waiting = 0  # callers in some line now
 
     def lock(self, scope: str) -> asyncio.Lock:
         lock = self._locks.get(scope)
@@ -136,11 +137,14 @@ class Admission:
 
     async def _join(self, line: asyncio.Lock, deadline: float) -> asyncio.Lock:
         remaining = deadline - asyncio.get_running_loop().time()
+        self.lines.waiting += 1
         try:
             await asyncio.wait_for(line.acquire(), max(remaining, 0.0))
         except asyncio.TimeoutError:
             raise RateLimited(f"Waited {self.config.limits.max_wait_s:g} s in line for a place; none freed.",
                               "wait_timeout", {"Retry-After": "1"}) from None
+        finally:
+            self.lines.waiting -= 1
         return line
 
     def _caps(self, info: CallInfo, scopes: list[Scope], prompt: int | None) -> tuple[int, int | None]:

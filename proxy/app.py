@@ -57,19 +57,22 @@ async def ledger_ctx(app: web.Application) -> AsyncIterator[None]:
     loop = asyncio.get_running_loop()
 
     def open_and_replay() -> None:
-        now = acc.clock()
-        ledger.open(now)
-        epoch = ledger.epoch_started()
-        # One pass over the ledger feeds both: the epoch's rows and the last day's.
-        acc.start_replay(epoch)
-        for rec in ledger.rows(since=min(epoch, now - DAY)):
-            acc.replay(rec)
-            limiter.replay(rec)
+        ledger.open(acc.clock())
+        replay_ledger(ledger, acc, limiter)
 
     await loop.run_in_executor(None, open_and_replay)
     yield
     await ledger.flush()
     await loop.run_in_executor(None, ledger.close)
+
+
+def replay_ledger(ledger: Ledger, acc: Accounting, limiter: Limiter) -> None:
+    """Rebuild /stats (the epoch's rows) and the limiter's windows (the last day's) in one pass."""
+    epoch = ledger.epoch_started()
+    acc.start_replay(epoch)
+    for rec in ledger.rows(since=min(epoch, acc.clock() - DAY)):
+        acc.replay(rec)
+        limiter.replay(rec)
 
 
 async def upstreams_ctx(app: web.Application) -> AsyncIterator[None]:

@@ -18,6 +18,7 @@ import re
 import tomllib
 from collections.abc import Mapping
 from dataclasses import dataclass, field
+from functools import cached_property
 from pathlib import Path
 from typing import Any, Literal, TypeVar, cast
 from urllib.parse import urlsplit
@@ -49,7 +50,7 @@ class Limits:
     day: DayMode = "rolling"
     timezone: str = "UTC"
 
-    @property
+    @cached_property
     def any(self) -> bool:
         return any(
             v is not None

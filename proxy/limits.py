@@ -19,6 +19,7 @@ from __future__ import annotations
 import fnmatch
 import math
 from collections import deque
+from itertools import repeat
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
@@ -34,14 +35,20 @@ NOT_ADMITTED = frozenset({"bad_request", "too_large", "unknown_model", "unauthor
 
 
 class Window:
-    """A sliding log of (time, amount) admissions over `span` seconds, or since local midnight."""
+    """A sliding log of admissions over `span` seconds, or since local midnight.
 
-    def __init__(self, limit: int, span: float, tz: ZoneInfo | None = None) -> None:
+    Request windows keep only admission times (each counts 1); token windows keep an amount
+    beside each time, which `adjust` can correct once the real usage is known.
+    """
+
+    def __init__(self, limit: int, span: float, tz: ZoneInfo | None = None, weighted: bool = False) -> None:
         self.limit = limit
         self.span = span
         self.tz = tz  # set: a calendar day in this zone instead of a rolling span
-        self.log: deque[list[float]] = deque()  # [time, amount, 1.0 while in the log]
+        self.times: deque[float] = deque()
+        self.amounts: deque[float] | None = deque() if weighted else None
         self.used = 0.0
+        self.popped = 0  # entries dropped so far: turns an entry's sequence number into an index
 
     def start(self, now: float) -> float:
         if self.tz is None:
@@ -59,11 +66,12 @@ class Window:
 
     def prune(self, now: float) -> None:
         start = self.start(now)
-        while self.log and self.log[0][0] <= start:
-            entry = self.log.popleft()
-            entry[2] = 0.0  # gone: a later `adjust` must not touch `used`
-            self.used -= entry[1]
-        if not self.log:
+        times, amounts = self.times, self.amounts
+        while times and times[0] <= start:
+            times.popleft()
+            self.popped += 1
+            self.used -= amounts.popleft() if amounts is not None else 1.0
+        if not times:
             self.used = 0.0  # no float drift once empty
 
     def wait_for(self, now: float, amount: float) -> float | None:
@@ -75,27 +83,31 @@ class Window:
         if excess <= 0:
             return 0.0
         freed = 0.0
-        for ts, value, _ in self.log:
+        values = self.amounts if self.amounts is not None else repeat(1.0)
+        for ts, value in zip(self.times, values):
             freed += value
             if freed >= excess:
                 return max(0.0, self.end_of(ts) - now)
         return None  # unreachable while used >= excess
 
-    def add(self, now: float, amount: float) -> list[float]:
-        entry = [now, amount, 1.0]  # time, amount, still in the log
-        self.log.append(entry)
+    def add(self, now: float, amount: float) -> int:
+        """Record an admission; returns its sequence number, for `adjust`."""
+        self.times.append(now)
+        if self.amounts is not None:
+            self.amounts.append(amount)
         self.used += amount
-        return entry
+        return self.popped + len(self.times) - 1
 
-    def adjust(self, entry: list[float], amount: float) -> None:
-        if entry[2]:
-            self.used += amount - entry[1]
-        entry[1] = amount
+    def adjust(self, seq: int, amount: float) -> None:
+        index = seq - self.popped
+        if self.amounts is not None and index >= 0:  # still in the log
+            self.used += amount - self.amounts[index]
+            self.amounts[index] = amount
 
     def reset_in(self, now: float) -> float:
         """Seconds until the window is empty again (what x-ratelimit-reset-* means)."""
         self.prune(now)
-        return max(0.0, self.end_of(self.log[-1][0]) - now) if self.log else 0.0
+        return max(0.0, self.end_of(self.times[-1]) - now) if self.times else 0.0
 
 
 @dataclass
@@ -114,11 +126,11 @@ class Scope:
         return cls(name, limits,
                    rpm=Window(limits.rpm, MINUTE) if limits.rpm else None,
                    rpd=Window(limits.rpd, DAY, tz) if limits.rpd else None,
-                   tpm=Window(limits.tpm, MINUTE) if limits.tpm else None)
+                   tpm=Window(limits.tpm, MINUTE, weighted=True) if limits.tpm else None)
 
     @property
     def idle(self) -> bool:
-        return self.in_flight == 0 and not any(w.log for w in (self.rpm, self.rpd, self.tpm) if w)
+        return self.in_flight == 0 and not any(w.times for w in (self.rpm, self.rpd, self.tpm) if w)
 
 
 @dataclass
@@ -148,7 +160,7 @@ class Ticket:
     """An admitted call's places, given back (and its tokens reconciled) by `finish`."""
 
     scopes: list[Scope]
-    token_entries: list[tuple[Window, list[float]]] = field(default_factory=list)
+    token_entries: list[tuple[Window, int]] = field(default_factory=list)
     done: bool = False
 
 
@@ -166,7 +178,7 @@ class Limiter:
         # Per-user scopes made on demand; idle ones are dropped so 10,000 users cost only
         # what their live windows hold.
         self._users: dict[str, Scope] = {}
-        self._admissions = 0
+        self._sweep_at = 1024  # sweep when the user table doubles: amortised O(1) per call
 
     # --- which scopes a call is in ----------------------------------------------------
 
@@ -230,9 +242,9 @@ class Limiter:
                     window.add(now, 1)
             if scope.tpm is not None:
                 ticket.token_entries.append((scope.tpm, scope.tpm.add(now, tokens)))
-        self._admissions += 1
-        if self._admissions % 1024 == 0:
+        if len(self._users) >= self._sweep_at:
             self._sweep()
+            self._sweep_at = max(1024, 2 * len(self._users))
         return ticket
 
     def finish(self, ticket: Ticket, tokens: int) -> None:

@@ -12,6 +12,7 @@ from typing import Any
 
 from .accounting import DAY, Accounting, Aggregates, Tally
 from .config import Config, Upstream
+from .limits import Limiter
 
 _TEXT = {
     "es": {
@@ -125,7 +126,7 @@ def _tallies(table: dict[str, Tally], limit: int | None = None) -> dict[str, Any
     return {k: v.as_dict() for k, v in ordered[:limit]}
 
 
-def stats_json(config: Config, acc: Accounting) -> dict[str, Any]:
+def stats_json(config: Config, acc: Accounting, limiter: Limiter | None = None) -> dict[str, Any]:
     now = acc.clock()
     agg = acc.current
     totals = agg.totals
@@ -172,6 +173,8 @@ def stats_json(config: Config, acc: Accounting) -> dict[str, Any]:
             "latency_s": agg.latency.summary(),
             "ttft_s": agg.ttft.summary(),
             "cost_usd_by_model": {m: round(t.cost_usd, 6) for m, t in agg.by_model.items()},
+            "fallbacks": dict(agg.fallbacks),
+            "limits": limiter.report() if limiter is not None else [],
         },
     }
 

@@ -1,0 +1,315 @@
+"""Limits enforced through the proxy: exact under concurrency, clean 429s, waiting, fallback."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import AsyncIterator
+from typing import Any
+
+import aiohttp
+import openai
+import pytest
+
+from proxy.keys import ADMISSION
+
+from .conftest import Proxy
+from .fake_upstream import Behavior, FakeUpstream
+from .test_openai import settled
+
+CHAT = {"model": "gpt-4o", "messages": [{"role": "user", "content": "hola"}]}
+
+
+class RealClock:
+    """Real time plus an offset the test can move: the SDK's own retry sleeps stay real."""
+
+    def __init__(self) -> None:
+        self.offset = 0.0
+
+    def __call__(self) -> float:
+        return time.time() + self.offset
+
+
+def set_limits(raw: dict[str, Any], **limits: Any) -> None:
+    raw["upstreams"]["gpt4o_cloud"]["limits"] = limits
+
+
+@pytest.fixture
+async def make_proxy(raw_config: dict[str, Any]) -> AsyncIterator[Any]:
+    started: list[Proxy] = []
+
+    async def make(clock: Any = None) -> Proxy:
+        p = Proxy(raw_config, clock)
+        await p.start()
+        started.append(p)
+        return p
+
+    yield make
+    for p in started:
+        await p.stop()
+
+
+async def burst(url: str, n: int, body: dict[str, Any], release: asyncio.Event | None = None,
+                expect_refused: int | None = None) -> list[int]:
+    """Send n calls at once; with `release`, open it once `expect_refused` 429s came back."""
+    async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=0)) as s:
+        async def one() -> int:
+            async with s.post(url, json=body) as r:
+                await r.read()
+                return r.status
+
+        tasks = [asyncio.create_task(one()) for _ in range(n)]
+        statuses: list[int] = []
+        for done in asyncio.as_completed(tasks):
+            statuses.append(await done)
+            if release is not None and statuses.count(429) == expect_refused:
+                release.set()
+        return statuses
+
+
+@pytest.mark.parametrize("limits, admitted", [
+    ({"rpm": 15}, 15),
+    ({"rpd": 150}, 150),
+    ({"concurrency": 5}, 5),
+    # each call: 6 tokens of prompt framing (empty message) + max_tokens 94 = 100
+    ({"tpm": 1000}, 10),
+])
+async def test_exact_under_200_concurrent_callers(raw_config: dict[str, Any], fake: FakeUpstream,
+                                                   make_proxy: Any, limits: dict[str, int], admitted: int) -> None:
+    set_limits(raw_config, **limits)
+    proxy = await make_proxy()
+    # Admitted calls are held at the upstream until every refusal is back, so no call ends
+    # (and gives back a place or reconciles its tokens) while the others are decided.
+    fake.behavior = Behavior(stall_before_headers=True)
+    body = {"model": "gpt-4o", "max_tokens": 94, "messages": [{"role": "user", "content": ""}]}
+    statuses = await burst(proxy.url + "/v1/chat/completions", 200, body, fake.stall, 200 - admitted)
+    assert statuses.count(200) == admitted and statuses.count(429) == 200 - admitted
+    assert len(fake.seen) == admitted
+    stats = await settled(proxy)
+    assert stats["detail"]["errors_by_kind"]["rate_limited"] == 200 - admitted
+
+
+async def test_429_shapes_and_headers(raw_config: dict[str, Any], fake: FakeUpstream, make_proxy: Any) -> None:
+    set_limits(raw_config, rpm=1, tpm=150000)
+    raw_config["upstreams"]["ollama_local"]["limits"] = {"rpm": 1}
+    proxy = await make_proxy()
+    async with aiohttp.ClientSession() as s:
+        async with s.post(proxy.url + "/v1/chat/completions", json=CHAT) as r:
+            assert r.status == 200
+            assert r.headers["x-ratelimit-limit-requests"] == "1"
+            assert r.headers["x-ratelimit-remaining-requests"] == "0"
+            assert r.headers["x-ratelimit-limit-tokens"] == "150000"
+        async with s.post(proxy.url + "/v1/chat/completions", json=CHAT) as r:
+            assert r.status == 429
+            body = await r.json()
+            assert body["error"]["code"] == "rate_limit_exceeded"
+            assert body["error"]["type"] == "requests_per_minute"
+            assert body["error"]["param"] is None and "1 requests per minute" in body["error"]["message"]
+            retry = int(r.headers["Retry-After"])
+            assert 55 <= retry <= 60 and 55_000 <= int(r.headers["retry-after-ms"]) <= 60_000
+            assert r.headers["x-ratelimit-remaining-requests"] == "0"
+            assert r.headers["x-ratelimit-reset-requests"].endswith("s")
+            assert "x-ratelimit-reset-tokens" in r.headers
+            assert "x-should-retry" not in r.headers
+        for _ in range(2):
+            async with s.post(proxy.url + "/api/chat", json={"model": "llama3", "stream": False, "messages": []}) as r:
+                last = r.status, await r.json()
+        assert last[0] == 429 and isinstance(last[1]["error"], str) and "per minute" in last[1]["error"]
+    assert len(fake.seen) == 2
+
+
+async def test_openai_sdk_retries_a_short_wait_and_not_a_daily_one(raw_config: dict[str, Any], fake: FakeUpstream,
+                                                                   make_proxy: Any) -> None:
+    set_limits(raw_config, rpm=2, rpd=3)
+    clock = RealClock()
+    proxy = await make_proxy(clock)
+    client = openai.OpenAI(base_url=proxy.url + "/v1", api_key="x", max_retries=2)
+
+    def ask() -> str:
+        reply = client.chat.completions.create(model="gpt-4o", messages=[{"role": "user", "content": "hola"}])
+        return reply.choices[0].message.content or ""
+
+    for _ in range(2):
+        await asyncio.to_thread(ask)
+    # Move the proxy's clock so the first admission leaves the minute window in about 0.8 s:
+    # the SDK's automatic retry honours Retry-After and succeeds on its own.
+    clock.offset = 59.2
+    assert await asyncio.to_thread(ask) == "w0 w1 w2 w3 "
+    stats = await settled(proxy)
+    assert stats["detail"]["errors_by_kind"]["rate_limited"] >= 1
+    refused_before = stats["detail"]["errors_by_kind"]["rate_limited"]
+    # The daily quota (3) is spent: the next wait is hours, so the SDK must not retry at all.
+    started = time.monotonic()
+    with pytest.raises(openai.RateLimitError) as info:
+        await asyncio.to_thread(ask)
+    assert time.monotonic() - started < 5
+    assert info.value.response.headers["x-should-retry"] == "false"
+    assert info.value.body["type"] == "requests_per_day"  # type: ignore[index]
+    stats = await settled(proxy)
+    assert stats["detail"]["errors_by_kind"]["rate_limited"] == refused_before + 1
+    client.close()
+
+
+async def test_per_request_caps(raw_config: dict[str, Any], fake: FakeUpstream, make_proxy: Any) -> None:
+    set_limits(raw_config, max_input_tokens=50, max_output_tokens=100)
+    proxy = await make_proxy()
+    async with aiohttp.ClientSession() as s:
+        big = {"model": "gpt-4o", "messages": [{"role": "user", "content": "palabra " * 200}]}
+        async with s.post(proxy.url + "/v1/chat/completions", json=big) as r:
+            assert r.status == 413
+            message = (await r.json())["error"]["message"]
+            assert "50 input tokens per request" in message and "max_input_tokens" in message
+        assert fake.seen == []
+        async with s.post(proxy.url + "/v1/chat/completions", json={**CHAT, "max_tokens": 500}) as r:
+            assert r.status == 200
+        async with s.post(proxy.url + "/v1/chat/completions", json=CHAT) as r:
+            assert r.status == 200
+    assert fake.seen[0].body["max_tokens"] == 100  # clamped
+    assert fake.seen[1].body["max_tokens"] == 100  # a call asking nothing is held to the cap too
+
+
+async def test_output_cap_can_reject(raw_config: dict[str, Any], fake: FakeUpstream, make_proxy: Any) -> None:
+    set_limits(raw_config, max_output_tokens=100)
+    raw_config["limits"] = {"output_cap": "reject"}
+    proxy = await make_proxy()
+    async with aiohttp.ClientSession() as s:
+        async with s.post(proxy.url + "/v1/chat/completions", json={**CHAT, "max_completion_tokens": 500}) as r:
+            assert r.status == 400 and "100 output tokens per request" in (await r.json())["error"]["message"]
+    assert fake.seen == []
+
+
+async def test_wait_mode_is_first_come_first_served_and_a_leaver_gives_up_its_place(
+        raw_config: dict[str, Any], fake: FakeUpstream, make_proxy: Any) -> None:
+    set_limits(raw_config, concurrency=1)
+    raw_config["limits"] = {"on_limit": "wait", "max_wait_s": 30}
+    proxy = await make_proxy()
+    gate = asyncio.Event()
+    fake.behavior = Behavior(chunks=2, gate_before_last=gate)
+    url = proxy.url + "/v1/chat/completions"
+    order: list[str] = []
+
+    async def call(name: str) -> int:
+        body = {"model": "gpt-4o", "stream": True, "messages": [{"role": "user", "content": name}]}
+        async with aiohttp.ClientSession() as s:
+            async with s.post(url, json=body) as r:
+                await r.read()
+                order.append(name)
+                return r.status
+
+    first = asyncio.create_task(call("A"))
+    await fake.first_chunk_sent.wait()          # A holds the only place, mid-stream
+    b = asyncio.create_task(call("B"))
+    leaver = asyncio.create_task(call("L"))
+    c = asyncio.create_task(call("C"))
+    lines = proxy.server.app[ADMISSION].lines  # type: ignore[union-attr]
+    for _ in range(10_000):                     # yield (no timer) until B, L and C are in line
+        if lines.waiting == 2 and lines.busy("upstream:gpt4o_cloud"):
+            break
+        await asyncio.sleep(0)
+    assert lines.waiting == 2                   # B holds the line's lock; L and C queue behind it
+    leaver.cancel()                             # L's client goes away while waiting
+    gate.set()
+    assert await first == 200 and await b == 200 and await c == 200
+    assert order == ["A", "B", "C"]
+    contents = [seen.body["messages"][0]["content"] for seen in fake.seen]
+    assert contents == ["A", "B", "C"]          # L never reached the upstream
+
+
+async def test_fallback_to_local_when_cloud_quota_is_out(raw_config: dict[str, Any], fake: FakeUpstream,
+                                                         make_proxy: Any) -> None:
+    set_limits(raw_config, rpm=1)
+    raw_config["upstreams"]["gpt4o_cloud"].update(fallback="ollama_local", fallback_model="llama3.2")
+    proxy = await make_proxy()
+    fake.behavior = Behavior(prompt_tokens=10, chunks=2, completion_per_chunk=5)
+    client = openai.AsyncOpenAI(base_url=proxy.url + "/v1", api_key="x", max_retries=0)
+    first = await client.chat.completions.with_raw_response.create(**CHAT)  # type: ignore[call-overload]
+    assert first.headers["X-Tollgate-Upstream"] == "gpt4o_cloud"
+    second = await client.chat.completions.with_raw_response.create(**CHAT)  # type: ignore[call-overload]
+    assert second.headers["X-Tollgate-Upstream"] == "ollama_local"
+    assert second.headers["X-Tollgate-Fallback-From"] == "gpt4o_cloud"
+    assert second.parse().choices[0].message.content == "w0 w1 "
+    stream = await client.chat.completions.create(**CHAT, stream=True)  # type: ignore[call-overload]
+    assert "".join([c.choices[0].delta.content or "" async for c in stream if c.choices]) == "w0 w1 "
+    await client.close()
+    assert [s.path for s in fake.seen] == ["/chat/completions", "/v1/chat/completions", "/v1/chat/completions"]
+    assert fake.seen[1].body["model"] == "llama3.2" and "Authorization" not in fake.seen[1].headers
+    stats = await settled(proxy)
+    assert stats["tokens"] == {"gpt4o_cloud": 20, "ollama_local": 40, "total": 60}
+    assert stats["detail"]["fallbacks"] == {"gpt4o_cloud": 2}
+    assert stats["detail"]["by_upstream"]["ollama_local"]["cost_usd"] == 0
+
+
+async def test_fallback_when_cloud_answers_429_or_5xx(raw_config: dict[str, Any], fake: FakeUpstream,
+                                                      make_proxy: Any) -> None:
+    raw_config["upstreams"]["gpt4o_cloud"].update(fallback="ollama_local", fallback_model="llama3.2")
+    proxy = await make_proxy()
+    fake.by_model["openai/gpt-4o"] = Behavior(status=503)
+    async with aiohttp.ClientSession() as s:
+        async with s.post(proxy.url + "/v1/chat/completions", json=CHAT) as r:
+            assert r.status == 200 and r.headers["X-Tollgate-Fallback-From"] == "gpt4o_cloud"
+        fake.by_model["openai/gpt-4o"] = Behavior(status=429, retry_after="30")
+        async with s.post(proxy.url + "/v1/chat/completions", json=CHAT) as r:
+            assert r.status == 200 and r.headers["X-Tollgate-Upstream"] == "ollama_local"
+        # The cloud said to wait 30 s: the next call goes straight to the fallback.
+        async with s.post(proxy.url + "/v1/chat/completions", json=CHAT) as r:
+            assert r.status == 200 and r.headers["X-Tollgate-Upstream"] == "ollama_local"
+    assert [s.path for s in fake.seen] == ["/chat/completions", "/v1/chat/completions",
+                                          "/chat/completions", "/v1/chat/completions", "/v1/chat/completions"]
+
+
+async def test_upstream_429_passes_through_and_holds_back(raw_config: dict[str, Any], fake: FakeUpstream,
+                                                          make_proxy: Any) -> None:
+    proxy = await make_proxy()
+    fake.behavior = Behavior(status=429, retry_after="20")
+    async with aiohttp.ClientSession() as s:
+        async with s.post(proxy.url + "/v1/chat/completions", json=CHAT) as r:
+            assert r.status == 429 and r.headers["Retry-After"] == "20"
+            assert (await r.json())["error"]["message"] == "fake upstream error 429"
+        async with s.post(proxy.url + "/v1/chat/completions", json=CHAT) as r:
+            assert r.status == 429
+            assert (await r.json())["error"]["type"] == "upstream_rate_limit"
+            assert 19 <= int(r.headers["Retry-After"]) <= 20
+    assert len(fake.seen) == 1
+    stats = await settled(proxy)
+    assert stats["detail"]["errors_by_kind"]["upstream_rate_limited"] == 1
+    assert stats["detail"]["errors_by_kind"]["rate_limited"] == 1
+
+
+async def test_limits_survive_restart_and_reset(raw_config: dict[str, Any], fake: FakeUpstream,
+                                                make_proxy: Any) -> None:
+    set_limits(raw_config, rpd=3)
+    proxy = await make_proxy()
+    statuses = await burst(proxy.url + "/v1/chat/completions", 3, CHAT)
+    assert statuses == [200] * 3
+    await proxy.restart()
+    async with aiohttp.ClientSession() as s:
+        async with s.post(proxy.url + "/v1/chat/completions", json=CHAT) as r:
+            assert r.status == 429 and (await r.json())["error"]["type"] == "requests_per_day"
+        async with s.post(proxy.url + "/metrics/reset") as r:
+            assert r.status == 200
+        async with s.post(proxy.url + "/v1/chat/completions", json=CHAT) as r:
+            assert r.status == 429
+    assert len(fake.seen) == 3
+
+
+async def test_stats_show_every_limited_scope(raw_config: dict[str, Any], fake: FakeUpstream,
+                                              make_proxy: Any) -> None:
+    set_limits(raw_config, rpm=15, rpd=150, tpm=150000, concurrency=5)
+    raw_config["limits"] = {"models": {"gpt-4o*": {"rpm": 10}}, "per_user": {"rpd": 20},
+                            "users": {"vip": {"rpd": 100}}}
+    proxy = await make_proxy()
+    fake.behavior = Behavior(prompt_tokens=100, chunks=4, completion_per_chunk=10)
+    async with aiohttp.ClientSession() as s:
+        for user in ("ana", "vip"):
+            async with s.post(proxy.url + "/v1/chat/completions", json={**CHAT, "user": user}) as r:
+                assert r.status == 200
+    stats = await settled(proxy)
+    rows = {(row["scope"], row["limit"]): row for row in stats["detail"]["limits"]}
+    assert rows[("upstream:gpt4o_cloud", "requests_per_minute")]["used"] == 2
+    assert rows[("upstream:gpt4o_cloud", "tokens_per_minute")]["used"] == 280
+    assert rows[("upstream:gpt4o_cloud", "requests_per_day")]["pct"] == 1.3
+    assert rows[("model:gpt-4o*", "requests_per_minute")]["max"] == 10
+    assert rows[("user:vip", "requests_per_day")]["used"] == 1
+    assert 0 < rows[("upstream:gpt4o_cloud", "requests_per_minute")]["reset_s"] <= 60
+    assert stats["rate_limits"] == {"tokens_pm": "280 / 150,000 TPM", "requests_dia": "2 / 150 RPD",
+                                    "uso_tpm": "0.2%", "uso_rpd": "1.3%"}
