@@ -63,7 +63,7 @@ def _new_loop() -> asyncio.AbstractEventLoop:
 
 
 def cmd_serve(config: Config, args: argparse.Namespace) -> int:
-    config_mod.check_bind(config)
+    config_mod.check_serve(config)
     host = args.host or config.server.host
     port = args.port if args.port is not None else config.server.port
     logging.info("tollgate starting: ledger %s", config.db_path)
@@ -147,7 +147,7 @@ async def _probe_all(config: Config) -> bool:
 
 
 def cmd_check(config: Config, args: argparse.Namespace) -> int:
-    config_mod.check_bind(config)
+    config_mod.check_serve(config)
     print(f"{config.source}: valid ({len(config.upstreams)} upstreams, ledger {config.db_path})")
     return 0 if asyncio.run(_probe_all(config)) else 2
 

@@ -5,25 +5,12 @@ All but /healthz need the admin token when one is configured.
 
 from __future__ import annotations
 
-import hmac
-
 import orjson
 from aiohttp import web
 
 from . import stats
-from .errors import Unauthorized
+from .auth import require_admin
 from .keys import ACCOUNTING, CONFIG, LIMITER
-
-
-def require_admin(request: web.Request) -> None:
-    token = request.app[CONFIG].server.admin_token()
-    if token is None:
-        return
-    given = request.headers.get("Authorization", "")
-    scheme, _, value = given.partition(" ")
-    # compare_digest: the time taken must not tell an attacker how much of a guess was right.
-    if scheme.lower() != "bearer" or not hmac.compare_digest(value.encode(), token.encode()):
-        raise Unauthorized("This endpoint needs the admin token: send 'Authorization: Bearer <token>'.")
 
 
 def _json(data: object, status: int = 200) -> web.Response:

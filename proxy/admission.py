@@ -96,7 +96,7 @@ class Admission:
         return RateLimited(denial.message, denial.limit, headers)
 
     async def admit(self, info: CallInfo, upstream: Upstream, model: str, user: str | None,
-                    tried: set[str], fallback_from: str | None) -> Plan:
+                    key: str | None, tried: set[str], fallback_from: str | None) -> Plan:
         policy = self.config.limits
         loop = asyncio.get_running_loop()
         deadline = loop.time() + policy.max_wait_s
@@ -104,7 +104,7 @@ class Admission:
         prompt: int | None = None
         try:
             while True:
-                scopes = self.limiter.scopes(upstream.name, model, user)
+                scopes = self.limiter.scopes(upstream.name, model, user, key)
                 if not scopes:
                     return Plan(upstream, model, None, None, fallback_from)
                 if prompt is None and self.limiter.needs_estimate(scopes):

@@ -142,6 +142,19 @@ class TagRule:
 
 
 @dataclass(frozen=True)
+class ProxyKey:
+    """A key the bot presents to Tollgate (never the upstream's), read from the environment."""
+
+    name: str
+    key_env: str
+    user: str | None
+    limits: Limits
+
+    def secret(self) -> str | None:
+        return os.environ.get(self.key_env) or None
+
+
+@dataclass(frozen=True)
 class Server:
     host: str
     port: int
@@ -192,6 +205,7 @@ class Config:
     types: Mapping[str, RequestType]
     rules: tuple[TagRule, ...] = field(default=())
     limits: LimitPolicy = field(default_factory=LimitPolicy)
+    keys: Mapping[str, ProxyKey] = field(default_factory=dict)
 
     def upstream_for(self, model: str | None) -> Upstream | None:
         """The upstream that serves `model`: first match in file order, else the default."""
@@ -492,6 +506,16 @@ def parse(raw: dict[str, Any], source: Path = Path("<config>")) -> Config:
     )
     lim_t.done()
 
+    keys_t = top.sub("keys")
+    keys: dict[str, ProxyKey] = {}
+    for name in list(keys_t.data):
+        key_t = keys_t.sub(name)
+        key_env = key_t.get("key_env", str, "", "the name of an environment variable holding the key")
+        if not re.fullmatch(r"[A-Za-z_][A-Za-z0-9_]*", key_env):
+            raise key_t.fail("key_env", key_env or None, "the name of an environment variable holding the key")
+        keys[name] = ProxyKey(name, key_env, key_t.opt("user", str, "a user name"), _limits(key_t.sub("limits")))
+        key_t.done()
+
     tag_t = top.sub("tagging")
     raw_rules = tag_t.get("rules", list, [], "a list of {type, on, pattern} tables")
     rules = []
@@ -514,7 +538,17 @@ def parse(raw: dict[str, Any], source: Path = Path("<config>")) -> Config:
     top.done()
 
     return Config(source=source, server=server, stats=stats, routing=routing,
-                  upstreams=upstreams, prices=prices, types=types, rules=tuple(rules), limits=policy)
+                  upstreams=upstreams, prices=prices, types=types, rules=tuple(rules), limits=policy,
+                  keys=keys)
+
+
+def check_serve(config: Config) -> None:
+    """What must hold before serving: a safe bind address, and every proxy key's secret set."""
+    check_bind(config)
+    for key in config.keys.values():
+        if key.secret() is None:
+            raise ConfigError(f"{config.source}: keys.{key.name}.key_env = {key.key_env!r}: "
+                              f"expected that environment variable to hold the key, but it is unset")
 
 
 def check_bind(config: Config) -> None:

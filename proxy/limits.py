@@ -160,6 +160,7 @@ class Ticket:
     """An admitted call's places, given back (and its tokens reconciled) by `finish`."""
 
     scopes: list[Scope]
+    admitted: float
     token_entries: list[tuple[Window, int]] = field(default_factory=list)
     done: bool = False
 
@@ -175,6 +176,7 @@ class Limiter:
                         for pattern, limits in config.limits.models.items()}
         self._named_users = {user: Scope.build(f"user:{user}", limits)
                              for user, limits in config.limits.users.items()}
+        self._keys = {name: Scope.build(f"key:{name}", key.limits) for name, key in config.keys.items()}
         # Per-user scopes made on demand; idle ones are dropped so 10,000 users cost only
         # what their live windows hold.
         self._users: dict[str, Scope] = {}
@@ -182,8 +184,10 @@ class Limiter:
 
     # --- which scopes a call is in ----------------------------------------------------
 
-    def scopes(self, upstream: str, model: str, user: str | None) -> list[Scope]:
+    def scopes(self, upstream: str, model: str, user: str | None, key: str | None = None) -> list[Scope]:
         found = [self._upstreams[upstream]]
+        if key is not None and key in self._keys:
+            found.append(self._keys[key])
         found += [s for pattern, s in self._models.items() if fnmatch.fnmatchcase(model, pattern)]
         if user is not None:
             if user in self._named_users:
@@ -234,7 +238,7 @@ class Limiter:
         if denial is not None:
             return denial
         now = self.clock()
-        ticket = Ticket(scopes)
+        ticket = Ticket(scopes, now)
         for scope in scopes:
             scope.in_flight += 1
             for window in (scope.rpm, scope.rpd):
@@ -283,8 +287,8 @@ class Limiter:
         if rec.outcome in NOT_ADMITTED or rec.upstream not in self._upstreams:
             return
         now = self.clock()
-        admitted = rec.ts - rec.latency_s
-        for scope in self.scopes(rec.upstream, rec.model, rec.user):
+        admitted = rec.admitted if rec.admitted is not None else rec.ts - rec.latency_s
+        for scope in self.scopes(rec.upstream, rec.model, rec.user, rec.key_id):
             for window, amount in ((scope.rpm, 1), (scope.rpd, 1), (scope.tpm, rec.total_tokens)):
                 if window is not None and admitted > window.start(now):
                     window.add(admitted, amount)
@@ -311,7 +315,8 @@ class Limiter:
         """Every limited scope with used, limit, percentage and seconds until it resets."""
         now = self.clock()
         rows: list[dict[str, object]] = []
-        scopes = [*self._upstreams.values(), *self._models.values(), *self._named_users.values()]
+        scopes = [*self._upstreams.values(), *self._models.values(), *self._named_users.values(),
+                  *self._keys.values()]
         for scope in scopes:
             for window, kind in ((scope.rpm, "requests_per_minute"), (scope.rpd, "requests_per_day"),
                                  (scope.tpm, "tokens_per_minute")):

@@ -21,7 +21,7 @@ import aiohttp
 import orjson
 from aiohttp import web
 
-from . import dialects, tagging
+from . import auth, dialects, tagging
 from .config import Config, Upstream
 from .dialects import CallInfo, Dialect, StreamState, Usage
 from .errors import BadRequest, PayloadTooLarge, ProxyError, UnknownModel
@@ -65,6 +65,8 @@ class Call:
     headers_sent: bool = False  # past this, errors can only be told inside the body
     ticket: Ticket | None = None
     fallback_from: str | None = None
+    key_id: str | None = None
+    admitted: float | None = None
 
     def fail(self, exc: ProxyError, status_sent: bool) -> None:
         self.outcome = exc.outcome
@@ -92,7 +94,7 @@ class Call:
             cached_tokens=usage.cached, estimated=estimated,
             latency_s=time.perf_counter() - self.started, ttft_s=self.ttft,
             cost_usd=price.cost(usage.prompt, usage.completion, usage.cached) if price else 0.0,
-            fallback_from=self.fallback_from,
+            fallback_from=self.fallback_from, key_id=self.key_id, admitted=self.admitted,
         )
 
 
@@ -135,6 +137,7 @@ async def _handle(request: web.Request, prefix: Prefix) -> web.StreamResponse:
     table = dialects.OPENAI_ENDPOINTS if prefix == "v1" else dialects.OLLAMA_ENDPOINTS
     endpoint = table.get(rest) if request.method == "POST" else None
     if endpoint is None:
+        auth.proxy_key(request.app[CONFIG], request.headers)
         return await passthrough(request, prefix, rest)
     return await metered(request, prefix, rest, endpoint)
 
@@ -176,14 +179,16 @@ def _route(config: Config, call: Call, info: CallInfo) -> Upstream:
 async def _metered(request: web.Request, prefix: Prefix, rest: str, call: Call) -> web.StreamResponse:
     app = request.app
     config = app[CONFIG]
-    call.user = tagging.user(None, request.headers)
+    key = auth.proxy_key(config, request.headers)
+    call.key_id = key.name if key else None
+    call.user = tagging.user(None, request.headers, key)
     raw = await _read_body(request, config.server.max_body_bytes)
     try:
         info = dialects.parse_request(call.dialect, call.endpoint, raw)
     except dialects.BadRequest as exc:
         raise BadRequest(str(exc)) from None
     call.info, call.model = info, info.model or ""
-    call.user = tagging.user(info, request.headers)
+    call.user = tagging.user(info, request.headers, key)
     call.type = tagging.request_type(config, info, request.headers.get("X-Tollgate-Type"),
                                      request.match_info.get("type"))
     call.upstream = upstream = _route(config, call, info)
@@ -194,8 +199,10 @@ async def _metered(request: web.Request, prefix: Prefix, rest: str, call: Call) 
     tried: set[str] = set()
     model, fallback_from = call.model, None
     while True:
-        plan = await admission.admit(info, upstream, model, call.user, tried, fallback_from)
+        plan = await admission.admit(info, upstream, model, call.user, call.key_id, tried, fallback_from)
         call.upstream, call.model, call.ticket = plan.upstream, plan.model, plan.ticket
+        if plan.ticket is not None:
+            call.admitted = plan.ticket.admitted
         call.fallback_from = fallback_from = plan.fallback_from
         client = app[UPSTREAMS][plan.upstream.name]
         headers = request_headers(request.headers, plan.upstream.api_key())
@@ -416,6 +423,7 @@ async def list_models(request: web.Request) -> web.Response:
     """GET /v1/models: what the configured upstreams serve, named as clients should name them."""
     app = request.app
     config = app[CONFIG]
+    auth.proxy_key(config, request.headers)
     seen: dict[str, str] = {}
     for upstream in config.upstreams.values():
         names = list(upstream.listed_models) + list(upstream.aliases)

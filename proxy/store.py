@@ -42,6 +42,8 @@ class CallRecord:
     ttft_s: float | None      # time to first streamed chunk
     cost_usd: float
     fallback_from: str | None = None  # the upstream that could not take the call
+    key_id: str | None = None         # the proxy key's name (never the key itself)
+    admitted: float | None = None     # limiter clock when admitted; None if never admitted
 
     @property
     def total_tokens(self) -> int:
@@ -61,7 +63,8 @@ CREATE TABLE IF NOT EXISTS calls (
     status INTEGER NOT NULL, outcome TEXT NOT NULL,
     prompt_tokens INTEGER NOT NULL, completion_tokens INTEGER NOT NULL,
     cached_tokens INTEGER NOT NULL, estimated INTEGER NOT NULL,
-    latency_s REAL NOT NULL, ttft_s REAL, cost_usd REAL NOT NULL, fallback_from TEXT
+    latency_s REAL NOT NULL, ttft_s REAL, cost_usd REAL NOT NULL, fallback_from TEXT, key_id TEXT,
+    admitted REAL
 );
 CREATE INDEX IF NOT EXISTS calls_ts ON calls(ts);
 CREATE TABLE IF NOT EXISTS epochs (id INTEGER PRIMARY KEY, started REAL NOT NULL);
@@ -128,9 +131,11 @@ class Ledger:
         conn = _connect(self.path)
         try:
             conn.executescript(_SCHEMA)
+            # Columns added after the first release: bring an older ledger up to date.
             columns = {row[1] for row in conn.execute("PRAGMA table_info(calls)")}
-            if "fallback_from" not in columns:  # a ledger from before fallbacks existed
-                conn.execute("ALTER TABLE calls ADD COLUMN fallback_from TEXT")
+            for added, kind in (("fallback_from", "TEXT"), ("key_id", "TEXT"), ("admitted", "REAL")):
+                if added not in columns:
+                    conn.execute(f"ALTER TABLE calls ADD COLUMN {added} {kind}")
             if conn.execute("SELECT COUNT(*) FROM epochs").fetchone()[0] == 0:
                 conn.execute("INSERT INTO epochs (started) VALUES (?)", (now,))
         finally:

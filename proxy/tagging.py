@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 
-from .config import Config
+from .config import Config, ProxyKey
 from .dialects import CallInfo
 
 # A user id is a label in aggregates and the ledger: keep it to a sane size.
@@ -32,8 +32,9 @@ def request_type(config: Config, info: CallInfo, header: str | None, path_type: 
     return config.routing.default_type
 
 
-def user(info: CallInfo | None, headers: Mapping[str, str]) -> str | None:
-    candidate = (info.user if info else None) or headers.get("X-Tollgate-User") or None
+def user(info: CallInfo | None, headers: Mapping[str, str], key: ProxyKey | None = None) -> str | None:
+    """The body's `user`, else the X-Tollgate-User header, else the proxy key's user."""
+    candidate = (info.user if info else None) or headers.get("X-Tollgate-User") or (key.user if key else None)
     if candidate is None:
         return None
     candidate = candidate.strip()

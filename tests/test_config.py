@@ -45,7 +45,7 @@ def _parser_keys() -> set[str]:
 
 def test_every_config_key_is_documented() -> None:
     # Tables are documented as README sections; every other key the parser reads has a row.
-    tables = {"server", "stats", "routing", "upstreams", "types", "prices", "tagging", "limits"}
+    tables = {"server", "stats", "routing", "upstreams", "types", "prices", "tagging", "limits", "keys"}
     assert _parser_keys() - tables - _readme_keys() == set()
     assert _readme_keys() - _parser_keys() == set()
 

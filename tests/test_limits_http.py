@@ -313,3 +313,66 @@ async def test_stats_show_every_limited_scope(raw_config: dict[str, Any], fake: 
     assert 0 < rows[("upstream:gpt4o_cloud", "requests_per_minute")]["reset_s"] <= 60
     assert stats["rate_limits"] == {"tokens_pm": "280 / 150,000 TPM", "requests_dia": "2 / 150 RPD",
                                     "uso_tpm": "0.2%", "uso_rpd": "1.3%"}
+
+
+async def test_wait_mode_waits_for_a_minute_window_to_free(raw_config: dict[str, Any], fake: FakeUpstream,
+                                                           make_proxy: Any) -> None:
+    set_limits(raw_config, rpm=1)
+    raw_config["limits"] = {"on_limit": "wait", "max_wait_s": 5}
+    clock = RealClock()
+    proxy = await make_proxy(clock)
+    async with aiohttp.ClientSession() as s:
+        async with s.post(proxy.url + "/v1/chat/completions", json=CHAT) as r:
+            assert r.status == 200
+        clock.offset = 59.7  # the minute's only place frees about 0.3 s from now
+        started = time.monotonic()
+        async with s.post(proxy.url + "/v1/chat/completions", json=CHAT) as r:
+            assert r.status == 200
+        assert time.monotonic() - started >= 0.2
+        clock.offset = 0.0   # now the place is ~60 s away: beyond max_wait_s, refused at once
+        async with s.post(proxy.url + "/v1/chat/completions", json=CHAT) as r:
+            assert r.status == 429
+    assert len(fake.seen) == 2
+
+
+@pytest.fixture
+def keyed(raw_config: dict[str, Any], monkeypatch: pytest.MonkeyPatch) -> dict[str, str]:
+    monkeypatch.setenv("TG_KEY_BOT", "tg-bot-secret-1")
+    monkeypatch.setenv("TG_KEY_OTHER", "tg-other-secret-2")
+    raw_config["keys"] = {"bot": {"key_env": "TG_KEY_BOT", "user": "raymundo", "limits": {"rpd": 2}},
+                          "other": {"key_env": "TG_KEY_OTHER"}}
+    return {"bot": "tg-bot-secret-1", "other": "tg-other-secret-2"}
+
+
+async def test_proxy_keys_are_required_and_carry_user_and_limits(keyed: dict[str, str], fake: FakeUpstream,
+                                                                 make_proxy: Any) -> None:
+    proxy = await make_proxy()
+    url = proxy.url + "/v1/chat/completions"
+    async with aiohttp.ClientSession() as s:
+        async with s.post(url, json=CHAT) as r:
+            assert r.status == 401 and (await r.json())["error"]["type"] == "authentication_error"
+        async with s.post(url, json=CHAT, headers={"Authorization": "Bearer wrong"}) as r:
+            assert r.status == 401
+        async with s.post(proxy.url + "/api/chat", json={"model": "llama3", "messages": []}) as r:
+            assert r.status == 401 and isinstance((await r.json())["error"], str)
+        async with s.get(proxy.url + "/api/tags") as r:
+            assert r.status == 401
+    assert fake.seen == []
+    bot = openai.AsyncOpenAI(base_url=proxy.url + "/v1", api_key=keyed["bot"], max_retries=0)
+    other = openai.AsyncOpenAI(base_url=proxy.url + "/v1", api_key=keyed["other"], max_retries=0)
+    for _ in range(2):
+        await bot.chat.completions.create(**CHAT)  # type: ignore[call-overload]
+    with pytest.raises(openai.RateLimitError):
+        await bot.chat.completions.create(**CHAT)  # type: ignore[call-overload]
+    await other.chat.completions.create(**CHAT)  # type: ignore[call-overload]
+    # The upstream sees its own key, never the bot's.
+    assert {s.headers["Authorization"] for s in fake.seen} == {"Bearer ghp_fakeCloudKey_0123456789abcdef"}
+    stats = await settled(proxy)
+    assert stats["detail"]["by_user"]["raymundo"]["requests"] == 3
+    await bot.close()
+    await other.close()
+    await proxy.restart()  # the key's daily window comes back from the ledger
+    bot = openai.AsyncOpenAI(base_url=proxy.url + "/v1", api_key=keyed["bot"], max_retries=0)
+    with pytest.raises(openai.RateLimitError):
+        await bot.chat.completions.create(**CHAT)  # type: ignore[call-overload]
+    await bot.close()
