@@ -99,20 +99,12 @@ def _join(*values: Any) -> str:
 
 
 def _responses_input_text(value: Any) -> str:
+    """The Responses API's `input`: a string, or items shaped like chat messages."""
     if isinstance(value, str):
         return value
     if not isinstance(value, list):
         return ""
-    parts = []
-    for item in value:
-        if isinstance(item, dict):
-            content = item.get("content")
-            if isinstance(content, str):
-                parts.append(content)
-            elif isinstance(content, list):
-                parts.extend(p["text"] for p in content
-                             if isinstance(p, dict) and isinstance(p.get("text"), str))
-    return "\n".join(parts)
+    return "\n".join(message_text(item) for item in value if isinstance(item, dict))
 
 
 def _has_images(body: dict[str, Any], messages: list[Any]) -> bool:
@@ -283,10 +275,7 @@ def body_text(dialect: Dialect, body: Any) -> str:
                 parts.append(message_text(message))
             if isinstance(choice.get("text"), str):
                 parts.append(choice["text"])
-    for item in body.get("output") or ():
-        if isinstance(item, dict) and isinstance(item.get("content"), list):
-            parts.extend(p["text"] for p in item["content"]
-                         if isinstance(p, dict) and isinstance(p.get("text"), str))
+    parts.extend(message_text(item) for item in body.get("output") or () if isinstance(item, dict))
     return "\n".join(parts)
 
 
