@@ -17,25 +17,20 @@ import orjson
 from aiohttp import web
 
 from . import config as config_mod
-from . import stats
+from . import reports, stats
 from .accounting import Accounting
 from .app import create_app, replay_ledger
 from .config import Config, ConfigError
 from .limits import Limiter
-from .store import COLUMNS, Ledger
+from .store import Ledger
 from .upstream import UpstreamClient, UpstreamError
 
 
-def _parse_since(value: str) -> float:
-    """A unix timestamp, or an ISO date/time in local time (2024-01-15 or 2024-01-15T14:00)."""
+def _parse_time(value: str) -> float:
     try:
-        return float(value)
-    except ValueError:
-        pass
-    try:
-        return datetime.fromisoformat(value).timestamp()
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"--since {value!r}: expected an ISO date such as 2024-01-15, or a unix time")
+        return reports.parse_time(value)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
 
 
 def _ledger(config: Config) -> Ledger | None:
@@ -86,15 +81,21 @@ def cmd_stats(config: Config, args: argparse.Namespace) -> int:
 
 
 def cmd_export(config: Config, args: argparse.Namespace) -> int:
-    ledger = _ledger(config)
-    out = sys.stdout if args.csv == "-" else open(args.csv, "w", newline="", encoding="utf-8")
+    if args.snapshot:
+        # The seed's periodic line, appended like its own script does.
+        acc, limiter = _offline_state(config)
+        with open(args.snapshot, "a", newline="", encoding="utf-8") as fh:
+            csv.writer(fh).writerow(reports.snapshot_row(stats.stats_json(config, acc, limiter), datetime.now()))
+        return 0
+    if not config.db_path.exists():
+        raise SystemExit(f"tollgate export: no ledger at {config.db_path} yet")
+    filters = reports.Filters(args.since, args.until)
+    out = sys.stdout.buffer if args.csv == "-" else open(args.csv, "wb")
     try:
-        writer = csv.writer(out)
-        writer.writerow(COLUMNS)
-        for rec in ledger.rows(since=args.since, until=args.until) if ledger else ():
-            writer.writerow([getattr(rec, c) for c in COLUMNS])
+        for chunk in reports.csv_chunks(config.db_path, filters):
+            out.write(chunk)
     finally:
-        if out is not sys.stdout:
+        if out is not sys.stdout.buffer:
             out.close()
     return 0
 
@@ -164,9 +165,11 @@ def build_parser() -> argparse.ArgumentParser:
     st.add_argument("--text", action="store_true", help="the WhatsApp text instead of JSON")
     st.add_argument("--lang", default="es", choices=stats.LANGS)
     ex = sub.add_parser("export", help="write ledger rows as CSV")
-    ex.add_argument("--csv", required=True, metavar="FILE", help="output file, - for stdout")
-    ex.add_argument("--since", type=_parse_since)
-    ex.add_argument("--until", type=_parse_since)
+    what = ex.add_mutually_exclusive_group(required=True)
+    what.add_argument("--csv", metavar="FILE", help="every ledger row (filtered) to FILE, - for stdout")
+    what.add_argument("--snapshot", metavar="FILE", help="append the seed's one-line snapshot to FILE")
+    ex.add_argument("--since", type=_parse_time)
+    ex.add_argument("--until", type=_parse_time)
     sub.add_parser("reset", help="start a new stats epoch (no ledger row is deleted)")
     sub.add_parser("check", help="validate the config and probe each upstream")
     return parser

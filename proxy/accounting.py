@@ -11,7 +11,7 @@ from __future__ import annotations
 import math
 import time
 from collections import deque
-from collections.abc import Callable, Iterable
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -138,6 +138,43 @@ class RollingWindow:
         return requests, tokens
 
 
+class CostTrend:
+    """Cost per day over the last week, for a monthly projection from recent use.
+
+    Kept apart from the epoch's aggregates: a stats reset should not make next month look free.
+    """
+
+    WEEK_DAYS = 7
+
+    def __init__(self) -> None:
+        self.days: dict[int, float] = {}  # UTC day number -> USD
+        self.first_ts: float | None = None
+
+    def seed(self, days: dict[int, float], first_ts: float | None) -> None:
+        self.days, self.first_ts = dict(days), first_ts
+
+    def add(self, ts: float, cost: float) -> None:
+        day = int(ts // DAY)
+        self.days[day] = self.days.get(day, 0.0) + cost
+        if self.first_ts is None:
+            self.first_ts = ts
+        for old in [d for d in self.days if d <= day - self.WEEK_DAYS - 1]:
+            del self.days[old]
+
+    def last_week(self, now: float) -> float:
+        today = int(now // DAY)
+        return sum(cost for day, cost in self.days.items() if today - self.WEEK_DAYS < day <= today)
+
+    def monthly(self, now: float) -> float:
+        """Last week's spend per day of use, times 30; a young ledger divides by its age."""
+        if self.first_ts is None:
+            return 0.0
+        today = int(now // DAY)
+        week_start = (today - self.WEEK_DAYS + 1) * DAY
+        elapsed_days = max(1.0, (now - max(week_start, self.first_ts)) / DAY)
+        return self.last_week(now) / elapsed_days * 30.0
+
+
 @dataclass
 class Aggregates:
     """Everything counted since the epoch began."""
@@ -185,20 +222,16 @@ class Accounting:
         self.windows: dict[str, RollingWindow] = {}
         self.listeners: list[Callable[[CallRecord], None]] = []
         self._replay_day_start = 0.0
-
-    def rebuild(self, epoch_started: float, rows: Iterable[CallRecord]) -> None:
-        """Replay the ledger: `rows` must cover at least the last day and the whole epoch."""
-        self.start_replay(epoch_started)
-        for rec in rows:
-            self.replay(rec)
+        self.trend = CostTrend()
 
     def start_replay(self, epoch_started: float) -> None:
+        """Begin rebuilding from the ledger: fresh aggregates for the epoch, empty windows."""
         self.current = Aggregates(epoch_started=epoch_started)
         self.windows = {}
         self._replay_day_start = self.clock() - DAY
 
-    def replay(self, rec: CallRecord) -> None:
-        if rec.ts >= self.current.epoch_started:
+    def replay(self, rec: CallRecord, in_epoch: bool) -> None:
+        if in_epoch:
             self.current.add(rec)
         if rec.ts >= self._replay_day_start:
             self._window_add(rec)
@@ -206,6 +239,7 @@ class Accounting:
     def record(self, rec: CallRecord) -> None:
         self.current.add(rec)
         self._window_add(rec)
+        self.trend.add(rec.ts, rec.cost_usd)
         if self.ledger is not None:
             self.ledger.append(rec)
         for listener in self.listeners:

@@ -5,12 +5,19 @@ All but /healthz need the admin token when one is configured.
 
 from __future__ import annotations
 
+import asyncio
+import csv
+import io
+from datetime import datetime
+
 import orjson
+from prometheus_client import CONTENT_TYPE_LATEST
 from aiohttp import web
 
-from . import stats
+from . import reports, stats
 from .auth import require_admin
-from .keys import ACCOUNTING, CONFIG, LIMITER
+from .errors import BadRequest
+from .keys import ACCOUNTING, CONFIG, LEDGER, LIMITER, METRICS
 
 
 def _json(data: object, status: int = 200) -> web.Response:
@@ -32,6 +39,75 @@ async def reset(request: web.Request) -> web.Response:
     started = acc.reset()
     return _json({"message": "Métricas reiniciadas exitosamente",
                   "nuevo_inicio": stats.fmt_time(config, started)})
+
+
+def _filters(request: web.Request) -> reports.Filters:
+    """since/until (ISO or unix time) and equality filters on upstream, model, type, user."""
+    query = request.query
+    try:
+        since = reports.parse_time(query["since"]) if "since" in query else None
+        until = reports.parse_time(query["until"]) if "until" in query else None
+    except ValueError as exc:
+        raise BadRequest(str(exc)) from None
+    equals = tuple((name, query[name]) for name in reports.GROUPS if name in query)
+    return reports.Filters(since, until, equals)
+
+
+async def history(request: web.Request) -> web.Response:
+    require_admin(request)
+    config, acc = request.app[CONFIG], request.app[ACCOUNTING]
+    asked_bucket = request.query.get("bucket", "hour")
+    if asked_bucket not in ("hour", "day"):
+        raise BadRequest(f"bucket={asked_bucket!r}: expected 'hour' or 'day'.")
+    bucket: reports.Bucket = "day" if asked_bucket == "day" else "hour"
+    asked_group = request.query.get("group_by") or None
+    group_by = next((g for g in reports.GROUPS if g == asked_group), None)
+    if asked_group is not None and group_by is None:
+        raise BadRequest(f"group_by={asked_group!r}: expected one of {', '.join(reports.GROUPS)}.")
+    filters = _filters(request)
+    await request.app[LEDGER].flush()  # the report includes every call finished so far
+    data = await asyncio.get_running_loop().run_in_executor(
+        None, reports.history, config.db_path, bucket, filters, group_by, config.stats.tz, acc.clock())
+    now = acc.clock()
+    data["cost_last_7_days_usd"] = round(acc.trend.last_week(now), 6)
+    data["cost_projection_month_usd"] = round(acc.trend.monthly(now), 4)
+    return _json(data)
+
+
+async def export_csv(request: web.Request) -> web.StreamResponse:
+    """The ledger's rows as CSV, streamed batch by batch: a million rows never sit in memory."""
+    require_admin(request)
+    filters = _filters(request)
+    app = request.app
+    await app[LEDGER].flush()
+    loop = asyncio.get_running_loop()
+    chunks = reports.csv_chunks(app[CONFIG].db_path, filters)
+    out = web.StreamResponse(headers={"Content-Type": "text/csv; charset=utf-8",
+                                      "Content-Disposition": 'attachment; filename="tollgate-ledger.csv"'})
+    await out.prepare(request)
+    try:
+        while (chunk := await loop.run_in_executor(None, next, chunks, b"")):
+            await out.write(chunk)
+    finally:
+        await loop.run_in_executor(None, chunks.close)
+    await out.write_eof()
+    return out
+
+
+async def snapshot_csv(request: web.Request) -> web.Response:
+    """The seed's one-line CSV snapshot, for a cron job that appends it to a file."""
+    require_admin(request)
+    config, acc = request.app[CONFIG], request.app[ACCOUNTING]
+    buffer = io.StringIO()
+    csv.writer(buffer).writerow(reports.snapshot_row(stats.stats_json(config, acc), datetime.now()))
+    return web.Response(text=buffer.getvalue(), content_type="text/csv")
+
+
+async def metrics(request: web.Request) -> web.Response:
+    require_admin(request)
+    response = web.Response(body=request.app[METRICS].exposition())
+    response.headers["Content-Type"] = CONTENT_TYPE_LATEST
+    return response
 
 
 async def healthz(request: web.Request) -> web.Response:

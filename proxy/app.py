@@ -12,14 +12,15 @@ from pathlib import Path
 import orjson
 from aiohttp import web
 
-from . import stats
-from .accounting import DAY, Accounting
+from . import reports, stats
+from .accounting import DAY, Accounting, CostTrend
 from .config import Config
 from .dialects import Dialect, error_body
 from .errors import ProxyError
 from .admission import Admission, WaitLines
-from .keys import ACCOUNTING, ADMISSION, CONFIG, ESTIMATOR, LEDGER, LIMITER, UPSTREAMS
+from .keys import ACCOUNTING, ADMISSION, CONFIG, ESTIMATOR, LEDGER, LIMITER, METRICS, UPSTREAMS
 from .limits import Limiter
+from .metrics import Metrics
 from .routes import setup_routes
 from .store import Ledger, make_private_dir
 from .tokens import Estimator
@@ -39,6 +40,8 @@ def create_app(config: Config, clock: Callable[[], float] = time.time) -> web.Ap
     app[UPSTREAMS] = {name: UpstreamClient(u) for name, u in config.upstreams.items()}
     app[LIMITER] = Limiter(config, clock)
     app[ADMISSION] = Admission(config, app[LIMITER], WaitLines(), app[ESTIMATOR])
+    app[METRICS] = Metrics(app[LIMITER], app[ADMISSION].lines)
+    app[ACCOUNTING].listeners.append(app[METRICS].observe)
 
     app.cleanup_ctx.append(ledger_ctx)
     app.cleanup_ctx.append(upstreams_ctx)
@@ -67,12 +70,14 @@ async def ledger_ctx(app: web.Application) -> AsyncIterator[None]:
 
 
 def replay_ledger(ledger: Ledger, acc: Accounting, limiter: Limiter) -> None:
-    """Rebuild /stats (the epoch's rows) and the limiter's windows (the last day's) in one pass."""
-    epoch = ledger.epoch_started()
-    acc.start_replay(epoch)
-    for rec in ledger.rows(since=min(epoch, acc.clock() - DAY)):
-        acc.replay(rec)
+    """Rebuild /stats (the epoch's rows) and the limiter's windows (the last day's) in one pass,
+    and the cost trend from a week of daily sums."""
+    (started, after_call), now = ledger.epoch(), acc.clock()
+    acc.start_replay(started)
+    for rec, in_epoch in ledger.replay_rows(now - DAY, after_call):
+        acc.replay(rec, in_epoch)
         limiter.replay(rec)
+    acc.trend.seed(*reports.recent_costs(ledger.path, now - (CostTrend.WEEK_DAYS + 1) * DAY))
 
 
 async def upstreams_ctx(app: web.Application) -> AsyncIterator[None]:

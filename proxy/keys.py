@@ -8,6 +8,7 @@ from .accounting import Accounting
 from .admission import Admission
 from .config import Config
 from .limits import Limiter
+from .metrics import Metrics
 from .store import Ledger
 from .tokens import Estimator
 from .upstream import UpstreamClient
@@ -18,4 +19,5 @@ LEDGER = web.AppKey("ledger", Ledger)
 ESTIMATOR = web.AppKey("estimator", Estimator)
 LIMITER = web.AppKey("limiter", Limiter)
 ADMISSION = web.AppKey("admission", Admission)
+METRICS = web.AppKey("metrics", Metrics)
 UPSTREAMS = web.AppKey("upstreams", dict[str, UpstreamClient])

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import fnmatch
 import math
+from bisect import bisect_right
 from collections import deque
 from itertools import repeat
 from collections.abc import Callable, Iterable
@@ -92,10 +93,18 @@ class Window:
 
     def add(self, now: float, amount: float) -> int:
         """Record an admission; returns its sequence number, for `adjust`."""
+        self.used += amount
+        if self.times and now < self.times[-1]:
+            # Replaying the ledger, which is in finishing order: keep the log in admission
+            # order, so pruning and waits stay exact. (No live ticket exists yet to renumber.)
+            index = bisect_right(self.times, now)
+            self.times.insert(index, now)
+            if self.amounts is not None:
+                self.amounts.insert(index, amount)
+            return self.popped + index
         self.times.append(now)
         if self.amounts is not None:
             self.amounts.append(amount)
-        self.used += amount
         return self.popped + len(self.times) - 1
 
     def adjust(self, seq: int, amount: float) -> None:

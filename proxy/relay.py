@@ -26,7 +26,7 @@ from .config import Config, Upstream
 from .dialects import CallInfo, Dialect, StreamState, Usage
 from .errors import BadRequest, PayloadTooLarge, ProxyError, UnknownModel
 from .admission import Plan, parse_retry_after
-from .keys import ACCOUNTING, ADMISSION, CONFIG, ESTIMATOR, LIMITER, UPSTREAMS
+from .keys import ACCOUNTING, ADMISSION, CONFIG, ESTIMATOR, LIMITER, METRICS, UPSTREAMS
 from .limits import Ticket
 from .store import CallRecord
 from .tokens import Estimator
@@ -145,6 +145,7 @@ async def _handle(request: web.Request, prefix: Prefix) -> web.StreamResponse:
 async def metered(request: web.Request, prefix: Prefix, rest: str, endpoint: str) -> web.StreamResponse:
     app = request.app
     call = Call(dialect=_dialect(prefix), endpoint=endpoint)
+    app[METRICS].in_flight.inc()
     try:
         return await _metered(request, prefix, rest, call)
     except ProxyError as exc:
@@ -159,6 +160,7 @@ async def metered(request: web.Request, prefix: Prefix, rest: str, endpoint: str
         call.outcome, call.status = "internal", 500
         raise
     finally:
+        app[METRICS].in_flight.dec()
         record = call.record(app[CONFIG], app[ESTIMATOR], app[ACCOUNTING].clock())
         _finish_ticket(app, call, record.total_tokens)
         app[ACCOUNTING].record(record)

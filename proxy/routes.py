@@ -10,7 +10,11 @@ from . import admin, relay
 def setup_routes(app: web.Application) -> None:
     app.router.add_get("/healthz", admin.healthz)
     app.router.add_get("/stats", admin.get_stats)
+    app.router.add_get("/stats/history", admin.history)
+    app.router.add_get("/stats/export.csv", admin.export_csv)
+    app.router.add_get("/stats/snapshot.csv", admin.snapshot_csv)
     app.router.add_post("/metrics/reset", admin.reset)
+    app.router.add_get("/metrics", admin.metrics)
     # OpenAI dialect; /t/<type>/ lets a client that can only set a base URL tag its calls.
     for prefix in ("", "/t/{type}"):
         app.router.add_get(prefix + "/v1/models", relay.list_models)

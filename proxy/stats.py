@@ -174,6 +174,8 @@ def stats_json(config: Config, acc: Accounting, limiter: Limiter | None = None) 
             "ttft_s": agg.ttft.summary(),
             "cost_usd_by_model": {m: round(t.cost_usd, 6) for m, t in agg.by_model.items()},
             "fallbacks": dict(agg.fallbacks),
+            "cost_last_7_days_usd": round(acc.trend.last_week(now), 6),
+            "cost_projection_month_usd": round(acc.trend.monthly(now), 4),
             "limits": limiter.report() if limiter is not None else [],
         },
     }

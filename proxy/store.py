@@ -67,7 +67,10 @@ CREATE TABLE IF NOT EXISTS calls (
     admitted REAL
 );
 CREATE INDEX IF NOT EXISTS calls_ts ON calls(ts);
-CREATE TABLE IF NOT EXISTS epochs (id INTEGER PRIMARY KEY, started REAL NOT NULL);
+-- An epoch holds the calls written after row `after_call`: order in the ledger, not clock
+-- time, decides which side of a reset a call falls on.
+CREATE TABLE IF NOT EXISTS epochs (id INTEGER PRIMARY KEY, started REAL NOT NULL,
+                                   after_call INTEGER NOT NULL DEFAULT 0);
 """
 # attrgetter builds the row tuple in C; dataclasses.astuple deep-copies and costs the writer
 # thread GIL time that the event loop needs.
@@ -133,11 +136,13 @@ class Ledger:
             conn.executescript(_SCHEMA)
             # Columns added after the first release: bring an older ledger up to date.
             columns = {row[1] for row in conn.execute("PRAGMA table_info(calls)")}
+            if "after_call" not in {row[1] for row in conn.execute("PRAGMA table_info(epochs)")}:
+                conn.execute("ALTER TABLE epochs ADD COLUMN after_call INTEGER NOT NULL DEFAULT 0")
             for added, kind in (("fallback_from", "TEXT"), ("key_id", "TEXT"), ("admitted", "REAL")):
                 if added not in columns:
                     conn.execute(f"ALTER TABLE calls ADD COLUMN {added} {kind}")
             if conn.execute("SELECT COUNT(*) FROM epochs").fetchone()[0] == 0:
-                conn.execute("INSERT INTO epochs (started) VALUES (?)", (now,))
+                conn.execute("INSERT INTO epochs (started, after_call) VALUES (?, 0)", (now,))
         finally:
             conn.close()
         self._thread = threading.Thread(target=self._writer, name="tollgate-ledger", daemon=True)
@@ -179,12 +184,9 @@ class Ledger:
                         batch.append(self._queue.get_nowait())
                     except queue.Empty:
                         break
-                rows = [_ROW(item) for item in batch if isinstance(item, CallRecord)]
-                epochs = [(item.started,) for item in batch if isinstance(item, _Epoch)]
-                if rows or epochs:
+                if any(isinstance(item, (CallRecord, _Epoch)) for item in batch):
                     conn.execute("BEGIN")
-                    conn.executemany(_INSERT, rows)
-                    conn.executemany("INSERT INTO epochs (started) VALUES (?)", epochs)
+                    self._write(conn, batch)
                     conn.execute("COMMIT")
                 for item in batch:
                     if isinstance(item, _Flush):
@@ -194,15 +196,43 @@ class Ledger:
         finally:
             conn.close()
 
+    @staticmethod
+    def _write(conn: sqlite3.Connection, batch: list[object]) -> None:
+        """Rows and epochs in queue order: an epoch starts after exactly the rows before it."""
+        rows: list[tuple[object, ...]] = []
+        for item in batch:
+            if isinstance(item, CallRecord):
+                rows.append(_ROW(item))
+            elif isinstance(item, _Epoch):
+                conn.executemany(_INSERT, rows)
+                rows = []
+                conn.execute("INSERT INTO epochs (started, after_call) "
+                             "SELECT ?, COALESCE(MAX(id), 0) FROM calls", (item.started,))
+        conn.executemany(_INSERT, rows)
+
     # --- reading (own connection, any thread) ----------------------------------------------
 
-    def epoch_started(self) -> float:
+    def epoch(self) -> tuple[float, int]:
+        """The current stats epoch: when it started, and the last row id before it."""
         conn = _connect(self.path)
         try:
-            row = conn.execute("SELECT started FROM epochs ORDER BY id DESC LIMIT 1").fetchone()
+            row = conn.execute("SELECT started, after_call FROM epochs ORDER BY id DESC LIMIT 1").fetchone()
         finally:
             conn.close()
-        return float(row[0])
+        return float(row[0]), int(row[1])
+
+    def replay_rows(self, since: float, after_call: int) -> Iterator[tuple[CallRecord, bool]]:
+        """Rows finished since `since` or in the epoch (id > after_call), in ledger order,
+        each with whether it belongs to the epoch."""
+        conn = _connect(self.path)
+        try:
+            cursor = conn.execute(
+                f"SELECT {', '.join(_COLUMNS)}, id > ? FROM calls WHERE ts >= ? OR id > ? ORDER BY id",
+                (after_call, since, after_call))
+            for row in cursor:
+                yield _record(row[:-1]), bool(row[-1])
+        finally:
+            conn.close()
 
     def rows(self, since: float | None = None, until: float | None = None) -> Iterator[CallRecord]:
         """Rows in time order, streamed from the database rather than loaded whole."""
@@ -214,10 +244,7 @@ class Ledger:
                  until if until is not None else float("inf")),
             )
             for row in cursor:
-                values = list(row)
-                values[_COLUMNS.index("stream")] = bool(values[_COLUMNS.index("stream")])
-                values[_COLUMNS.index("estimated")] = bool(values[_COLUMNS.index("estimated")])
-                yield CallRecord(*values)
+                yield _record(row)
         finally:
             conn.close()
 
@@ -230,3 +257,10 @@ class Ledger:
 
 
 COLUMNS = tuple(_COLUMNS)
+_STREAM, _ESTIMATED = _COLUMNS.index("stream"), _COLUMNS.index("estimated")
+
+
+def _record(row: tuple[object, ...]) -> CallRecord:
+    values = list(row)
+    values[_STREAM], values[_ESTIMATED] = bool(values[_STREAM]), bool(values[_ESTIMATED])
+    return CallRecord(*values)  # type: ignore[arg-type]

@@ -1,0 +1,99 @@
+"""Prometheus metrics: an app-owned registry, exposed by prometheus_client itself.
+
+Counters and histograms are fed one finished call at a time (an accounting listener), so they
+count since the process started, as Prometheus expects, and are untouched by a stats reset.
+Limit usage is read from the limiter when scraped. Label sets are bounded: upstreams, types,
+outcomes and limit scopes come from the config, and model names are kept to the first
+`MAX_MODELS` seen (the rest are "other"), because a catch-all upstream would otherwise let
+clients mint label values. Users are never labels.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+from prometheus_client.core import GaugeMetricFamily
+from prometheus_client.registry import Collector
+
+from .admission import WaitLines
+from .limits import Limiter
+from .store import CallRecord
+
+MAX_MODELS = 50
+# Seconds: from a cached local reply (a few ms) to a long cloud generation (minutes).
+_DURATION_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300)
+_TTFT_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30)
+
+
+class _LimitCollector(Collector):
+    def __init__(self, limiter: Limiter) -> None:
+        self.limiter = limiter
+
+    def collect(self) -> Iterator[GaugeMetricFamily]:
+        used = GaugeMetricFamily("tollgate_limit_used", "Usage of a limited scope now (requests, tokens or calls).",
+                                 labels=["scope", "limit"])
+        maximum = GaugeMetricFamily("tollgate_limit_max", "The configured limit of a scope.", labels=["scope", "limit"])
+        remaining = GaugeMetricFamily("tollgate_limit_remaining", "What is left of a limit now.",
+                                      labels=["scope", "limit"])
+        reset = GaugeMetricFamily("tollgate_limit_reset_seconds", "Seconds until a limit's window is empty.",
+                                  labels=["scope", "limit"])
+        for row in self.limiter.report():
+            labels = [str(row["scope"]), str(row["limit"])]
+            used_value, max_value = float(row["used"]), float(row["max"])  # type: ignore[arg-type]
+            used.add_metric(labels, used_value)
+            maximum.add_metric(labels, max_value)
+            remaining.add_metric(labels, max(0.0, max_value - used_value))
+            reset.add_metric(labels, float(row["reset_s"]))  # type: ignore[arg-type]
+        yield from (used, maximum, remaining, reset)
+
+
+class Metrics:
+    def __init__(self, limiter: Limiter, lines: WaitLines) -> None:
+        self.registry = CollectorRegistry()
+        r = self.registry
+        self.requests = Counter("tollgate_requests", "Calls by upstream, model, type and outcome.",
+                                ["upstream", "model", "type", "outcome"], registry=r)
+        self.tokens = Counter("tollgate_tokens", "Tokens by upstream, model and kind (prompt or completion); "
+                              "estimated=true where the upstream reported none.",
+                              ["upstream", "model", "kind", "estimated"], registry=r)
+        self.cost = Counter("tollgate_cost_usd", "Cost in US dollars at the configured prices.",
+                            ["upstream", "model"], registry=r)
+        self.duration = Histogram("tollgate_request_duration_seconds", "Call duration, first byte in to last out.",
+                                  ["upstream"], buckets=_DURATION_BUCKETS, registry=r)
+        self.ttft = Histogram("tollgate_time_to_first_token_seconds", "Time to the first streamed chunk.",
+                              ["upstream"], buckets=_TTFT_BUCKETS, registry=r)
+        self.fallbacks = Counter("tollgate_fallbacks", "Calls another upstream took.",
+                                 ["from_upstream", "to_upstream"], registry=r)
+        self.in_flight = Gauge("tollgate_in_flight_calls", "LLM calls being served now.", registry=r)
+        waiting = Gauge("tollgate_waiting_calls", "Calls waiting in line for a place (wait mode).", registry=r)
+        waiting.set_function(lambda: float(lines.waiting))
+        r.register(_LimitCollector(limiter))
+        self._models: set[str] = set()
+
+    def _model(self, model: str) -> str:
+        if model in self._models:
+            return model
+        if len(self._models) < MAX_MODELS:
+            self._models.add(model)
+            return model
+        return "other"
+
+    def observe(self, rec: CallRecord) -> None:
+        upstream, model = rec.upstream or "none", self._model(rec.model or "none")
+        self.requests.labels(upstream, model, rec.type, rec.outcome).inc()
+        estimated = "true" if rec.estimated else "false"
+        if rec.prompt_tokens:
+            self.tokens.labels(upstream, model, "prompt", estimated).inc(rec.prompt_tokens)
+        if rec.completion_tokens:
+            self.tokens.labels(upstream, model, "completion", estimated).inc(rec.completion_tokens)
+        if rec.cost_usd:
+            self.cost.labels(upstream, model).inc(rec.cost_usd)
+        self.duration.labels(upstream).observe(rec.latency_s)
+        if rec.ttft_s is not None:
+            self.ttft.labels(upstream).observe(rec.ttft_s)
+        if rec.fallback_from:
+            self.fallbacks.labels(rec.fallback_from, upstream).inc()
+
+    def exposition(self) -> bytes:
+        return generate_latest(self.registry)
