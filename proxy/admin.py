@@ -7,7 +7,9 @@ from __future__ import annotations
 
 import asyncio
 import csv
+import hmac
 import io
+from pathlib import Path
 from datetime import datetime
 
 import orjson
@@ -15,9 +17,14 @@ from prometheus_client import CONTENT_TYPE_LATEST
 from aiohttp import web
 
 from . import reports, stats
+from . import auth
 from .auth import require_admin
 from .errors import BadRequest
 from .keys import ACCOUNTING, CONFIG, LEDGER, LIMITER, METRICS
+
+
+# Shipped as package data beside this module (pyproject's package-data).
+_DASHBOARD = Path(__file__).with_name("dashboard.html").read_text(encoding="utf-8")
 
 
 def _json(data: object, status: int = 200) -> web.Response:
@@ -108,6 +115,39 @@ async def metrics(request: web.Request) -> web.Response:
     response = web.Response(body=request.app[METRICS].exposition())
     response.headers["Content-Type"] = CONTENT_TYPE_LATEST
     return response
+
+
+_LOGIN = """<!doctype html><html lang="es"><head><meta charset="utf-8"><title>Tollgate</title></head>
+<body style="font:16px system-ui;margin:15vh auto;max-width:22em">
+<form method="post" action="/dashboard/login"><h1>Tollgate</h1>
+<label>Token de administración<br><input name="token" type="password" autofocus style="width:100%"></label>
+<p><button type="submit">Entrar</button></p></form></body></html>"""
+
+
+def _dashboard_session(request: web.Request, token: str) -> web.Response:
+    """A valid token once (query or form) becomes a cookie; the token leaves the URL."""
+    configured = request.app[CONFIG].server.admin_token()
+    if configured is None or not hmac.compare_digest(token.encode(), configured.encode()):
+        return web.Response(text=_LOGIN, status=401, content_type="text/html")
+    response = web.Response(status=303, headers={"Location": "/dashboard"})
+    response.set_cookie(auth.COOKIE, auth.cookie_value(configured), httponly=True, samesite="Strict",
+                        path="/", secure=request.secure)
+    return response
+
+
+async def dashboard(request: web.Request) -> web.Response:
+    if "token" in request.query:
+        return _dashboard_session(request, request.query["token"])
+    if not auth.is_admin(request):
+        return web.Response(text=_LOGIN, status=401, content_type="text/html")
+    return web.Response(text=_DASHBOARD, content_type="text/html",
+                        headers={"Cache-Control": "no-store", "Content-Security-Policy":
+                                 "default-src 'self'; style-src 'unsafe-inline'; script-src 'unsafe-inline'"})
+
+
+async def dashboard_login(request: web.Request) -> web.Response:
+    form = await request.post()
+    return _dashboard_session(request, str(form.get("token", "")))
 
 
 async def healthz(request: web.Request) -> web.Response:

@@ -7,6 +7,7 @@ moment of the check and never stored, logged or echoed.
 
 from __future__ import annotations
 
+import hashlib
 import hmac
 from collections.abc import Mapping
 
@@ -29,12 +30,28 @@ def _same(a: str, b: str) -> bool:
     return hmac.compare_digest(a.encode(), b.encode())
 
 
-def require_admin(request: web.Request) -> None:
+COOKIE = "tollgate_admin"
+
+
+def cookie_value(token: str) -> str:
+    """What the dashboard's cookie holds: derived from the token, so the token itself is not
+    stored in the browser."""
+    return hmac.new(token.encode(), b"tollgate dashboard session", hashlib.sha256).hexdigest()
+
+
+def is_admin(request: web.Request) -> bool:
     token = request.app[CONFIG].server.admin_token()
     if token is None:
-        return
+        return True
     given = presented(request.headers)
-    if given is None or not _same(given, token):
+    if given is not None and _same(given, token):
+        return True
+    cookie = request.cookies.get(COOKIE)
+    return cookie is not None and _same(cookie, cookie_value(token))
+
+
+def require_admin(request: web.Request) -> None:
+    if not is_admin(request):
         raise Unauthorized("This endpoint needs the admin token: send 'Authorization: Bearer <token>'.")
 
 

@@ -15,6 +15,8 @@ def setup_routes(app: web.Application) -> None:
     app.router.add_get("/stats/snapshot.csv", admin.snapshot_csv)
     app.router.add_post("/metrics/reset", admin.reset)
     app.router.add_get("/metrics", admin.metrics)
+    app.router.add_get("/dashboard", admin.dashboard)
+    app.router.add_post("/dashboard/login", admin.dashboard_login)
     # OpenAI dialect; /t/<type>/ lets a client that can only set a base URL tag its calls.
     for prefix in ("", "/t/{type}"):
         app.router.add_get(prefix + "/v1/models", relay.list_models)

@@ -162,3 +162,19 @@ def to_toml(data: dict[str, Any], prefix: str = "") -> str:
         if isinstance(v, dict) and v and all(isinstance(x, dict) for x in v.values()):
             lines.append(to_toml(v, f'{prefix}."{k}"' if prefix else f'"{k}"'))
     return "\n".join(lines) + "\n"
+
+
+CHROMIUM = "/usr/bin/chromium"
+
+
+@pytest.fixture(scope="session")
+def chromium() -> str:
+    """Debian's chromium, installed by the test setup when the machine lacks it."""
+    import os
+    import subprocess
+
+    if not os.path.exists(CHROMIUM):
+        env = {**os.environ, "DEBIAN_FRONTEND": "noninteractive"}
+        subprocess.run(["apt-get", "update", "-qq"], check=True, env=env, timeout=600)
+        subprocess.run(["apt-get", "install", "-y", "-qq", "chromium"], check=True, env=env, timeout=1200)
+    return CHROMIUM

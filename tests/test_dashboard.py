@@ -1,0 +1,99 @@
+"""The dashboard, end to end in headless Chromium: loads offline, no console errors, right numbers."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+import pytest
+from playwright.async_api import async_playwright
+
+from .conftest import Proxy
+from .fake_upstream import Behavior, FakeUpstream
+from .test_stats import workload
+
+ARTIFACTS = Path(__file__).resolve().parent.parent / "test-artifacts"
+# The flags this closed machine needs: no background calls to Google, no sandbox as root.
+FLAGS = ["--headless=new", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+         "--disable-background-networking", "--disable-component-update", "--disable-sync"]
+ADMIN = "admin-token-for-the-dashboard"
+
+
+@pytest.fixture
+async def guarded(raw_config: dict[str, Any], monkeypatch: pytest.MonkeyPatch) -> Any:
+    monkeypatch.setenv("TG_TEST_ADMIN", ADMIN)
+    raw_config["server"]["admin_token_env"] = "TG_TEST_ADMIN"
+    raw_config["upstreams"]["gpt4o_cloud"]["limits"] = {"rpm": 10, "rpd": 5, "tpm": 150000}
+    p = Proxy(raw_config)
+    await p.start()
+    yield p
+    await p.stop()
+
+
+async def test_dashboard_shows_what_stats_says(guarded: Proxy, fake: FakeUpstream, chromium: str) -> None:
+    await workload(guarded, fake)  # 2 cloud calls, 1 local, 1 bad request
+    fake.behavior = Behavior(prompt_tokens=7, chunks=2, completion_per_chunk=3)
+    async with aiohttp.ClientSession(headers={"Authorization": f"Bearer {ADMIN}"}) as s:
+        for _ in range(2):
+            async with s.post(guarded.url + "/v1/chat/completions",
+                              json={"model": "gpt-4o", "messages": [], "user": "ana"}) as r:
+                assert r.status == 200
+        async with s.get(guarded.url + "/stats") as r:
+            stats = await r.json()
+    problems: list[str] = []
+    external: list[str] = []
+    async with async_playwright() as pw:
+        browser = await pw.chromium.launch(executable_path=chromium, args=FLAGS)
+        page = await browser.new_page(viewport={"width": 1280, "height": 1000})
+        page.on("console", lambda m: problems.append(m.text) if m.type == "error" else None)
+        page.on("pageerror", lambda e: problems.append(str(e)))
+        page.on("request", lambda r: None if r.url.startswith(guarded.url) else external.append(r.url))
+        # Without the token: the login form, not the numbers.
+        response = await page.goto(guarded.url + "/dashboard")
+        assert response is not None and response.status == 401
+        assert await page.locator("input[name=token]").count() == 1
+        problems.clear()  # the 401 itself is logged by the browser as a failed resource
+        # The token once in the URL: it becomes a cookie and leaves the address bar.
+        await page.goto(guarded.url + f"/dashboard?token={ADMIN}")
+        assert page.url == guarded.url + "/dashboard"
+        await page.wait_for_selector("body[data-loaded]")
+        text = {i: await page.text_content(f"#{i}") for i in
+                ("total-requests", "errors", "success-rate", "tokens-total", "cost", "projection", "uptime")}
+        gauges = await page.eval_on_selector_all(
+            ".gauge", "els => els.map(e => [e.dataset.scope, e.dataset.limit, e.className])")
+        bars = await page.eval_on_selector_all("#tokens-chart rect", "els => els.map(e => +e.dataset.tokens)")
+        users = await page.eval_on_selector_all("#users td:first-child", "els => els.map(e => e.textContent)")
+        legend = await page.eval_on_selector_all("#tokens-legend span", "els => els.map(e => e.textContent)")
+        ARTIFACTS.mkdir(exist_ok=True)
+        await page.screenshot(path=str(ARTIFACTS / "dashboard.png"), full_page=True)
+        await browser.close()
+    assert problems == [] and external == []
+    assert text["total-requests"] == f"{stats['total_requests']:,}" == "6"
+    assert text["errors"] == "1" and text["success-rate"] == stats["tasa_exito"]
+    assert text["tokens-total"] == f"{stats['tokens']['total']:,}"
+    assert text["cost"] == stats["costo_estimado_usd"]
+    assert text["projection"] == f"${stats['detail']['cost_projection_month_usd']:.2f}"
+    assert text["uptime"] == stats["uptime"]
+    # 4 of the 5 daily requests used: amber (>= 70%); the minute's 4 of 10: green.
+    classes = {(scope, limit): cls for scope, limit, cls in gauges}
+    assert classes[("upstream:gpt4o_cloud", "requests_per_day")] == "gauge amber"
+    assert classes[("upstream:gpt4o_cloud", "requests_per_minute")] == "gauge green"
+    assert sum(bars) == stats["tokens"]["total"]
+    assert legend == ["gpt4o_cloud", "ollama_local"]
+    assert users == ["ana"]
+
+
+async def test_dashboard_login_form_and_wrong_token(guarded: Proxy) -> None:
+    # unsafe=True: aiohttp's jar otherwise ignores cookies from an IP address like 127.0.0.1.
+    async with aiohttp.ClientSession(cookie_jar=aiohttp.CookieJar(unsafe=True)) as s:
+        async with s.post(guarded.url + "/dashboard/login", data={"token": "wrong"}, allow_redirects=False) as r:
+            assert r.status == 401
+        async with s.post(guarded.url + "/dashboard/login", data={"token": ADMIN}, allow_redirects=False) as r:
+            assert r.status == 303 and "tollgate_admin" in r.cookies
+            assert ADMIN not in r.headers.get("Set-Cookie", "")
+        async with s.get(guarded.url + "/stats") as r:  # the cookie also opens the JSON it reads
+            assert r.status == 200
+    async with aiohttp.ClientSession() as s:
+        async with s.get(guarded.url + "/stats") as r:
+            assert r.status == 401
