@@ -7,6 +7,7 @@ import logging
 import os
 import time
 from collections.abc import AsyncIterator, Callable
+from datetime import datetime, timezone
 from pathlib import Path
 
 import orjson
@@ -18,15 +19,17 @@ from .config import Config
 from .dialects import Dialect, error_body
 from .errors import ProxyError
 from .admission import Admission, WaitLines
-from .keys import ACCOUNTING, ADMISSION, CONFIG, ESTIMATOR, LEDGER, LIMITER, METRICS, UPSTREAMS
+from .alerts import Alerts
+from .keys import ACCOUNTING, ADMISSION, ALERTS, CONFIG, ESTIMATOR, LEDGER, LIMITER, METRICS, UPSTREAMS
 from .limits import Limiter
 from .metrics import Metrics
 from .routes import setup_routes
-from .store import Ledger, make_private_dir
+from .store import CallRecord, Ledger, make_private_dir
 from .tokens import Estimator
 from .upstream import UpstreamClient
 
 log = logging.getLogger("tollgate")
+access = logging.getLogger("tollgate.access")
 
 
 def create_app(config: Config, clock: Callable[[], float] = time.time) -> web.Application:
@@ -41,11 +44,14 @@ def create_app(config: Config, clock: Callable[[], float] = time.time) -> web.Ap
     app[LIMITER] = Limiter(config, clock)
     app[ADMISSION] = Admission(config, app[LIMITER], WaitLines(), app[ESTIMATOR])
     app[METRICS] = Metrics(app[LIMITER], app[ADMISSION].lines)
-    app[ACCOUNTING].listeners.append(app[METRICS].observe)
+    app[ALERTS] = Alerts(config, app[ACCOUNTING])
+    # Every finished call, after the ledger has it: counters, alert rules, the access log.
+    app[ACCOUNTING].listeners += [app[METRICS].observe, app[ALERTS].on_call, access_log]
 
     app.cleanup_ctx.append(ledger_ctx)
     app.cleanup_ctx.append(upstreams_ctx)
     app.cleanup_ctx.append(snapshot_ctx)
+    app.cleanup_ctx.append(app[ALERTS].lifecycle)
 
     setup_routes(app)
     return app
@@ -128,6 +134,21 @@ def write_private_atomic(path: Path, data: bytes) -> None:
     finally:
         os.close(fd)
     os.replace(tmp, path)
+
+
+def access_log(rec: CallRecord) -> None:
+    """One JSON line per call: who, what, how it went. Never message text, never a key."""
+    if not access.isEnabledFor(logging.INFO):
+        return
+    access.info("%s", orjson.dumps({
+        "time": datetime.fromtimestamp(rec.ts, timezone.utc).isoformat(timespec="milliseconds"),
+        "upstream": rec.upstream or None, "model": rec.model or None, "type": rec.type, "user": rec.user,
+        "key": rec.key_id, "endpoint": rec.endpoint, "stream": rec.stream, "status": rec.status,
+        "outcome": rec.outcome, "prompt_tokens": rec.prompt_tokens, "completion_tokens": rec.completion_tokens,
+        "estimated": rec.estimated, "latency_ms": round(rec.latency_s * 1000, 1),
+        "ttft_ms": round(rec.ttft_s * 1000, 1) if rec.ttft_s is not None else None,
+        "fallback_from": rec.fallback_from,
+    }).decode())
 
 
 # --- errors ------------------------------------------------------------------------------

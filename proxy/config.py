@@ -28,6 +28,9 @@ Kind = Literal["openai", "ollama"]
 DayMode = Literal["rolling", "calendar"]
 RuleScope = Literal["system", "last_user", "any"]
 OnLimit = Literal["reject", "wait"]
+AlertMetric = Literal["cost_usd", "error_rate_pct", "daily_requests_pct", "tpm_pct", "total_tokens"]
+WebhookFormat = Literal["slack", "discord", "json"]
+ALERT_METRICS = ("cost_usd", "error_rate_pct", "daily_requests_pct", "tpm_pct", "total_tokens")
 OutputCap = Literal["clamp", "reject"]
 
 T = TypeVar("T")
@@ -108,6 +111,42 @@ class LimitPolicy:
     models: Mapping[str, Limits] = field(default_factory=dict)
     users: Mapping[str, Limits] = field(default_factory=dict)
     per_user: Limits = field(default_factory=Limits)
+
+
+@dataclass(frozen=True)
+class Webhook:
+    name: str
+    url_env: str
+    format: WebhookFormat
+    timeout_s: float
+
+    def url(self) -> str | None:
+        return os.environ.get(self.url_env) or None
+
+
+@dataclass(frozen=True)
+class AlertRule:
+    name: str
+    metric: AlertMetric
+    above: float
+    window_min: float          # error_rate_pct: over how many minutes
+    upstream: str              # daily_requests_pct / tpm_pct: whose limits
+    webhooks: tuple[str, ...]
+
+
+@dataclass(frozen=True)
+class AlertPolicy:
+    rules: tuple[AlertRule, ...] = ()
+    webhooks: Mapping[str, Webhook] = field(default_factory=dict)
+    check_interval_s: float = 15.0
+
+
+@dataclass(frozen=True)
+class Commands:
+    """Chat messages the proxy answers itself, with the /stats text."""
+
+    stats: tuple[str, ...] = ("/raymundo stats", "/raymundo estadisticas", "/raymundo estado")
+    lang: str = "es"
 
 
 @dataclass(frozen=True)
@@ -206,6 +245,8 @@ class Config:
     rules: tuple[TagRule, ...] = field(default=())
     limits: LimitPolicy = field(default_factory=LimitPolicy)
     keys: Mapping[str, ProxyKey] = field(default_factory=dict)
+    alerts: AlertPolicy = field(default_factory=AlertPolicy)
+    commands: Commands = field(default_factory=Commands)
 
     def upstream_for(self, model: str | None) -> Upstream | None:
         """The upstream that serves `model`: first match in file order, else the default."""
@@ -387,6 +428,49 @@ def _price(table: _Table) -> Price:
     return price
 
 
+def _env_name(table: _Table, name: str) -> str:
+    value = table.get(name, str, "", "the name of an environment variable")
+    if not re.fullmatch(r"[A-Za-z_][A-Za-z0-9_]*", value):
+        raise table.fail(name, value or None, "the name of an environment variable")
+    return value
+
+
+def _alerts(table: _Table, upstreams: Mapping[str, Upstream], limits_upstream: str | None) -> AlertPolicy:
+    hooks_t = table.sub("webhooks")
+    webhooks: dict[str, Webhook] = {}
+    for name in list(hooks_t.data):
+        hook_t = hooks_t.sub(name)
+        fmt = hook_t.get("format", str, "json", "'slack', 'discord' or 'json'")
+        if fmt not in ("slack", "discord", "json"):
+            raise hook_t.fail("format", fmt, "'slack', 'discord' or 'json'")
+        webhooks[name] = Webhook(name, _env_name(hook_t, "url_env"), cast(WebhookFormat, fmt),
+                                 hook_t.positive("timeout_s", 5.0))
+        hook_t.done()
+    default_upstream = limits_upstream or next(iter(upstreams))
+    rules = []
+    for i, raw in enumerate(table.get("rules", list, [], "a list of alert rules")):
+        rule_t = _Table(table.source, f"{table.key('rules')}[{i}]", raw)
+        metric = rule_t.get("metric", str, "", "one of " + ", ".join(ALERT_METRICS))
+        if metric not in ALERT_METRICS:
+            raise rule_t.fail("metric", metric or None, "one of " + ", ".join(ALERT_METRICS))
+        hooks = rule_t.get("webhooks", list, [], "a list of webhook names")
+        if not all(h in webhooks for h in hooks):
+            raise rule_t.fail("webhooks", hooks, f"names from [alerts.webhooks]: {sorted(webhooks)}")
+        upstream = rule_t.get("upstream", str, default_upstream, "the name of an upstream")
+        if upstream not in upstreams:
+            raise rule_t.fail("upstream", upstream, f"one of {sorted(upstreams)}")
+        above = rule_t.get("above", float, -1.0, "the threshold, a number")
+        if "above" not in raw:
+            raise rule_t.fail("above", None, "the threshold, a number")
+        rules.append(AlertRule(
+            name=rule_t.get("name", str, metric, "a name"), metric=cast(AlertMetric, metric), above=above,
+            window_min=rule_t.positive("window_min", 5.0), upstream=upstream, webhooks=tuple(hooks)))
+        rule_t.done()
+    policy = AlertPolicy(tuple(rules), webhooks, table.positive("check_interval_s", 15.0))
+    table.done()
+    return policy
+
+
 def _is_loopback(host: str) -> bool:
     if host == "localhost":
         return True
@@ -516,6 +600,17 @@ def parse(raw: dict[str, Any], source: Path = Path("<config>")) -> Config:
         keys[name] = ProxyKey(name, key_env, key_t.opt("user", str, "a user name"), _limits(key_t.sub("limits")))
         key_t.done()
 
+    alerts = _alerts(top.sub("alerts"), upstreams, stats.limits_upstream)
+    cmd_t = top.sub("commands")
+    phrases = cmd_t.get("stats", list, list(Commands.stats), "a list of chat messages")
+    if not all(isinstance(p, str) and p.strip() for p in phrases):
+        raise cmd_t.fail("stats", phrases, "a list of chat messages")
+    lang = cmd_t.get("lang", str, "es", "'es' or 'en'")
+    if lang not in ("es", "en"):
+        raise cmd_t.fail("lang", lang, "'es' or 'en'")
+    commands = Commands(tuple(p.strip().lower() for p in phrases), lang)
+    cmd_t.done()
+
     tag_t = top.sub("tagging")
     raw_rules = tag_t.get("rules", list, [], "a list of {type, on, pattern} tables")
     rules = []
@@ -539,7 +634,7 @@ def parse(raw: dict[str, Any], source: Path = Path("<config>")) -> Config:
 
     return Config(source=source, server=server, stats=stats, routing=routing,
                   upstreams=upstreams, prices=prices, types=types, rules=tuple(rules), limits=policy,
-                  keys=keys)
+                  keys=keys, alerts=alerts, commands=commands)
 
 
 def check_serve(config: Config) -> None:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass, field
+from datetime import datetime, timezone
 from typing import Any, Literal
 
 import orjson
@@ -467,6 +468,45 @@ def scan_ollama_line(line: bytes, state: StreamState) -> None:
         found = ollama_usage(obj)
         if found is not None:
             state.usage, state.prompt_missing = found
+
+
+# --- replies the proxy writes itself ------------------------------------------------------
+
+
+def reply(info: CallInfo, text: str, now: float) -> tuple[bytes, str]:
+    """A complete assistant reply in the shape the request asked for, and its content type.
+
+    Used for chat commands the proxy answers itself: a real client must read it as a normal
+    reply, streamed (SSE or NDJSON) or whole, so every field the protocols require is present.
+    """
+    model = info.model or "tollgate"
+    created_at = datetime.fromtimestamp(now, timezone.utc).isoformat().replace("+00:00", "Z")
+    if info.dialect == "ollama":
+        key = "message" if info.endpoint == "chat" else "response"
+        content: Any = {"role": "assistant", "content": text} if key == "message" else text
+        empty: Any = {"role": "assistant", "content": ""} if key == "message" else ""
+        final = {"model": model, "created_at": created_at, key: empty, "done": True, "done_reason": "stop",
+                 "total_duration": 0, "load_duration": 0, "prompt_eval_count": 0, "prompt_eval_duration": 0,
+                 "eval_count": 0, "eval_duration": 0}
+        if not info.stream:
+            return orjson.dumps({**final, key: content}), "application/json"
+        first = {"model": model, "created_at": created_at, key: content, "done": False}
+        return orjson.dumps(first) + b"\n" + orjson.dumps(final) + b"\n", "application/x-ndjson"
+    usage = {"prompt_tokens": 0, "completion_tokens": 0, "total_tokens": 0}
+    base = {"id": "chatcmpl-tollgate", "created": int(now), "model": model, "system_fingerprint": None}
+    if not info.stream:
+        return orjson.dumps({**base, "object": "chat.completion", "usage": usage, "choices": [
+            {"index": 0, "message": {"role": "assistant", "content": text}, "finish_reason": "stop",
+             "logprobs": None}]}), "application/json"
+    chunk = {**base, "object": "chat.completion.chunk"}
+    frames = [{**chunk, "choices": [{"index": 0, "delta": {"role": "assistant", "content": text},
+                                     "finish_reason": None, "logprobs": None}]},
+              {**chunk, "choices": [{"index": 0, "delta": {}, "finish_reason": "stop", "logprobs": None}]}]
+    options = info.body.get("stream_options")
+    if isinstance(options, dict) and options.get("include_usage") is True:
+        frames.append({**chunk, "choices": [], "usage": usage})
+    body = b"".join(b"data: " + orjson.dumps(f) + b"\n\n" for f in frames) + b"data: [DONE]\n\n"
+    return body, "text/event-stream"
 
 
 # --- errors -----------------------------------------------------------------------------

@@ -6,6 +6,7 @@ from aiohttp import web
 
 from .accounting import Accounting
 from .admission import Admission
+from .alerts import Alerts
 from .config import Config
 from .limits import Limiter
 from .metrics import Metrics
@@ -20,4 +21,5 @@ ESTIMATOR = web.AppKey("estimator", Estimator)
 LIMITER = web.AppKey("limiter", Limiter)
 ADMISSION = web.AppKey("admission", Admission)
 METRICS = web.AppKey("metrics", Metrics)
+ALERTS = web.AppKey("alerts", Alerts)
 UPSTREAMS = web.AppKey("upstreams", dict[str, UpstreamClient])

@@ -21,7 +21,7 @@ import aiohttp
 import orjson
 from aiohttp import web
 
-from . import auth, dialects, tagging
+from . import auth, dialects, stats, tagging
 from .config import Config, Upstream
 from .dialects import CallInfo, Dialect, StreamState, Usage
 from .errors import BadRequest, PayloadTooLarge, ProxyError, UnknownModel
@@ -67,6 +67,7 @@ class Call:
     fallback_from: str | None = None
     key_id: str | None = None
     admitted: float | None = None
+    command: bool = False  # answered by the proxy itself: no ledger row
 
     def fail(self, exc: ProxyError, status_sent: bool) -> None:
         self.outcome = exc.outcome
@@ -161,9 +162,10 @@ async def metered(request: web.Request, prefix: Prefix, rest: str, endpoint: str
         raise
     finally:
         app[METRICS].in_flight.dec()
-        record = call.record(app[CONFIG], app[ESTIMATOR], app[ACCOUNTING].clock())
-        _finish_ticket(app, call, record.total_tokens)
-        app[ACCOUNTING].record(record)
+        if not call.command:
+            record = call.record(app[CONFIG], app[ESTIMATOR], app[ACCOUNTING].clock())
+            _finish_ticket(app, call, record.total_tokens)
+            app[ACCOUNTING].record(record)
 
 
 def _route(config: Config, call: Call, info: CallInfo) -> Upstream:
@@ -191,6 +193,12 @@ async def _metered(request: web.Request, prefix: Prefix, rest: str, call: Call) 
         raise BadRequest(str(exc)) from None
     call.info, call.model = info, info.model or ""
     call.user = tagging.user(info, request.headers, key)
+    if _is_stats_command(config, call, info):
+        # Answered here with the stats text: not forwarded, not limited, not a metered call.
+        call.command = True
+        body, content_type = dialects.reply(info, stats.stats_text(config, app[ACCOUNTING], config.commands.lang),
+                                            app[ACCOUNTING].clock())
+        return web.Response(body=body, headers={"Content-Type": content_type, "X-Tollgate-Command": "stats"})
     call.type = tagging.request_type(config, info, request.headers.get("X-Tollgate-Type"),
                                      request.match_info.get("type"))
     call.upstream = upstream = _route(config, call, info)
@@ -267,6 +275,11 @@ async def _metered(request: web.Request, prefix: Prefix, rest: str, call: Call) 
             call.fail(exc, status_sent=True)
             await _end_broken(request, call, out, exc)
         return out
+
+
+def _is_stats_command(config: Config, call: Call, info: CallInfo) -> bool:
+    chat = call.endpoint == "chat" or (call.dialect == "ollama" and call.endpoint == "generate")
+    return chat and info.last_user_text.strip().lower() in config.commands.stats
 
 
 def _upstream_body(raw: bytes, info: CallInfo, plan: Plan, strip_usage: bool) -> bytes:

@@ -40,12 +40,13 @@ def _readme_keys() -> set[str]:
 
 def _parser_keys() -> set[str]:
     source = (ROOT / "proxy" / "config.py").read_text()
-    return set(re.findall(r'\.(?:get|opt|positive|limit|sub)\("([a-z_]+)"', source))
+    return set(re.findall(r'(?:\.(?:get|opt|positive|limit|sub)\(|_env_name\(\w+, )"([a-z_]+)"', source))
 
 
 def test_every_config_key_is_documented() -> None:
     # Tables are documented as README sections; every other key the parser reads has a row.
-    tables = {"server", "stats", "routing", "upstreams", "types", "prices", "tagging", "limits", "keys"}
+    tables = {"server", "stats", "routing", "upstreams", "types", "prices", "tagging", "limits", "keys",
+              "alerts", "commands"}
     assert _parser_keys() - tables - _readme_keys() == set()
     assert _readme_keys() - _parser_keys() == set()
 

@@ -1,0 +1,175 @@
+"""Alerts: config rules over live figures, posted to Slack, Discord or JSON webhooks.
+
+A rule fires once when its figure crosses above the threshold and re-arms when the figure
+falls back to or below it. Rules are checked after every call and on a timer (figures like
+tokens-per-minute fall with time alone). Checking only puts a message on a bounded queue; one
+background task posts them with its own timeout, so a slow or failing webhook never delays or
+breaks a call. Every alert is also logged as a warning. Webhook URLs, which embed secrets for
+Slack and Discord, come from environment variables and are never logged.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections import deque
+from collections.abc import AsyncIterator
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
+
+import aiohttp
+from aiohttp import web
+
+from .accounting import DAY, Accounting
+from .config import AlertRule, Config, Webhook
+from .store import CallRecord
+
+log = logging.getLogger("tollgate.alerts")
+
+_LABELS = {
+    "cost_usd": "costo estimado (USD)",
+    "error_rate_pct": "tasa de error (%)",
+    "daily_requests_pct": "requests del día (% del límite)",
+    "tpm_pct": "tokens por minuto (% del límite)",
+    "total_tokens": "tokens totales",
+}
+
+
+@dataclass
+class _State:
+    rule: AlertRule
+    armed: bool = True
+
+
+@dataclass
+class Alert:
+    rule: str
+    metric: str
+    value: float
+    threshold: float
+    time: str
+
+    @property
+    def message(self) -> str:
+        value = f"{self.value:,.4f}".rstrip("0").rstrip(".")
+        return (f"⚠️ ALERTA Tollgate: {self.rule}: {_LABELS[self.metric]} = {value}, "
+                f"por encima de {self.threshold:,g}")
+
+
+@dataclass
+class Alerts:
+    config: Config
+    acc: Accounting
+    queue: asyncio.Queue[tuple[Webhook, Alert]] = field(default_factory=lambda: asyncio.Queue(maxsize=256))
+    sent: int = 0
+    failed: int = 0
+    # Set after every delivery attempt: lets an operator's probe (or a test) await progress.
+    attempted: asyncio.Event = field(default_factory=asyncio.Event)
+
+    def __post_init__(self) -> None:
+        self.states = [_State(rule) for rule in self.config.alerts.rules]
+        span = max((r.window_min for r in self.config.alerts.rules), default=0) * 60.0
+        self._outcomes: deque[tuple[float, bool]] = deque()  # for error rates over a window
+        self._span = span
+
+    # --- figures -------------------------------------------------------------------------
+
+    def on_call(self, rec: CallRecord) -> None:
+        if self._span:
+            self._outcomes.append((rec.ts, rec.ok))
+        self.check()
+
+    def _value(self, rule: AlertRule, now: float) -> float | None:
+        totals = self.acc.current.totals
+        if rule.metric == "cost_usd":
+            return totals.cost_usd
+        if rule.metric == "total_tokens":
+            return float(totals.total_tokens)
+        if rule.metric == "error_rate_pct":
+            horizon = now - rule.window_min * 60.0
+            recent = [ok for ts, ok in self._outcomes if ts >= horizon]
+            return 100.0 * recent.count(False) / len(recent) if recent else 0.0
+        upstream = self.config.upstreams[rule.upstream]
+        if rule.metric == "daily_requests_pct" and upstream.limits.rpd:
+            return 100.0 * self.acc.window_usage(upstream.name, DAY)[0] / upstream.limits.rpd
+        if rule.metric == "tpm_pct" and upstream.limits.tpm:
+            return 100.0 * self.acc.window_usage(upstream.name, 60.0)[1] / upstream.limits.tpm
+        return None
+
+    def check(self) -> None:
+        now = self.acc.clock()
+        while self._outcomes and self._outcomes[0][0] < now - self._span:
+            self._outcomes.popleft()
+        for state in self.states:
+            value = self._value(state.rule, now)
+            if value is None:
+                continue
+            if value > state.rule.above and state.armed:
+                state.armed = False
+                self._fire(state.rule, value, now)
+            elif value <= state.rule.above:
+                state.armed = True
+
+    def _fire(self, rule: AlertRule, value: float, now: float) -> None:
+        alert = Alert(rule.name, rule.metric, value, rule.above,
+                      datetime.fromtimestamp(now, timezone.utc).isoformat(timespec="seconds"))
+        log.warning("%s", alert.message)
+        for name in rule.webhooks:
+            try:
+                self.queue.put_nowait((self.config.alerts.webhooks[name], alert))
+            except asyncio.QueueFull:
+                self.failed += 1
+                log.error("alert queue full: dropped alert %r for webhook %r", rule.name, name)
+
+    # --- delivery ------------------------------------------------------------------------
+
+    @staticmethod
+    def payload(webhook: Webhook, alert: Alert) -> dict[str, object]:
+        if webhook.format == "slack":
+            return {"text": alert.message}
+        if webhook.format == "discord":
+            return {"content": alert.message}
+        return {"alert": alert.rule, "metric": alert.metric, "value": alert.value,
+                "threshold": alert.threshold, "time": alert.time, "message": alert.message}
+
+    async def deliver(self) -> None:
+        async with aiohttp.ClientSession(cookie_jar=aiohttp.DummyCookieJar()) as session:
+            while True:
+                webhook, alert = await self.queue.get()
+                url = webhook.url()
+                if url is None:
+                    self.failed += 1
+                    log.error("webhook %r: its URL variable %s is unset", webhook.name, webhook.url_env)
+                    continue
+                try:
+                    timeout = aiohttp.ClientTimeout(total=webhook.timeout_s)
+                    async with session.post(url, json=self.payload(webhook, alert), timeout=timeout) as r:
+                        if r.status >= 400:
+                            raise aiohttp.ClientResponseError(r.request_info, (), status=r.status)
+                    self.sent += 1
+                except (aiohttp.ClientError, asyncio.TimeoutError) as exc:
+                    self.failed += 1
+                    # The URL is a secret: name the webhook, never its address.
+                    log.error("webhook %r failed to take alert %r (%s)", webhook.name, alert.rule,
+                              getattr(exc, "status", None) or type(exc).__name__)
+                finally:
+                    self.attempted.set()
+
+    async def tick(self) -> None:
+        while True:
+            await asyncio.sleep(self.config.alerts.check_interval_s)
+            self.check()
+
+    async def lifecycle(self, app: web.Application) -> AsyncIterator[None]:
+        """cleanup_ctx: the delivery and timer tasks run while the app does, then are cancelled."""
+        tasks = [asyncio.create_task(self.deliver()), asyncio.create_task(self.tick())] if self.states else []
+        yield
+        for task in tasks:
+            task.cancel()
+        for task in tasks:
+            try:
+                await task
+            except asyncio.CancelledError:
+                pass
+
+
