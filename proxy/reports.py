@@ -64,8 +64,9 @@ def parse_time(value: str) -> float:
 
 
 def _connect(path: Path) -> sqlite3.Connection:
-    # Read-only: a report can never write to the ledger.
-    return sqlite3.connect(f"file:{path}?mode=ro", uri=True, timeout=30.0)
+    # Read-only: a report can never write to the ledger. check_same_thread off: a streamed
+    # export is read batch by batch from whichever executor thread is free, never two at once.
+    return sqlite3.connect(f"file:{path}?mode=ro", uri=True, timeout=30.0, check_same_thread=False)
 
 
 def history(path: Path, bucket: Bucket, filters: Filters, group_by: GroupBy | None,
