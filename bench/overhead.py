@@ -53,6 +53,10 @@ def serve_upstream(port: int) -> None:
                                        "total_tokens": 5 + size // 4}})
         fake.by_model[f"big-{size}"] = Behavior(raw_body=body)
     fake.behavior = Behavior(chunks=8, prompt_tokens=20, completion_per_chunk=2)
+    # Faults for mixed load (bench/soak.py): the proxy must count them, not be broken by them.
+    fake.by_model["fault-500"] = Behavior(status=500)
+    fake.by_model["fault-drop"] = Behavior(chunks=8, drop_after_chunks=3)
+    fake.by_model["fault-nousage"] = Behavior(chunks=4, honor_include_usage=False)
     web.run_app(fake.app, host="127.0.0.1", port=port, access_log=None,
                 print=lambda _: print("upstream ready", flush=True))
 

@@ -142,7 +142,7 @@ async def dashboard(request: web.Request) -> web.Response:
         return web.Response(text=_LOGIN, status=401, content_type="text/html")
     return web.Response(text=_DASHBOARD, content_type="text/html",
                         headers={"Cache-Control": "no-store", "Content-Security-Policy":
-                                 "default-src 'self'; style-src 'unsafe-inline'; script-src 'unsafe-inline'"})
+                                 "default-src 'self'; img-src data:; style-src 'unsafe-inline'; script-src 'unsafe-inline'"})
 
 
 async def dashboard_login(request: web.Request) -> web.Response:

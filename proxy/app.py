@@ -76,13 +76,17 @@ async def ledger_ctx(app: web.Application) -> AsyncIterator[None]:
 
 
 def replay_ledger(ledger: Ledger, acc: Accounting, limiter: Limiter) -> None:
-    """Rebuild /stats (the epoch's rows) and the limiter's windows (the last day's) in one pass,
-    and the cost trend from a week of daily sums."""
+    """Rebuild /stats (the epoch's rows), the limiter's windows (the last day's admissions) and
+    the cost trend (a week of daily sums)."""
     (started, after_call), now = ledger.epoch(), acc.clock()
     acc.start_replay(started)
     for rec, in_epoch in ledger.replay_rows(now - DAY, after_call):
         acc.replay(rec, in_epoch)
-        limiter.replay(rec)
+    # Windows come from admissions, written as calls were let through, so calls in flight at a
+    # crash still hold their places. A calendar day can start up to a day ago; a window is
+    # never longer than that.
+    for admission in ledger.replay_admissions(now - DAY):
+        limiter.replay(admission)
     acc.trend.seed(*reports.recent_costs(ledger.path, now - (CostTrend.WEEK_DAYS + 1) * DAY))
 
 

@@ -76,6 +76,7 @@ class Upstream:
     connect_timeout_s: float
     read_timeout_s: float
     limits: Limits
+    max_response_bytes: int = 64 << 20
     fallback: str | None = None        # upstream that takes calls this one cannot
     fallback_model: str | None = None  # the model to ask the fallback for
 
@@ -407,6 +408,7 @@ def _upstream(name: str, table: _Table) -> Upstream:
         api_key_env=api_key_env,
         connect_timeout_s=table.positive("connect_timeout_s", 10.0),
         read_timeout_s=table.positive("read_timeout_s", 300.0),
+        max_response_bytes=table.positive("max_response_bytes", 64 << 20, integer=True),
         limits=_limits(table.sub("limits")),
         fallback=table.opt("fallback", str, "the name of another upstream"),
         fallback_model=table.opt("fallback_model", str, "a model name"),

@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import fnmatch
 import math
-from bisect import bisect_right
+import secrets
 from collections import deque
 from itertools import repeat
 from collections.abc import Callable, Iterable
@@ -27,7 +27,7 @@ from datetime import datetime, timedelta
 from zoneinfo import ZoneInfo
 
 from .config import Config, Limits
-from .store import CallRecord
+from .store import Admission
 
 MINUTE, DAY = 60.0, 86_400.0
 
@@ -93,15 +93,9 @@ class Window:
 
     def add(self, now: float, amount: float) -> int:
         """Record an admission; returns its sequence number, for `adjust`."""
+        # Entries arrive in time order: live admissions read one clock, and the ledger replays
+        # admissions sorted by time.
         self.used += amount
-        if self.times and now < self.times[-1]:
-            # Replaying the ledger, which is in finishing order: keep the log in admission
-            # order, so pruning and waits stay exact. (No live ticket exists yet to renumber.)
-            index = bisect_right(self.times, now)
-            self.times.insert(index, now)
-            if self.amounts is not None:
-                self.amounts.insert(index, amount)
-            return self.popped + index
         self.times.append(now)
         if self.amounts is not None:
             self.amounts.append(amount)
@@ -170,6 +164,8 @@ class Ticket:
 
     scopes: list[Scope]
     admitted: float
+    tokens: int
+    key: str = field(default_factory=lambda: secrets.token_hex(8))
     token_entries: list[tuple[Window, int]] = field(default_factory=list)
     done: bool = False
 
@@ -247,7 +243,7 @@ class Limiter:
         if denial is not None:
             return denial
         now = self.clock()
-        ticket = Ticket(scopes, now)
+        ticket = Ticket(scopes, now, tokens)
         for scope in scopes:
             scope.in_flight += 1
             for window in (scope.rpm, scope.rpd):
@@ -291,16 +287,15 @@ class Limiter:
 
     # --- restart -------------------------------------------------------------------------
 
-    def replay(self, rec: CallRecord) -> None:
-        """Refill the windows from one ledger row; rows come oldest first at start-up."""
-        if rec.outcome in NOT_ADMITTED or rec.upstream not in self._upstreams:
+    def replay(self, admission: Admission) -> None:
+        """Refill the windows from one ledger admission; they come oldest first at start-up."""
+        if admission.upstream not in self._upstreams:
             return
         now = self.clock()
-        admitted = rec.admitted if rec.admitted is not None else rec.ts - rec.latency_s
-        for scope in self.scopes(rec.upstream, rec.model, rec.user, rec.key_id):
-            for window, amount in ((scope.rpm, 1), (scope.rpd, 1), (scope.tpm, rec.total_tokens)):
-                if window is not None and admitted > window.start(now):
-                    window.add(admitted, amount)
+        for scope in self.scopes(admission.upstream, admission.model, admission.user, admission.key_id):
+            for window, amount in ((scope.rpm, 1), (scope.rpd, 1), (scope.tpm, admission.tokens)):
+                if window is not None and admission.ts > window.start(now):
+                    window.add(admission.ts, amount)
 
     # --- reporting -----------------------------------------------------------------------
 

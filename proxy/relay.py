@@ -13,7 +13,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import Callable
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
 from typing import Literal
 
@@ -26,12 +26,12 @@ from .config import Config, Upstream
 from .dialects import CallInfo, Dialect, StreamState, Usage
 from .errors import BadRequest, PayloadTooLarge, ProxyError, UnknownModel
 from .admission import Plan, parse_retry_after
-from .keys import ACCOUNTING, ADMISSION, CONFIG, ESTIMATOR, LIMITER, METRICS, UPSTREAMS
+from .keys import ACCOUNTING, ADMISSION, CONFIG, ESTIMATOR, LEDGER, LIMITER, METRICS, UPSTREAMS
 from .limits import Ticket
-from .store import CallRecord
+from .store import Admission, CallRecord
 from .tokens import Estimator
-from .upstream import (Unreachable, UpstreamClient, UpstreamError, UpstreamTimeout, request_headers,
-                       response_headers)
+from .upstream import (BadResponse, Unreachable, UpstreamClient, UpstreamError, UpstreamTimeout,
+                       request_headers, response_headers)
 
 log = logging.getLogger("tollgate.relay")
 
@@ -66,7 +66,7 @@ class Call:
     ticket: Ticket | None = None
     fallback_from: str | None = None
     key_id: str | None = None
-    admitted: float | None = None
+    admission: str | None = None
     command: bool = False  # answered by the proxy itself: no ledger row
 
     def fail(self, exc: ProxyError, status_sent: bool) -> None:
@@ -95,7 +95,7 @@ class Call:
             cached_tokens=usage.cached, estimated=estimated,
             latency_s=time.perf_counter() - self.started, ttft_s=self.ttft,
             cost_usd=price.cost(usage.prompt, usage.completion, usage.cached) if price else 0.0,
-            fallback_from=self.fallback_from, key_id=self.key_id, admitted=self.admitted,
+            fallback_from=self.fallback_from, key_id=self.key_id, admission=self.admission,
         )
 
 
@@ -212,7 +212,10 @@ async def _metered(request: web.Request, prefix: Prefix, rest: str, call: Call) 
         plan = await admission.admit(info, upstream, model, call.user, call.key_id, tried, fallback_from)
         call.upstream, call.model, call.ticket = plan.upstream, plan.model, plan.ticket
         if plan.ticket is not None:
-            call.admitted = plan.ticket.admitted
+            # On disk before the call leaves: a crash mid-call must not give the place back.
+            call.admission = plan.ticket.key
+            app[LEDGER].admit(Admission(plan.ticket.key, plan.ticket.admitted, plan.upstream.name, plan.model,
+                                        call.user, call.key_id, plan.ticket.tokens))
         call.fallback_from = fallback_from = plan.fallback_from
         client = app[UPSTREAMS][plan.upstream.name]
         headers = request_headers(request.headers, plan.upstream.api_key())
@@ -252,13 +255,6 @@ async def _metered(request: web.Request, prefix: Prefix, rest: str, call: Call) 
         if call.fallback_from:
             out_headers["X-Tollgate-Fallback-From"] = call.fallback_from
         content_type = response.content_type
-        if content_type not in ("text/event-stream", "application/x-ndjson") \
-                and response.content_length is not None and response.content_length <= _KEEP_BYTES:
-            # A small whole reply: read it and answer in one write, headers and body together.
-            whole = await client.read(response)
-            _learn_from_body(call, whole)
-            return web.Response(body=whole, status=response.status, reason=response.reason,
-                                headers=out_headers)
         out = web.StreamResponse(status=response.status, reason=response.reason, headers=out_headers)
         try:
             if content_type == "text/event-stream":
@@ -268,7 +264,14 @@ async def _metered(request: web.Request, prefix: Prefix, rest: str, call: Call) 
                 await _relay_frames(request, call, client, response, out, dialects.ndjson_framer(),
                                     _ollama_scanner)
             else:
-                await _relay_body(request, call, client, response, out)
+                rest_of_body = client.chunks(response)
+                head, more = await client.read_up_to(rest_of_body, _KEEP_BYTES)
+                if not more:
+                    # A small whole reply: checked, then sent in one write, headers and body together.
+                    _learn_from_body(call, head, content_type)
+                    return web.Response(body=head, status=response.status, reason=response.reason,
+                                        headers=out_headers)
+                await _relay_body(request, call, rest_of_body, head, out)
         except UpstreamError as exc:
             if not out.prepared:
                 raise
@@ -343,40 +346,38 @@ async def _relay_frames(request: web.Request, call: Call, client: UpstreamClient
     await out.write_eof()
 
 
-async def _relay_body(request: web.Request, call: Call, client: UpstreamClient,
-                      response: aiohttp.ClientResponse, out: web.StreamResponse) -> None:
-    """Forward a large or unsized body as it arrives, keeping a bounded copy for usage."""
-    kept: bytearray | None = bytearray()
-    tail = b""
-    async for chunk in client.chunks(response):
-        if not out.prepared:
-            await out.prepare(request)
-            call.headers_sent = True
+async def _relay_body(request: web.Request, call: Call, body: AsyncIterator[bytes], head: bytes,
+                      out: web.StreamResponse) -> None:
+    """Forward a large body as it arrives, keeping only its tail to read usage from."""
+    await out.prepare(request)
+    call.headers_sent = True
+    await out.write(head)
+    tail = head[-_TAIL_BYTES:]
+    async for chunk in body:
         await out.write(chunk)
-        if kept is not None:
-            kept += chunk
-            if len(kept) > _KEEP_BYTES:
-                tail, kept = bytes(kept[-_TAIL_BYTES:]), None
-        else:
-            tail = (tail + chunk)[-_TAIL_BYTES:]
-    if not out.prepared:
-        await out.prepare(request)
-        call.headers_sent = True
+        tail = (tail + chunk)[-_TAIL_BYTES:]
     await out.write_eof()
-    if kept is not None:
-        _learn_from_body(call, bytes(kept))
-    elif call.answered:
+    if call.answered:
         call.usage = dialects.tail_usage(call.dialect, tail)
 
 
-def _learn_from_body(call: Call, body: bytes) -> None:
-    """Usage (or, lacking it, the generated text) of a whole non-streamed reply."""
+def _learn_from_body(call: Call, body: bytes, content_type: str) -> None:
+    """Usage (or, lacking it, the generated text) of a whole non-streamed reply.
+
+    A success must be JSON: anything else (an HTML page from a captive portal or a broken
+    gateway, a truncated object) is the upstream's failure, reported as 502, not relayed as
+    if it were an answer.
+    """
     if not call.answered:
         return
+    name = call.upstream.name if call.upstream else "?"
+    if content_type != "application/json":
+        raise BadResponse(f"Upstream '{name}' answered with '{content_type or 'no content type'}' "
+                          f"where JSON was expected.")
     try:
         obj = orjson.loads(body)
     except orjson.JSONDecodeError:
-        return
+        raise BadResponse(f"Upstream '{name}' answered with malformed JSON.") from None
     call.usage = dialects.body_usage(call.dialect, obj)
     if call.dialect == "ollama" and call.usage is None and isinstance(obj, dict):
         found = dialects.ollama_usage(obj)

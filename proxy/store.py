@@ -43,7 +43,7 @@ class CallRecord:
     cost_usd: float
     fallback_from: str | None = None  # the upstream that could not take the call
     key_id: str | None = None         # the proxy key's name (never the key itself)
-    admitted: float | None = None     # limiter clock when admitted; None if never admitted
+    admission: str | None = None      # the key of its row in `admissions`, if a limit admitted it
 
     @property
     def total_tokens(self) -> int:
@@ -52,6 +52,20 @@ class CallRecord:
     @property
     def ok(self) -> bool:
         return self.outcome == "ok"
+
+
+@dataclass(slots=True)
+class Admission:
+    """A call let through the limiter, written when it is let through, not when it ends: after a
+    crash the windows still count the calls that were in flight."""
+
+    key: str
+    ts: float                 # limiter clock at admission
+    upstream: str
+    model: str
+    user: str | None
+    key_id: str | None
+    tokens: int               # what admission counted; the finished call's row has the real figure
 
 
 _COLUMNS = [f.name for f in fields(CallRecord)]
@@ -64,9 +78,14 @@ CREATE TABLE IF NOT EXISTS calls (
     prompt_tokens INTEGER NOT NULL, completion_tokens INTEGER NOT NULL,
     cached_tokens INTEGER NOT NULL, estimated INTEGER NOT NULL,
     latency_s REAL NOT NULL, ttft_s REAL, cost_usd REAL NOT NULL, fallback_from TEXT, key_id TEXT,
-    admitted REAL
+    admission TEXT
 );
 CREATE INDEX IF NOT EXISTS calls_ts ON calls(ts);
+CREATE TABLE IF NOT EXISTS admissions (
+    key TEXT PRIMARY KEY, ts REAL NOT NULL, upstream TEXT NOT NULL, model TEXT NOT NULL,
+    user TEXT, key_id TEXT, tokens INTEGER NOT NULL
+);
+CREATE INDEX IF NOT EXISTS admissions_ts ON admissions(ts);
 -- An epoch holds the calls written after row `after_call`: order in the ledger, not clock
 -- time, decides which side of a reset a call falls on.
 CREATE TABLE IF NOT EXISTS epochs (id INTEGER PRIMARY KEY, started REAL NOT NULL,
@@ -75,6 +94,10 @@ CREATE TABLE IF NOT EXISTS epochs (id INTEGER PRIMARY KEY, started REAL NOT NULL
 # attrgetter builds the row tuple in C; dataclasses.astuple deep-copies and costs the writer
 # thread GIL time that the event loop needs.
 _ROW = operator.attrgetter(*_COLUMNS)
+_ADMISSION_COLUMNS = [f.name for f in fields(Admission)]
+_ADMISSION_ROW = operator.attrgetter(*_ADMISSION_COLUMNS)
+_ADMIT = (f"INSERT OR IGNORE INTO admissions ({', '.join(_ADMISSION_COLUMNS)}) "
+          f"VALUES ({', '.join('?' * len(_ADMISSION_COLUMNS))})")
 _INSERT = f"INSERT INTO calls ({', '.join(_COLUMNS)}) VALUES ({', '.join('?' * len(_COLUMNS))})"
 
 
@@ -138,9 +161,10 @@ class Ledger:
             columns = {row[1] for row in conn.execute("PRAGMA table_info(calls)")}
             if "after_call" not in {row[1] for row in conn.execute("PRAGMA table_info(epochs)")}:
                 conn.execute("ALTER TABLE epochs ADD COLUMN after_call INTEGER NOT NULL DEFAULT 0")
-            for added, kind in (("fallback_from", "TEXT"), ("key_id", "TEXT"), ("admitted", "REAL")):
+            for added in ("fallback_from", "key_id", "admission"):
                 if added not in columns:
-                    conn.execute(f"ALTER TABLE calls ADD COLUMN {added} {kind}")
+                    conn.execute(f"ALTER TABLE calls ADD COLUMN {added} TEXT")
+            conn.execute("CREATE INDEX IF NOT EXISTS calls_admission ON calls(admission)")
             if conn.execute("SELECT COUNT(*) FROM epochs").fetchone()[0] == 0:
                 conn.execute("INSERT INTO epochs (started, after_call) VALUES (?, 0)", (now,))
         finally:
@@ -159,6 +183,9 @@ class Ledger:
 
     def append(self, record: CallRecord) -> None:
         self._queue.put(record)
+
+    def admit(self, admission: Admission) -> None:
+        self._queue.put(admission)
 
     def new_epoch(self, started: float) -> None:
         self._queue.put(_Epoch(started))
@@ -184,7 +211,7 @@ class Ledger:
                         batch.append(self._queue.get_nowait())
                     except queue.Empty:
                         break
-                if any(isinstance(item, (CallRecord, _Epoch)) for item in batch):
+                if any(isinstance(item, (CallRecord, _Epoch, Admission)) for item in batch):
                     conn.execute("BEGIN")
                     self._write(conn, batch)
                     conn.execute("COMMIT")
@@ -200,6 +227,7 @@ class Ledger:
     def _write(conn: sqlite3.Connection, batch: list[object]) -> None:
         """Rows and epochs in queue order: an epoch starts after exactly the rows before it."""
         rows: list[tuple[object, ...]] = []
+        conn.executemany(_ADMIT, [_ADMISSION_ROW(item) for item in batch if isinstance(item, Admission)])
         for item in batch:
             if isinstance(item, CallRecord):
                 rows.append(_ROW(item))
@@ -245,6 +273,21 @@ class Ledger:
             )
             for row in cursor:
                 yield _record(row)
+        finally:
+            conn.close()
+
+    def replay_admissions(self, since: float) -> Iterator[Admission]:
+        """Admissions since `since`, oldest first, each with the real tokens of its call if the
+        call finished (and the tokens counted at admission if it never did)."""
+        conn = _connect(self.path)
+        try:
+            cursor = conn.execute(
+                """SELECT a.key, a.ts, a.upstream, a.model, a.user, a.key_id,
+                          COALESCE(c.prompt_tokens + c.completion_tokens, a.tokens)
+                   FROM admissions a LEFT JOIN calls c ON c.admission = a.key
+                   WHERE a.ts >= ? ORDER BY a.ts""", (since,))
+            for row in cursor:
+                yield Admission(*row)
         finally:
             conn.close()
 

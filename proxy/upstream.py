@@ -4,9 +4,11 @@ Exception tree (all `errors.ProxyError`, so the error middleware renders them in
 dialect and the call's ledger row gets the outcome):
 
     UpstreamError
-    ├── Unreachable    502  connection refused, DNS failure, TLS failure, connection reset
-    ├── UpstreamTimeout 504  no headers, or no bytes for `read_timeout_s`, mid-stream included
-    └── BrokenStream   502  the upstream closed or corrupted the body before its end
+    ├── Unreachable       502  connection refused, DNS failure, TLS failure, connection reset
+    ├── UpstreamTimeout   504  no headers, or no bytes for `read_timeout_s`, mid-stream included
+    ├── BrokenStream      502  the upstream closed or corrupted the body before its end
+    ├── BadResponse       502  a success whose body is not what the protocol promises (not JSON)
+    └── ResponseTooLarge  502  a body over the upstream's `max_response_bytes`
 
 Request and response bodies are relayed, never buffered whole: `send` returns as soon as the
 status line and headers are in, and `chunks` yields the body piece by piece as it arrives.
@@ -39,6 +41,14 @@ class UpstreamTimeout(UpstreamError):
 
 class BrokenStream(UpstreamError):
     status, outcome = 502, "broken_stream"
+
+
+class BadResponse(UpstreamError):
+    status, code, outcome = 502, "bad_upstream_response", "bad_upstream_response"
+
+
+class ResponseTooLarge(UpstreamError):
+    status, code, outcome = 502, "upstream_response_too_large", "response_too_large"
 
 
 # Hop-by-hop headers (RFC 9110 §7.6.1) and those the relay recomputes itself.
@@ -115,10 +125,15 @@ class UpstreamClient:
             raise Unreachable(f"Upstream '{name}' failed before answering ({type(exc).__name__}).") from None
 
     async def chunks(self, response: aiohttp.ClientResponse) -> AsyncIterator[bytes]:
-        """The body as it arrives; failures mid-way become UpstreamTimeout or BrokenStream."""
-        name = self.upstream.name
+        """The body as it arrives; failures mid-way become UpstreamTimeout, BrokenStream or
+        ResponseTooLarge (a runaway upstream must not fill the proxy or the client)."""
+        name, limit, size = self.upstream.name, self.upstream.max_response_bytes, 0
         try:
             async for chunk in response.content.iter_any():
+                size += len(chunk)
+                if size > limit:
+                    raise ResponseTooLarge(f"Upstream '{name}' sent more than {limit:,} bytes "
+                                           f"(max_response_bytes); the reply was cut off.")
                 yield chunk
         except asyncio.TimeoutError:
             raise UpstreamTimeout(f"Upstream '{name}' stalled: no data for "
@@ -129,6 +144,17 @@ class UpstreamClient:
     async def read(self, response: aiohttp.ClientResponse) -> bytes:
         """The whole body of a reply known to be small, with the same error mapping."""
         return b"".join([chunk async for chunk in self.chunks(response)])
+
+    @staticmethod
+    async def read_up_to(body: AsyncIterator[bytes], limit: int) -> tuple[bytes, bool]:
+        """Read from `body` until it ends or passes `limit`: (what was read, whether more follows)."""
+        parts, size = [], 0
+        async for chunk in body:
+            parts.append(chunk)
+            size += len(chunk)
+            if size > limit:
+                return b"".join(parts), True
+        return b"".join(parts), False
 
     async def probe(self) -> str:
         """One cheap authenticated GET, for `tollgate check`; raises UpstreamError."""

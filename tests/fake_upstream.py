@@ -62,6 +62,7 @@ class FakeUpstream:
         self.behavior = Behavior()
         self.by_model: dict[str, Behavior] = {}
         self.seen: list[Seen] = []
+        self.requests = 0                 # LLM calls received, whatever happened to them
         self.reported = Tally()           # usage the fake told its callers about
         self.stall = asyncio.Event()      # set it to release stalled responses
         self.first_chunk_sent = asyncio.Event()
@@ -82,12 +83,15 @@ class FakeUpstream:
         self.app.router.add_get("/api/ps", self.ollama_ps)
         self.app.router.add_post("/api/show", self.ollama_show)
         self.app.router.add_route("*", "/api/echo/{rest:.*}", self.echo)
+        self.app.router.add_get("/_tally", self.tally)
+        self.cancelled = asyncio.Event()  # set when a caller hung up on a stream mid-way
 
     # --- helpers ---------------------------------------------------------------------
 
     async def _begin(self, request: web.Request) -> tuple[dict[str, Any], Behavior]:
         raw = await request.read()
         body = orjson.loads(raw) if raw else {}
+        self.requests += 1
         self.seen.append(Seen(request.path, dict(request.headers), body))
         behavior = self.by_model.get(body.get("model", ""), self.behavior)
         if behavior.stall_before_headers:
@@ -121,6 +125,15 @@ class FakeUpstream:
         """Send `frames` (the text pieces) then `tail` (usage, done), misbehaving as told."""
         response = web.StreamResponse(headers={"Content-Type": b.content_type or content_type})
         await response.prepare(request)
+        try:
+            return await self._frames(request, response, b, frames, tail, count, error_frame)
+        except asyncio.CancelledError:
+            self.cancelled.set()
+            raise
+
+    async def _frames(self, request: web.Request, response: web.StreamResponse, b: Behavior,
+                      frames: list[bytes], tail: list[bytes], count: Callable[[], None],
+                      error_frame: bytes) -> web.StreamResponse:
         for i, frame in enumerate(frames):
             if b.drop_after_chunks == i:
                 assert request.transport is not None
@@ -255,6 +268,11 @@ class FakeUpstream:
         return await self._stream(request, b, "text/event-stream", frames, tail,
                                   (lambda: self._count(prompt, completion)) if b.report_usage else (lambda: None),
                                   event({"type": "error", "code": "server_error", "message": "fake failure", "sequence_number": 5}))
+
+    async def tally(self, request: web.Request) -> web.Response:
+        """What this fake has reported: for checks from another process (benchmarks)."""
+        return web.json_response({"calls": self.reported.calls, "prompt": self.reported.prompt,
+                                  "completion": self.reported.completion, "requests": self.requests})
 
     async def openai_models(self, request: web.Request) -> web.Response:
         return web.json_response({"object": "list", "data": [{"id": "gpt-4o", "object": "model", "created": 0, "owned_by": "fake"}]})

@@ -154,22 +154,3 @@ def test_headers_and_report(clock: Clock) -> None:
     assert report["concurrency"]["used"] == 1
     assert isinstance(ticket, Ticket)
 
-
-def test_replay_out_of_finishing_order_keeps_windows_exact(clock: Clock) -> None:
-    """The ledger is in finishing order; a long call admitted first may come last."""
-    from proxy.store import CallRecord
-
-    lim = limiter(clock, {"rpm": 2})
-
-    def row(admitted: float, finished: float) -> CallRecord:
-        return CallRecord(ts=finished, upstream="cloud", model="gpt-4o", dialect="openai", endpoint="chat",
-                          type="chat", user=None, stream=False, status=200, outcome="ok", prompt_tokens=1,
-                          completion_tokens=1, cached_tokens=0, estimated=False, latency_s=finished - admitted,
-                          ttft_s=None, cost_usd=0.0, admitted=admitted)
-
-    start = clock.now
-    lim.replay(row(start + 10, start + 11))
-    lim.replay(row(start + 0, start + 30))  # admitted first, finished last
-    clock.advance(30)
-    denial = admit(lim)
-    assert isinstance(denial, Denial) and denial.retry_after == pytest.approx(30)  # the +0 entry leaves at +60
