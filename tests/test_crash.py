@@ -1,0 +1,145 @@
+"""The real `tollgate serve` process killed under load: the ledger survives, windows do not forget."""
+
+from __future__ import annotations
+
+import asyncio
+import signal
+import sqlite3
+import sys
+import time
+from collections.abc import AsyncIterator
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+import pytest
+
+from .conftest import to_toml
+from .fake_upstream import Behavior, FakeUpstream
+from .test_failures import closed_port
+
+
+class Serve:
+    """`tollgate serve` as a child process, ready when it says so."""
+
+    def __init__(self, config: Path, port: int) -> None:
+        self.config, self.port = config, port
+        self.proc: asyncio.subprocess.Process | None = None
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    async def start(self) -> None:
+        self.proc = await asyncio.create_subprocess_exec(
+            sys.executable, "-m", "proxy", "-c", str(self.config), "serve",
+            stdout=asyncio.subprocess.DEVNULL, stderr=asyncio.subprocess.PIPE)
+        assert self.proc.stderr is not None
+        while True:
+            line = await asyncio.wait_for(self.proc.stderr.readline(), 60)
+            assert line, "tollgate serve exited before it was ready"
+            if b"tollgate ready on" in line:
+                break
+        asyncio.get_running_loop().create_task(self._drain())
+
+    async def _drain(self) -> None:
+        assert self.proc is not None and self.proc.stderr is not None
+        while await self.proc.stderr.readline():
+            pass
+
+    async def signal(self, sig: int) -> int:
+        assert self.proc is not None
+        self.proc.send_signal(sig)
+        return await asyncio.wait_for(self.proc.wait(), 60)
+
+
+@pytest.fixture
+async def serve(raw_config: dict[str, Any], tmp_path: Path) -> AsyncIterator[Serve]:
+    port = closed_port()
+    raw_config["server"].update(port=port, drain_timeout_s=20)
+    raw_config["upstreams"]["gpt4o_cloud"]["limits"] = {"rpd": 100_000}
+    path = tmp_path / "config.toml"
+    path.write_text(to_toml(raw_config))
+    server = Serve(path, port)
+    await server.start()
+    yield server
+    if server.proc is not None and server.proc.returncode is None:
+        await server.signal(signal.SIGKILL)
+
+
+async def test_sigkill_under_load(serve: Serve, fake: FakeUpstream, raw_config: dict[str, Any]) -> None:
+    db = Path(raw_config["server"]["data_dir"]) / "ledger.sqlite3"
+    # Five calls that will still be in flight at the kill: admitted, at the upstream, unfinished.
+    fake.by_model["openai/gpt-4o"] = Behavior(stall_before_headers=True)
+    body = {"model": "gpt-4o", "messages": [{"role": "user", "content": "x"}]}
+    session = aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=0))
+    stalled = [asyncio.create_task(session.post(serve.url + "/v1/chat/completions", json=body)) for _ in range(5)]
+    completed: list[tuple[float, str]] = []
+    stop = asyncio.Event()
+
+    async def worker(w: int) -> None:
+        n = 0
+        while not stop.is_set() and n < 300:
+            user = f"w{w}-{n}"
+            n += 1
+            try:
+                async with session.post(serve.url + "/v1/chat/completions",
+                                        json={"model": "gpt-4o-mini", "user": user, "messages": []}) as r:
+                    await r.read()
+                    if r.status == 200:
+                        completed.append((time.monotonic(), user))
+            except aiohttp.ClientError:
+                return
+            if len(completed) >= 1500:
+                stop.set()
+
+    workers = [asyncio.create_task(worker(w)) for w in range(16)]
+    await stop.wait()
+    killed_at = time.monotonic()
+    assert await serve.signal(signal.SIGKILL) == -signal.SIGKILL
+    await asyncio.gather(*workers, *stalled, return_exceptions=True)
+    await session.close()
+
+    conn = sqlite3.connect(db)
+    try:
+        assert conn.execute("PRAGMA integrity_check").fetchone() == ("ok",)
+        users = {u for (u,) in conn.execute("SELECT user FROM calls")}
+        admissions = conn.execute("SELECT COUNT(*) FROM admissions").fetchone()[0]
+    finally:
+        conn.close()
+    must_have = {user for t, user in completed if t <= killed_at - 0.1}
+    assert len(must_have) >= 500 and must_have <= users
+    assert admissions >= len(must_have) + 5
+
+    fake.stall.set()
+    await serve.start()
+    async with aiohttp.ClientSession() as s:
+        async with s.get(serve.url + "/stats") as r:
+            stats = await r.json()
+    [day] = [row for row in stats["detail"]["limits"]
+             if row["scope"] == "upstream:gpt4o_cloud" and row["limit"] == "requests_per_day"]
+    # The five calls in flight at the kill never finished, yet still hold their places.
+    assert day["used"] == admissions >= len(must_have) + 5
+    assert stats["total_requests"] == len(users)
+
+
+async def test_sigterm_drains_streams_and_flushes(serve: Serve, fake: FakeUpstream, raw_config: dict[str, Any]) -> None:
+    gate = asyncio.Event()
+    fake.behavior = Behavior(chunks=5, gate_before_last=gate, prompt_tokens=9, completion_per_chunk=1)
+    async with aiohttp.ClientSession() as s:
+        async with s.post(serve.url + "/v1/chat/completions",
+                          json={"model": "gpt-4o", "stream": True, "messages": []}) as r:
+            assert (await r.content.readline()).startswith(b"data: ")
+            await fake.first_chunk_sent.wait()
+            assert serve.proc is not None
+            serve.proc.send_signal(signal.SIGTERM)   # mid-stream
+            gate.set()
+            rest = await r.read()
+    assert rest.rstrip().endswith(b"data: [DONE]")
+    assert await asyncio.wait_for(serve.proc.wait(), 60) == 0
+    conn = sqlite3.connect(Path(raw_config["server"]["data_dir"]) / "ledger.sqlite3")
+    try:
+        rows = conn.execute("SELECT outcome, prompt_tokens + completion_tokens, estimated FROM calls").fetchall()
+    finally:
+        conn.close()
+    assert rows == [("ok", 14, 0)]
