@@ -200,6 +200,7 @@ class Server:
     port: int
     admin_token_env: str | None
     max_body_bytes: int
+    body_timeout_s: float
     data_dir: Path
     snapshot_interval_s: float
     drain_timeout_s: float
@@ -507,6 +508,7 @@ def parse(raw: dict[str, Any], source: Path = Path("<config>")) -> Config:
         port=s.get("port", int, 5000, "a port number"),
         admin_token_env=s.opt("admin_token_env", str, "the name of an environment variable"),
         max_body_bytes=s.positive("max_body_bytes", 10 * 1024 * 1024, integer=True),
+        body_timeout_s=s.positive("body_timeout_s", 30.0),
         data_dir=data_dir,
         snapshot_interval_s=s.positive("snapshot_interval_s", 5.0),
         drain_timeout_s=s.positive("drain_timeout_s", 10.0),

@@ -29,6 +29,10 @@ class PayloadTooLarge(ProxyError):
     status, type, code, outcome = 413, "invalid_request_error", "request_too_large", "too_large"
 
 
+class BodyTimeout(ProxyError):
+    status, type, code, outcome = 408, "invalid_request_error", "request_timeout", "bad_request"
+
+
 class UnknownModel(ProxyError):
     status, type, code, outcome = 404, "invalid_request_error", "model_not_found", "unknown_model"
 

@@ -24,7 +24,7 @@ from aiohttp import web
 from . import auth, dialects, stats, tagging
 from .config import Config, Upstream
 from .dialects import CallInfo, Dialect, StreamState, Usage
-from .errors import BadRequest, PayloadTooLarge, ProxyError, UnknownModel
+from .errors import BadRequest, BodyTimeout, PayloadTooLarge, ProxyError, UnknownModel
 from .admission import Plan, parse_retry_after
 from .keys import ACCOUNTING, ADMISSION, CONFIG, ESTIMATOR, LEDGER, LIMITER, METRICS, UPSTREAMS
 from .limits import Ticket
@@ -111,17 +111,27 @@ def _check_path(rest: str) -> None:
         raise BadRequest(f"The path '/{rest}' is not allowed.")
 
 
-async def _read_body(request: web.Request, limit: int) -> bytes:
+async def _read_body(request: web.Request, config: Config) -> bytes:
+    """The whole request body, bounded in size and in time (a client trickling bytes must not
+    hold a connection and its memory open forever)."""
+    limit = config.server.max_body_bytes
     if request.content_length is not None and request.content_length > limit:
         raise PayloadTooLarge(f"The request body is {request.content_length:,} bytes; "
                               f"this proxy accepts at most {limit:,}.")
-    chunks, size = [], 0
-    async for chunk in request.content.iter_any():
-        size += len(chunk)
-        if size > limit:
-            raise PayloadTooLarge(f"The request body is over {limit:,} bytes, the most this proxy accepts.")
-        chunks.append(chunk)
-    return b"".join(chunks)
+
+    async def read() -> bytes:
+        chunks, size = [], 0
+        async for chunk in request.content.iter_any():
+            size += len(chunk)
+            if size > limit:
+                raise PayloadTooLarge(f"The request body is over {limit:,} bytes, the most this proxy accepts.")
+            chunks.append(chunk)
+        return b"".join(chunks)
+
+    try:
+        return await asyncio.wait_for(read(), config.server.body_timeout_s)
+    except asyncio.TimeoutError:
+        raise BodyTimeout(f"The request body did not arrive within {config.server.body_timeout_s:g} s.") from None
 
 
 async def openai_call(request: web.Request) -> web.StreamResponse:
@@ -186,7 +196,7 @@ async def _metered(request: web.Request, prefix: Prefix, rest: str, call: Call) 
     key = auth.proxy_key(config, request.headers)
     call.key_id = key.name if key else None
     call.user = tagging.user(None, request.headers, key)
-    raw = await _read_body(request, config.server.max_body_bytes)
+    raw = await _read_body(request, config)
     try:
         info = dialects.parse_request(call.dialect, call.endpoint, raw)
     except dialects.BadRequest as exc:
@@ -414,7 +424,7 @@ async def passthrough(request: web.Request, prefix: Prefix, rest: str) -> web.St
     if upstream is None:
         raise UnknownModel("No Ollama upstream is configured.")
     client = app[UPSTREAMS][upstream.name]
-    body = await _read_body(request, config.server.max_body_bytes) if request.can_read_body else None
+    body = await _read_body(request, config) if request.can_read_body else None
     headers = request_headers(request.headers, upstream.api_key())
     response = await client.send(request.method, client.url(prefix, rest), headers, body,
                                  request.query_string)

@@ -365,6 +365,11 @@ class FakeUpstream:
         return web.json_response({"models": []})
 
     async def ollama_show(self, request: web.Request) -> web.Response:
-        body = await request.json()
+        try:
+            body = orjson.loads(await request.read())
+        except orjson.JSONDecodeError:
+            return web.json_response({"error": "invalid JSON"}, status=400)
+        if not isinstance(body, dict):
+            return web.json_response({"error": "expected an object"}, status=400)
         return web.json_response({"modelfile": "", "parameters": "", "template": "",
                                   "details": {"family": "llama"}, "model_info": {}, "name": body.get("model")})
