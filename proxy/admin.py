@@ -146,7 +146,10 @@ async def dashboard(request: web.Request) -> web.Response:
 
 
 async def dashboard_login(request: web.Request) -> web.Response:
-    form = await request.post()
+    try:
+        form = await request.post()
+    except ValueError:  # a malformed form body (aiohttp's form parsers raise ValueError)
+        return web.Response(text=_LOGIN, status=400, content_type="text/html")
     return _dashboard_session(request, str(form.get("token", "")))
 
 
