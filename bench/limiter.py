@@ -13,10 +13,8 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import os
 import statistics
 import sys
-import tempfile
 import time
 import tracemalloc
 from pathlib import Path
@@ -26,7 +24,7 @@ import orjson
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from bench.overhead import CHAT, free_port, open_loop, pct, start  # noqa: E402
+from bench.harness import CHAT, open_loop, pct, start_proxy, start_upstream, stop  # noqa: E402
 from proxy import config as config_mod  # noqa: E402
 from proxy.limits import Limiter, Ticket  # noqa: E402
 
@@ -56,9 +54,7 @@ def pure(total: int) -> None:
 
 
 async def proxied(quick: bool) -> None:
-    up_port = free_port()
-    upstream = await start([sys.executable, str(ROOT / "bench" / "overhead.py"), "--serve-upstream", str(up_port)],
-                           b"upstream ready")
+    upstream, up_port = await start_upstream()
     procs = [upstream]
     urls = {}
     try:
@@ -73,19 +69,13 @@ max_output_tokens = 4000
 [limits.per_user]
 rpm = {BIG}
 """)):
-            port, tmp = free_port(), tempfile.mkdtemp(prefix="tollgate-bench-")
-            config = Path(tmp) / "config.toml"
-            config.write_text(f"""
-[server]
-port = {port}
-data_dir = "{tmp}/data"
+            proxy, port, _ = await start_proxy(f"""
 [upstreams.cloud]
 kind = "openai"
 base_url = "http://127.0.0.1:{up_port}"
 models = ["*"]
 {limits}""")
-            procs.append(await start([sys.executable, "-m", "proxy", "-c", str(config), "serve"],
-                                     b"tollgate ready", env={**os.environ, "PYTHONPATH": str(ROOT)}))
+            procs.append(proxy)
             urls[name] = f"http://127.0.0.1:{port}/v1/chat/completions"
         body = orjson.dumps({**CHAT, "user": "ana"})
         rounds, seconds = (1, 2) if quick else (3, 5)
@@ -99,9 +89,7 @@ models = ["*"]
               f"limits on: p50 {med['on'][0] * 1e3:.2f} ms p99 {med['on'][1] * 1e3:.2f} ms | "
               f"added p50 {(med['on'][0] - med['off'][0]) * 1e3:+.2f} ms p99 {(med['on'][1] - med['off'][1]) * 1e3:+.2f} ms")
     finally:
-        for proc in procs:
-            proc.terminate()
-            await proc.wait()
+        await stop(*procs)
 
 
 if __name__ == "__main__":

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import os
 import random
 import sqlite3
 import sys
@@ -25,7 +24,7 @@ import aiohttp
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from bench.overhead import free_port, reset_peak, rss_kib, start  # noqa: E402
+from bench.harness import reset_peak, rss_kib, start_proxy, stop  # noqa: E402
 from proxy import reports  # noqa: E402
 from proxy.store import COLUMNS, Ledger  # noqa: E402
 
@@ -65,12 +64,8 @@ def timed(label: str, fn, *args):  # type: ignore[no-untyped-def]
 
 
 async def serve_and_export(tmp: Path, rows: int) -> None:
-    port = free_port()
-    config = tmp / "config.toml"
-    config.write_text(f"""
-[server]
-port = {port}
-data_dir = "{tmp}/data"
+    started = time.perf_counter()
+    proxy, port, _ = await start_proxy("""
 [upstreams.gpt4o_cloud]
 kind = "openai"
 base_url = "http://127.0.0.1:1"
@@ -79,10 +74,7 @@ models = ["gpt-4o"]
 kind = "ollama"
 base_url = "http://127.0.0.1:1"
 models = ["*"]
-""")
-    started = time.perf_counter()
-    proxy = await start([sys.executable, "-m", "proxy", "-c", str(config), "serve"], b"tollgate ready",
-                        env={**os.environ, "PYTHONPATH": str(ROOT)})
+""", data_dir=tmp / "data")
     print(f"tollgate serve start-up on {rows:,} rows (replays the epoch and the last day): "
           f"{time.perf_counter() - started:.1f} s")
     assert proxy.pid is not None
@@ -100,8 +92,7 @@ models = ["*"]
         print(f"GET /stats/export.csv: {size / 2**20:,.0f} MiB in {elapsed:.1f} s; server RSS "
               f"before {before / 1024:.0f} MiB, after {after / 1024:.0f} MiB, peak {peak / 1024:.0f} MiB")
     finally:
-        proxy.terminate()
-        await proxy.wait()
+        await stop(proxy)
 
 
 def main() -> None:

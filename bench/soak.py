@@ -14,10 +14,8 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import os
 import random
 import sys
-import tempfile
 import time
 from collections import Counter
 from pathlib import Path
@@ -28,7 +26,7 @@ import orjson
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from bench.overhead import free_port, rss_kib, start  # noqa: E402
+from bench.harness import fds, rss_kib, start_proxy, start_upstream, stop  # noqa: E402
 
 MESSAGES = [{"role": "user", "content": "hola, ¿qué tal?"}]
 # (weight, path, body): what a WhatsApp bot and its operator's tests would send.
@@ -43,19 +41,9 @@ MIX = [
 ]
 
 
-def fds(pid: int) -> int:
-    return len(os.listdir(f"/proc/{pid}/fd"))
-
-
 async def main(minutes: float, rate: float) -> int:
-    up_port, port = free_port(), free_port()
-    upstream = await start([sys.executable, str(ROOT / "bench" / "overhead.py"), "--serve-upstream", str(up_port)],
-                           b"upstream ready")
-    tmp = tempfile.mkdtemp(prefix="tollgate-soak-")
-    (Path(tmp) / "config.toml").write_text(f"""
-[server]
-port = {port}
-data_dir = "{tmp}/data"
+    upstream, up_port = await start_upstream()
+    proxy, port, _ = await start_proxy(f"""
 [upstreams.cloud]
 kind = "openai"
 base_url = "http://127.0.0.1:{up_port}"
@@ -68,8 +56,6 @@ models = ["*"]
 input = 0.03
 output = 0.06
 """)
-    proxy = await start([sys.executable, "-m", "proxy", "-c", f"{tmp}/config.toml", "serve"], b"tollgate ready",
-                        env={**os.environ, "PYTHONPATH": str(ROOT)})
     assert proxy.pid is not None
     base = f"http://127.0.0.1:{port}"
     rng = random.Random(1)
@@ -134,9 +120,7 @@ output = 0.06
               f"upstream reported {tally['prompt'] + tally['completion']:,}")
         return 0 if all(checks.values()) else 1
     finally:
-        for proc in (proxy, upstream):
-            proc.terminate()
-            await proc.wait()
+        await stop(proxy, upstream)
 
 
 if __name__ == "__main__":

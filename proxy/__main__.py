@@ -10,7 +10,6 @@ import os
 import sys
 import time
 from datetime import datetime
-from pathlib import Path
 
 import aiohttp
 import orjson

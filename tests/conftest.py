@@ -132,6 +132,15 @@ def clock() -> Clock:
 
 
 @pytest.fixture
+async def timed(raw_config: dict[str, Any], clock: Clock) -> AsyncIterator[Proxy]:
+    """The proxy on a clock the test moves by hand."""
+    p = Proxy(raw_config, clock)
+    await p.start()
+    yield p
+    await p.stop()
+
+
+@pytest.fixture
 async def proxy(raw_config: dict[str, Any]) -> AsyncIterator[Proxy]:
     p = Proxy(raw_config)
     await p.start()

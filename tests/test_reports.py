@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import csv
 import io
-from collections.abc import AsyncIterator
 from typing import Any
 
 import aiohttp
@@ -15,14 +14,6 @@ from .fake_upstream import Behavior, FakeUpstream
 from .test_stats import chat
 
 HOUR = 3600.0
-
-
-@pytest.fixture
-async def timed(raw_config: dict[str, Any], clock: Clock) -> AsyncIterator[Proxy]:
-    p = Proxy(raw_config, clock)
-    await p.start()
-    yield p
-    await p.stop()
 
 
 async def get(proxy: Proxy, path: str) -> tuple[int, Any]:

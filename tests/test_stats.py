@@ -9,14 +9,12 @@ import os
 import re
 import stat
 import sys
-from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
 import aiohttp
 import ollama
 import openai
-import pytest
 from aiohttp.test_utils import TestServer
 
 from proxy.app import create_app
@@ -26,14 +24,6 @@ from .fake_upstream import Behavior, FakeUpstream
 from .test_openai import settled
 
 SEED_SCRIPTS = Path(__file__).parent / "seed_scripts"
-
-
-@pytest.fixture
-async def timed(raw_config: dict[str, Any], clock: Clock) -> AsyncIterator[Proxy]:
-    p = Proxy(raw_config, clock)
-    await p.start()
-    yield p
-    await p.stop()
 
 
 async def chat(url: str, model: str, headers: dict[str, str] | None = None, **extra: Any) -> int:
