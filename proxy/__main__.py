@@ -9,6 +9,7 @@ import logging
 import os
 import sys
 import time
+from dataclasses import replace
 from datetime import datetime
 
 import aiohttp
@@ -57,9 +58,11 @@ def _new_loop() -> asyncio.AbstractEventLoop:
 
 
 def cmd_serve(config: Config, args: argparse.Namespace) -> int:
-    config_mod.check_serve(config)
+    # Command-line overrides first, so the bind check judges the address actually bound.
     host = args.host or config.server.host
     port = args.port if args.port is not None else config.server.port
+    config = replace(config, server=replace(config.server, host=host, port=port))
+    config_mod.check_serve(config)
     logging.info("tollgate starting: ledger %s", config.db_path)
     # handler_cancellation: a client that hangs up cancels its call at once, so the upstream
     # request is closed and the call is recorded as cancelled without waiting for a write.

@@ -78,12 +78,26 @@ async def test_serve_then_stats_export_reset_offline(config_file: Path, raw_conf
     code, out, _ = await tollgate("-c", str(config_file), "export", "--csv", "-", "--since", "2999-01-01")
     assert out.strip().count("\n") == 0  # header only
 
+    snapshot = tmp_path / "metricas.csv"
+    for _ in range(2):  # the seed's periodic append
+        code, _, _ = await tollgate("-c", str(config_file), "export", "--snapshot", str(snapshot))
+        assert code == 0
+    with open(snapshot, newline="") as fh:
+        lines = list(csv.reader(fh))
+    assert [line[1:] for line in lines] == [["2", "40", "$0.0009", "100.0%"]] * 2
+
     code, out, _ = await tollgate("-c", str(config_file), "reset")
     assert code == 0 and json.loads(out)["message"] == "Métricas reiniciadas exitosamente"
     code, out, _ = await tollgate("-c", str(config_file), "stats")
     assert json.loads(out)["total_requests"] == 0
     code, out, _ = await tollgate("-c", str(config_file), "export", "--csv", "-")
     assert len(out.strip().splitlines()) == 3  # the reset deleted no row
+
+
+async def test_serve_refuses_a_public_address_without_an_admin_token(config_file: Path) -> None:
+    code, _, err = await tollgate("-c", str(config_file), "serve", "--host", "0.0.0.0")
+    assert code == 1 and len(err.strip().splitlines()) == 1
+    assert "non-loopback address needs an admin token" in err
 
 
 async def test_check_probes_each_upstream(config_file: Path, raw_config: dict[str, Any], fake: FakeUpstream,

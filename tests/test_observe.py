@@ -215,3 +215,32 @@ async def test_access_log_one_line_per_call_without_text_or_keys(proxy: Proxy, f
     everything = "\n".join(r.getMessage() for r in caplog.records)
     for secret in (secret_text, "bot-key-xyz", CLOUD_KEY):
         assert secret not in everything
+
+
+async def test_error_rate_and_tpm_rules(raw_config: dict[str, Any], fake: FakeUpstream, receiver: Receiver,
+                                        monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("TG_HOOK_JSON", receiver.url("json"))
+    raw_config["upstreams"]["gpt4o_cloud"]["limits"] = {"tpm": 1000}
+    raw_config["alerts"] = {
+        "webhooks": {"json": {"url_env": "TG_HOOK_JSON"}},
+        "rules": [{"name": "errores", "metric": "error_rate_pct", "above": 40, "window_min": 5, "webhooks": ["json"]},
+                  {"name": "tpm", "metric": "tpm_pct", "above": 50, "webhooks": ["json"]}],
+    }
+    proxy = Proxy(raw_config)
+    await proxy.start()
+    try:
+        fake.behavior = Behavior(prompt_tokens=100, chunks=5, completion_per_chunk=10)
+        await cloud_call(proxy)                      # 150 tokens: 15% of the minute's 1,000
+        await cloud_call(proxy)                      # 30%
+        fake.behavior = Behavior(status=503)
+        await cloud_call(proxy, 503)                 # 1 error in 3: 33%
+        await cloud_call(proxy, 503)                 # 2 in 4: 50% > 40: fires
+        await receiver.wait_for(1)
+        fake.behavior = Behavior(prompt_tokens=300, chunks=1, completion_per_chunk=1)
+        await cloud_call(proxy)                      # 601 tokens: 60% > 50: fires
+        await receiver.wait_for(2)
+    finally:
+        await proxy.stop()
+    assert [(body["alert"], body["metric"]) for _, body in receiver.posts] == [
+        ("errores", "error_rate_pct"), ("tpm", "tpm_pct")]
+    assert receiver.posts[0][1]["value"] == 50.0 and receiver.posts[1][1]["value"] == pytest.approx(60.1)
