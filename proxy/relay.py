@@ -11,7 +11,6 @@ Errors are raised, not formatted: the middleware in app.py renders them in the d
 from __future__ import annotations
 
 import asyncio
-import logging
 import time
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
@@ -32,8 +31,6 @@ from .store import Admission, CallRecord
 from .tokens import Estimator
 from .upstream import (BadResponse, Unreachable, UpstreamClient, UpstreamError, UpstreamTimeout,
                        request_headers, response_headers)
-
-log = logging.getLogger("tollgate.relay")
 
 Prefix = Literal["v1", "api"]
 
@@ -211,22 +208,32 @@ async def _metered(request: web.Request, prefix: Prefix, rest: str, call: Call) 
         return web.Response(body=body, headers={"Content-Type": content_type, "X-Tollgate-Command": "stats"})
     call.type = tagging.request_type(config, info, request.headers.get("X-Tollgate-Type"),
                                      request.match_info.get("type"))
-    call.upstream = upstream = _route(config, call, info)
+    call.upstream = _route(config, call, info)
     strip_usage = dialects.wants_injected_usage(info)
-    admission, limiter = app[ADMISSION], app[LIMITER]
+    response, plan, client = await _send(request, prefix, rest, call, info, raw, strip_usage)
 
-    # Admit, send, and on refusal (ours or the upstream's) try the fallback, once per upstream.
+    async with response:
+        return await _relay(request, call, response, plan, client, strip_usage)
+
+
+async def _send(request: web.Request, prefix: Prefix, rest: str, call: Call, info: CallInfo, raw: bytes,
+                strip_usage: bool) -> tuple[aiohttp.ClientResponse, Plan, UpstreamClient]:
+    """Admit the call and send it; on a refusal (ours or the upstream's) try the fallback,
+    once per upstream. Returns the response to relay, with the plan and client that got it."""
+    app = request.app
+    admission, limiter = app[ADMISSION], app[LIMITER]
+    assert call.upstream is not None
+    upstream, model, fallback_from = call.upstream, call.model, None
     tried: set[str] = set()
-    model, fallback_from = call.model, None
     while True:
         plan = await admission.admit(info, upstream, model, call.user, call.key_id, tried, fallback_from)
         call.upstream, call.model, call.ticket = plan.upstream, plan.model, plan.ticket
+        call.fallback_from = fallback_from = plan.fallback_from
         if plan.ticket is not None:
             # On disk before the call leaves: a crash mid-call must not give the place back.
             call.admission = plan.ticket.key
             app[LEDGER].admit(Admission(plan.ticket.key, plan.ticket.admitted, plan.upstream.name, plan.model,
                                         call.user, call.key_id, plan.ticket.tokens))
-        call.fallback_from = fallback_from = plan.fallback_from
         client = app[UPSTREAMS][plan.upstream.name]
         headers = request_headers(request.headers, plan.upstream.api_key())
         try:
@@ -243,7 +250,7 @@ async def _metered(request: web.Request, prefix: Prefix, rest: str, call: Call) 
             if response.status == 429 or response.status >= 500:
                 nxt = admission.fallback_for(plan.upstream, tried, call.dialect)
             if nxt is None:
-                break
+                return response, plan, client
             response.release()
         # Falling back: the refused attempt holds no tokens, and the fallback gets its own admission.
         _finish_ticket(app, call, 0)
@@ -251,43 +258,46 @@ async def _metered(request: web.Request, prefix: Prefix, rest: str, call: Call) 
         fallback_from = fallback_from or plan.upstream.name
         upstream, model = nxt, plan.upstream.fallback_model or plan.model
 
-    async with response:
-        call.status = response.status
-        if response.status == 429:
-            call.outcome = "upstream_rate_limited"
-        elif response.status >= 400:
-            call.outcome = "upstream_status"
+
+async def _relay(request: web.Request, call: Call, response: aiohttp.ClientResponse, plan: Plan,
+                 client: UpstreamClient, strip_usage: bool) -> web.StreamResponse:
+    """Pass the upstream's answer on as it arrives, learning its usage on the way."""
+    call.status = response.status
+    if response.status == 429:
+        call.outcome = "upstream_rate_limited"
+    elif response.status >= 400:
+        call.outcome = "upstream_status"
+    else:
+        call.answered = True
+    out_headers = response_headers(response.headers)
+    out_headers.update(request.app[LIMITER].headers(plan.upstream.name))
+    out_headers["X-Tollgate-Upstream"] = plan.upstream.name
+    if call.fallback_from:
+        out_headers["X-Tollgate-Fallback-From"] = call.fallback_from
+    content_type = response.content_type
+    out = web.StreamResponse(status=response.status, reason=response.reason, headers=out_headers)
+    try:
+        if content_type == "text/event-stream":
+            await _relay_frames(request, call, client, response, out, dialects.sse_framer(),
+                                _openai_scanner(strip_usage))
+        elif content_type == "application/x-ndjson":
+            await _relay_frames(request, call, client, response, out, dialects.ndjson_framer(),
+                                _ollama_scanner)
         else:
-            call.answered = True
-        out_headers = response_headers(response.headers)
-        out_headers.update(limiter.headers(plan.upstream.name))
-        out_headers["X-Tollgate-Upstream"] = plan.upstream.name
-        if call.fallback_from:
-            out_headers["X-Tollgate-Fallback-From"] = call.fallback_from
-        content_type = response.content_type
-        out = web.StreamResponse(status=response.status, reason=response.reason, headers=out_headers)
-        try:
-            if content_type == "text/event-stream":
-                await _relay_frames(request, call, client, response, out, dialects.sse_framer(),
-                                    _openai_scanner(strip_usage))
-            elif content_type == "application/x-ndjson":
-                await _relay_frames(request, call, client, response, out, dialects.ndjson_framer(),
-                                    _ollama_scanner)
-            else:
-                rest_of_body = client.chunks(response)
-                head, more = await client.read_up_to(rest_of_body, _KEEP_BYTES)
-                if not more:
-                    # A small whole reply: checked, then sent in one write, headers and body together.
-                    _learn_from_body(call, head, content_type)
-                    return web.Response(body=head, status=response.status, reason=response.reason,
-                                        headers=out_headers)
-                await _relay_body(request, call, rest_of_body, head, out)
-        except UpstreamError as exc:
-            if not out.prepared:
-                raise
-            call.fail(exc, status_sent=True)
-            await _end_broken(request, call, out, exc)
-        return out
+            rest_of_body = client.chunks(response)
+            head, more = await client.read_up_to(rest_of_body, _KEEP_BYTES)
+            if not more:
+                # A small whole reply: checked, then sent in one write, headers and body together.
+                _learn_from_body(call, head, content_type)
+                return web.Response(body=head, status=response.status, reason=response.reason,
+                                    headers=out_headers)
+            await _relay_body(request, call, rest_of_body, head, out)
+    except UpstreamError as exc:
+        if not out.prepared:
+            raise
+        call.fail(exc, status_sent=True)
+        await _end_broken(request, call, out, exc)
+    return out
 
 
 def _is_stats_command(config: Config, call: Call, info: CallInfo) -> bool:
