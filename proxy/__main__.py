@@ -6,6 +6,7 @@ import argparse
 import asyncio
 import csv
 import logging
+import logging.handlers
 import os
 import sys
 import time
@@ -46,6 +47,14 @@ def _offline_state(config: Config) -> tuple[Accounting, Limiter]:
     return acc, limiter
 
 
+def _access_log_handler() -> logging.Handler:
+    """The access log, one line per call, written in batches: a write and flush per call
+    costs the proxy a tenth of its throughput. Lines wait at most until the app's periodic
+    flush (half a second) or until 512 have gathered; warnings go out at once."""
+    return logging.handlers.MemoryHandler(capacity=512, flushLevel=logging.WARNING,
+                                          target=logging.StreamHandler(sys.stderr), flushOnClose=True)
+
+
 def _new_loop() -> asyncio.AbstractEventLoop:
     """uvloop where it is installed (Linux, macOS): its transports halve the proxy's per-call
     CPU in the overhead benchmark; the standard loop elsewhere."""
@@ -63,6 +72,15 @@ def cmd_serve(config: Config, args: argparse.Namespace) -> int:
     port = args.port if args.port is not None else config.server.port
     config = replace(config, server=replace(config.server, host=host, port=port))
     config_mod.check_serve(config)
+    # The logging HOWTO's optimisations: no caller lookup, thread or process names per record.
+    # With a line per call, building log records was a twentieth of the proxy's CPU.
+    logging._srcfile = None
+    logging.logThreads = logging.logProcesses = logging.logMultiprocessing = False
+    access = logging.getLogger("tollgate.access")
+    access.propagate = False
+    handler = _access_log_handler()
+    handler.setFormatter(logging.Formatter("%(message)s"))
+    access.addHandler(handler)
     logging.info("tollgate starting: ledger %s", config.db_path)
     # handler_cancellation: a client that hangs up cancels its call at once, so the upstream
     # request is closed and the call is recorded as cancelled without waiting for a write.

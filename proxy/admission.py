@@ -97,6 +97,8 @@ class Admission:
 
     async def admit(self, info: CallInfo, upstream: Upstream, model: str, user: str | None,
                     key: str | None, tried: set[str], fallback_from: str | None) -> Plan:
+        if not self.limiter.scopes(upstream.name, model, user, key):
+            return Plan(upstream, model, None, None, fallback_from)  # nothing limits this call
         policy = self.config.limits
         loop = asyncio.get_running_loop()
         deadline = loop.time() + policy.max_wait_s

@@ -52,6 +52,7 @@ def create_app(config: Config, clock: Callable[[], float] = time.time) -> web.Ap
     app.cleanup_ctx.append(upstreams_ctx)
     app.cleanup_ctx.append(snapshot_ctx)
     app.cleanup_ctx.append(app[ALERTS].lifecycle)
+    app.cleanup_ctx.append(access_log_flush_ctx)
 
     setup_routes(app)
     return app
@@ -138,6 +139,26 @@ def write_private_atomic(path: Path, data: bytes) -> None:
     finally:
         os.close(fd)
     os.replace(tmp, path)
+
+
+async def access_log_flush_ctx(app: web.Application) -> AsyncIterator[None]:
+    """Buffered access-log handlers (`tollgate serve` uses one) are flushed twice a second,
+    so a quiet proxy's lines are never held back for long; and at the end."""
+    async def flush_forever() -> None:
+        while True:
+            await asyncio.sleep(0.5)
+            for handler in access.handlers:
+                handler.flush()
+
+    task = asyncio.create_task(flush_forever())
+    yield
+    task.cancel()
+    try:
+        await task
+    except asyncio.CancelledError:
+        pass
+    for handler in access.handlers:
+        handler.flush()
 
 
 def access_log(rec: CallRecord) -> None:

@@ -116,19 +116,23 @@ async def _read_body(request: web.Request, config: Config) -> bytes:
         raise PayloadTooLarge(f"The request body is {request.content_length:,} bytes; "
                               f"this proxy accepts at most {limit:,}.")
 
-    async def read() -> bytes:
-        chunks, size = [], 0
-        async for chunk in request.content.iter_any():
-            size += len(chunk)
-            if size > limit:
-                raise PayloadTooLarge(f"The request body is over {limit:,} bytes, the most this proxy accepts.")
-            chunks.append(chunk)
-        return b"".join(chunks)
-
+    if request.content.is_eof():  # already all here (the usual case): no timer needed
+        body = await request.content.read()
+        if len(body) > limit:
+            raise PayloadTooLarge(f"The request body is over {limit:,} bytes, the most this proxy accepts.")
+        return body
+    chunks, size = [], 0
     try:
-        return await asyncio.wait_for(read(), config.server.body_timeout_s)
-    except asyncio.TimeoutError:
+        # asyncio.timeout, not wait_for: no extra task per call.
+        async with asyncio.timeout(config.server.body_timeout_s):
+            async for chunk in request.content.iter_any():
+                size += len(chunk)
+                if size > limit:
+                    raise PayloadTooLarge(f"The request body is over {limit:,} bytes, the most this proxy accepts.")
+                chunks.append(chunk)
+    except TimeoutError:
         raise BodyTimeout(f"The request body did not arrive within {config.server.body_timeout_s:g} s.") from None
+    return b"".join(chunks)
 
 
 async def openai_call(request: web.Request) -> web.StreamResponse:
@@ -275,22 +279,23 @@ async def _relay(request: web.Request, call: Call, response: aiohttp.ClientRespo
     if call.fallback_from:
         out_headers["X-Tollgate-Fallback-From"] = call.fallback_from
     content_type = response.content_type
+    streamed = content_type in ("text/event-stream", "application/x-ndjson")
+    rest_of_body = client.chunks(response)
+    head = b""
+    if not streamed:
+        head, more = await client.read_up_to(rest_of_body, _KEEP_BYTES)
+        if not more:
+            # A small whole reply: checked, then sent in one write, headers and body together.
+            _learn_from_body(call, head, content_type)
+            return web.Response(body=head, status=response.status, reason=response.reason, headers=out_headers)
     out = web.StreamResponse(status=response.status, reason=response.reason, headers=out_headers)
     try:
         if content_type == "text/event-stream":
-            await _relay_frames(request, call, client, response, out, dialects.sse_framer(),
+            await _relay_frames(request, call, rest_of_body, out, dialects.sse_framer(),
                                 _openai_scanner(strip_usage))
         elif content_type == "application/x-ndjson":
-            await _relay_frames(request, call, client, response, out, dialects.ndjson_framer(),
-                                _ollama_scanner)
+            await _relay_frames(request, call, rest_of_body, out, dialects.ndjson_framer(), _ollama_scanner)
         else:
-            rest_of_body = client.chunks(response)
-            head, more = await client.read_up_to(rest_of_body, _KEEP_BYTES)
-            if not more:
-                # A small whole reply: checked, then sent in one write, headers and body together.
-                _learn_from_body(call, head, content_type)
-                return web.Response(body=head, status=response.status, reason=response.reason,
-                                    headers=out_headers)
             await _relay_body(request, call, rest_of_body, head, out)
     except UpstreamError as exc:
         if not out.prepared:
@@ -336,16 +341,15 @@ def _ollama_scanner(line: bytes, state: StreamState) -> bytes:
     return line
 
 
-async def _relay_frames(request: web.Request, call: Call, client: UpstreamClient,
-                        response: aiohttp.ClientResponse, out: web.StreamResponse,
-                        framer: dialects.Framer,
+async def _relay_frames(request: web.Request, call: Call, body: AsyncIterator[bytes],
+                        out: web.StreamResponse, framer: dialects.Framer,
                         scan: Callable[[bytes, StreamState], bytes | None]) -> None:
     """Forward a stream frame by frame as it arrives, learning usage and text on the way."""
     state = StreamState()
     await out.prepare(request)
     call.headers_sent = True
     try:
-        async for chunk in client.chunks(response):
+        async for chunk in body:
             forwarded = [f for f in (scan(frame, state) for frame in framer.feed(chunk)) if f]
             if forwarded:
                 if call.ttft is None:
