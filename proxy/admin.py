@@ -117,7 +117,8 @@ async def metrics(request: web.Request) -> web.Response:
     return response
 
 
-_LOGIN = """<!doctype html><html lang="es"><head><meta charset="utf-8"><title>Tollgate</title></head>
+_LOGIN = """<!doctype html><html lang="es"><head><meta charset="utf-8"><title>Tollgate</title>
+<link rel="icon" href="data:,"></head>
 <body style="font:16px system-ui;margin:15vh auto;max-width:22em">
 <form method="post" action="/dashboard/login"><h1>Tollgate</h1>
 <label>Token de administración<br><input name="token" type="password" autofocus style="width:100%"></label>
