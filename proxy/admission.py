@@ -32,6 +32,13 @@ class WaitLines:
         self._locks: dict[str, asyncio.Lock] = {}
         self._released = asyncio.Event()
         self.waiting = 0  # callers in some line now
+        # Notified whenever `waiting` changes: lets a probe (or a test) await the line's state.
+        self.waiting_changed = asyncio.Condition()
+
+    async def _count(self, delta: int) -> None:
+        async with self.waiting_changed:
+            self.waiting += delta
+            self.waiting_changed.notify_all()
 
     def lock(self, scope: str) -> asyncio.Lock:
         lock = self._locks.get(scope)
@@ -139,14 +146,14 @@ class Admission:
 
     async def _join(self, line: asyncio.Lock, deadline: float) -> asyncio.Lock:
         remaining = deadline - asyncio.get_running_loop().time()
-        self.lines.waiting += 1
+        await self.lines._count(+1)
         try:
             await asyncio.wait_for(line.acquire(), max(remaining, 0.0))
         except asyncio.TimeoutError:
             raise RateLimited(f"Waited {self.config.limits.max_wait_s:g} s in line for a place; none freed.",
                               "wait_timeout", {"Retry-After": "1"}) from None
         finally:
-            self.lines.waiting -= 1
+            await asyncio.shield(self.lines._count(-1))
         return line
 
     def _caps(self, info: CallInfo, scopes: list[Scope], prompt: int | None) -> tuple[int, int | None]:

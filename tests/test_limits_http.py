@@ -202,11 +202,9 @@ async def test_wait_mode_is_first_come_first_served_and_a_leaver_gives_up_its_pl
     leaver = asyncio.create_task(call("L"))
     c = asyncio.create_task(call("C"))
     lines = proxy.server.app[ADMISSION].lines  # type: ignore[union-attr]
-    for _ in range(10_000):                     # yield (no timer) until B, L and C are in line
-        if lines.waiting == 2 and lines.busy("upstream:gpt4o_cloud"):
-            break
-        await asyncio.sleep(0)
-    assert lines.waiting == 2                   # B holds the line's lock; L and C queue behind it
+    async with lines.waiting_changed:           # until B, L and C are in line: B holds its lock,
+        await asyncio.wait_for(lines.waiting_changed.wait_for(lambda: lines.waiting == 2), 10)
+    assert lines.busy("upstream:gpt4o_cloud")   # L and C queue behind it
     leaver.cancel()                             # L's client goes away while waiting
     gate.set()
     assert await first == 200 and await b == 200 and await c == 200
