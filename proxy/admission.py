@@ -35,7 +35,7 @@ class WaitLines:
         # Notified whenever `waiting` changes: lets a probe (or a test) await the line's state.
         self.waiting_changed = asyncio.Condition()
 
-    async def _count(self, delta: int) -> None:
+    async def count_waiting(self, delta: int) -> None:
         async with self.waiting_changed:
             self.waiting += delta
             self.waiting_changed.notify_all()
@@ -146,14 +146,14 @@ class Admission:
 
     async def _join(self, line: asyncio.Lock, deadline: float) -> asyncio.Lock:
         remaining = deadline - asyncio.get_running_loop().time()
-        await self.lines._count(+1)
+        await self.lines.count_waiting(+1)
         try:
             await asyncio.wait_for(line.acquire(), max(remaining, 0.0))
         except asyncio.TimeoutError:
             raise RateLimited(f"Waited {self.config.limits.max_wait_s:g} s in line for a place; none freed.",
                               "wait_timeout", {"Retry-After": "1"}) from None
         finally:
-            await asyncio.shield(self.lines._count(-1))
+            await asyncio.shield(self.lines.count_waiting(-1))
         return line
 
     def _caps(self, info: CallInfo, scopes: list[Scope], prompt: int | None) -> tuple[int, int | None]:
