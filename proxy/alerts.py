@@ -23,6 +23,7 @@ from aiohttp import web
 from .accounting import DAY, Accounting
 from .config import AlertRule, Config, Webhook
 from .store import CallRecord
+from .tasks import running
 
 log = logging.getLogger("tollgate.alerts")
 
@@ -162,14 +163,8 @@ class Alerts:
 
     async def lifecycle(self, app: web.Application) -> AsyncIterator[None]:
         """cleanup_ctx: the delivery and timer tasks run while the app does, then are cancelled."""
-        tasks = [asyncio.create_task(self.deliver()), asyncio.create_task(self.tick())] if self.states else []
-        yield
-        for task in tasks:
-            task.cancel()
-        for task in tasks:
-            try:
-                await task
-            except asyncio.CancelledError:
-                pass
-
-
+        if not self.states:  # no rules: nothing to check or deliver
+            yield
+            return
+        async with running(self.deliver(), self.tick()):
+            yield

@@ -25,6 +25,7 @@ from .limits import Limiter
 from .metrics import Metrics
 from .routes import setup_routes
 from .store import CallRecord, Ledger, make_private_dir
+from .tasks import running
 from .tokens import Estimator
 from .upstream import UpstreamClient
 
@@ -118,13 +119,8 @@ async def snapshot_ctx(app: web.Application) -> AsyncIterator[None]:
                 await write()
                 last = marker
 
-    task = asyncio.create_task(every_interval())
-    yield
-    task.cancel()
-    try:
-        await task
-    except asyncio.CancelledError:
-        pass
+    async with running(every_interval()):
+        yield
     await write()
 
 
@@ -150,13 +146,8 @@ async def access_log_flush_ctx(app: web.Application) -> AsyncIterator[None]:
             for handler in access.handlers:
                 handler.flush()
 
-    task = asyncio.create_task(flush_forever())
-    yield
-    task.cancel()
-    try:
-        await task
-    except asyncio.CancelledError:
-        pass
+    async with running(flush_forever()):
+        yield
     for handler in access.handlers:
         handler.flush()
 
