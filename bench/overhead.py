@@ -6,6 +6,7 @@ Starts the fake upstream (tests/fake_upstream.py) and the real `tollgate serve` 
 processes on loopback, then from this process measures, alternating direct and proxied runs:
 
 1. throughput: a closed loop of N concurrent clients, requests/s (non-streaming and streaming chat);
+   and, as the ceiling for any aiohttp proxy here, a bare relay (bench/bare_relay.py);
 2. latency at a fixed 500 requests/s (open loop): p50 and p99, and what the proxy adds;
 3. memory: the proxy's RSS and peak RSS while relaying non-streamed replies of growing size.
 
@@ -27,8 +28,8 @@ import orjson
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from bench.harness import (CHAT, closed_loop, one, open_loop, pct, reset_peak, rss_kib, start_proxy,  # noqa: E402
-                           start_upstream, stop)
+from bench.harness import (CHAT, ROOT, closed_loop, free_port, one, open_loop, pct, reset_peak,  # noqa: E402
+                           rss_kib, start, start_proxy, start_upstream, stop)
 
 
 async def main(quick: bool) -> None:
@@ -43,6 +44,9 @@ models = ["*"]
 input = 0.03
 output = 0.06
 """)
+    bare_port = free_port()
+    bare = await start([sys.executable, str(ROOT / "bench" / "bare_relay.py"), str(bare_port),
+                        f"http://127.0.0.1:{up_port}"], b"bare relay ready")
     direct = f"http://127.0.0.1:{up_port}/chat/completions"
     through = f"http://127.0.0.1:{proxy_port}/v1/chat/completions"
     plain = orjson.dumps(CHAT)
@@ -56,6 +60,15 @@ output = 0.06
             p = [await closed_loop(through, body, total, 32) for _ in range(rounds)]
             dm, pm = statistics.median(d), statistics.median(p)
             print(f"{name:14} direct {dm:7.0f} req/s   proxy {pm:7.0f} req/s   ratio {pm / dm:5.1%}")
+            if name == "non-streaming":
+                plain_direct, plain_proxy = dm, pm
+        # The ceiling for any aiohttp proxy here: a relay that does nothing but relay.
+        b = [await closed_loop(f"http://127.0.0.1:{bare_port}/v1/chat/completions", plain, total, 32)
+             for _ in range(rounds)]
+        bm = statistics.median(b)
+        print(f"{'bare relay':14} {bm:7.0f} req/s (aiohttp relay, no metering): {bm / plain_direct:5.1%} of "
+              f"non-streaming direct; "
+              f"Tollgate non-streaming is {plain_proxy / bm:5.1%} of it")
 
         print("\n## latency at 500 requests/s (open loop)")
         seconds = 2 if quick else 5
@@ -79,7 +92,7 @@ output = 0.06
                 rss, peak = rss_kib(proxy.pid)
                 print(f"reply {size / 1024:8.0f} KiB   proxy RSS {rss / 1024:6.1f} MiB   peak {peak / 1024:6.1f} MiB")
     finally:
-        await stop(proxy, upstream)
+        await stop(proxy, bare, upstream)
 
 
 if __name__ == "__main__":
