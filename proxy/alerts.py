@@ -20,8 +20,9 @@ from datetime import datetime, timezone
 import aiohttp
 from aiohttp import web
 
-from .accounting import DAY, Accounting
+from .accounting import Accounting
 from .config import AlertRule, Config, Webhook
+from .limits import day_seconds
 from .store import CallRecord
 from .tasks import running
 
@@ -92,7 +93,8 @@ class Alerts:
             return 100.0 * recent.count(False) / len(recent) if recent else 0.0
         upstream = self.config.upstreams[rule.upstream]
         if rule.metric == "daily_requests_pct" and upstream.limits.rpd:
-            return 100.0 * self.acc.window_usage(upstream.name, DAY)[0] / upstream.limits.rpd
+            day = day_seconds(upstream.limits, now)
+            return 100.0 * self.acc.window_usage(upstream.name, day)[0] / upstream.limits.rpd
         if rule.metric == "tpm_pct" and upstream.limits.tpm:
             return 100.0 * self.acc.window_usage(upstream.name, 60.0)[1] / upstream.limits.tpm
         return None

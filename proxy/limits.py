@@ -35,6 +35,21 @@ MINUTE, DAY = 60.0, 86_400.0
 NOT_ADMITTED = frozenset({"bad_request", "too_large", "unknown_model", "unauthorized", "rate_limited"})
 
 
+def _midnight(ts: float, tz: ZoneInfo, days_later: int = 0) -> float:
+    """Local midnight in `tz` starting the day of `ts` (or `days_later` days after it)."""
+    local = datetime.fromtimestamp(ts, tz).replace(hour=0, minute=0, second=0, microsecond=0)
+    return (local + timedelta(days=days_later)).timestamp()
+
+
+def day_seconds(limits: Limits, now: float) -> float:
+    """How far back "today" reaches for these limits: 24 h rolling, or since local midnight.
+
+    One definition for the limiter, /stats' daily figures and the daily-requests alert."""
+    if limits.day == "rolling":
+        return DAY
+    return now - _midnight(now, ZoneInfo(limits.timezone))
+
+
 class Window:
     """A sliding log of admissions over `span` seconds, or since local midnight.
 
@@ -54,16 +69,13 @@ class Window:
     def start(self, now: float) -> float:
         if self.tz is None:
             return now - self.span
-        local = datetime.fromtimestamp(now, self.tz)
-        return local.replace(hour=0, minute=0, second=0, microsecond=0).timestamp()
+        return _midnight(now, self.tz)
 
     def end_of(self, ts: float) -> float:
         """When an entry admitted at `ts` stops counting."""
         if self.tz is None:
             return ts + self.span
-        local = datetime.fromtimestamp(ts, self.tz)
-        midnight = local.replace(hour=0, minute=0, second=0, microsecond=0) + timedelta(days=1)
-        return midnight.timestamp()
+        return _midnight(ts, self.tz, days_later=1)
 
     def prune(self, now: float) -> None:
         start = self.start(now)

@@ -10,9 +10,9 @@ from __future__ import annotations
 from datetime import datetime
 from typing import Any
 
-from .accounting import DAY, Accounting, Aggregates, Tally
+from .accounting import Accounting, Aggregates, Tally
 from .config import Config, Upstream
-from .limits import Limiter
+from .limits import Limiter, day_seconds
 
 _TEXT = {
     "es": {
@@ -95,23 +95,12 @@ def limits_upstream(config: Config) -> Upstream | None:
     return next((u for u in config.upstreams.values() if u.limits.any), None)
 
 
-def _day_seconds(config: Config, upstream: Upstream, now: float) -> float:
-    """Length of the current day window: 24 h rolling, or since midnight in the limit's zone."""
-    if upstream.limits.day == "rolling":
-        return DAY
-    from zoneinfo import ZoneInfo
-
-    local = datetime.fromtimestamp(now, ZoneInfo(upstream.limits.timezone))
-    midnight = local.replace(hour=0, minute=0, second=0, microsecond=0)
-    return now - midnight.timestamp()
-
-
 def rate_limits(config: Config, acc: Accounting) -> dict[str, Any]:
     upstream = limits_upstream(config)
     if upstream is None:
         return {"tokens_pm": "0 / ∞ TPM", "requests_dia": "0 / ∞ RPD", "uso_tpm": "0.0%", "uso_rpd": "0.0%"}
     _, tokens_min = acc.window_usage(upstream.name, 60.0)
-    requests_day, _ = acc.window_usage(upstream.name, _day_seconds(config, upstream, acc.clock()))
+    requests_day, _ = acc.window_usage(upstream.name, day_seconds(upstream.limits, acc.clock()))
     tpm, rpd = upstream.limits.tpm, upstream.limits.rpd
     return {
         "tokens_pm": f"{fmt_int(tokens_min)} / {fmt_int(tpm) if tpm else '∞'} TPM",
