@@ -60,6 +60,9 @@ class Call:
     text: str = ""
     ttft: float | None = None
     headers_sent: bool = False  # past this, errors can only be told inside the body
+    # The final frame ([DONE], response.completed, Ollama's done) was handed to the client:
+    # the call is answered, whatever happens to either connection afterwards.
+    completed: bool = False
     ticket: Ticket | None = None
     fallback_from: str | None = None
     key_id: str | None = None
@@ -67,6 +70,8 @@ class Call:
     command: bool = False  # answered by the proxy itself: no ledger row
 
     def fail(self, exc: ProxyError, status_sent: bool) -> None:
+        if self.completed:
+            return
         self.outcome = exc.outcome
         if not status_sent:
             self.status = exc.status
@@ -166,7 +171,10 @@ async def metered(request: web.Request, prefix: Prefix, rest: str, endpoint: str
     except (asyncio.CancelledError, ConnectionResetError):
         # The client hung up: with handler cancellation on we are cancelled at once; without
         # it, the next write fails. Either way the upstream response is closed on the way out.
-        call.outcome, call.status = "cancelled", 499
+        # A client that leaves after the final frame (the openai SDK does, at [DONE]) has its
+        # whole answer: that call stays a success.
+        if not call.completed:
+            call.outcome, call.status = "cancelled", 499
         raise
     except Exception:
         call.outcome, call.status = "internal", 500
@@ -300,6 +308,10 @@ async def _relay(request: web.Request, call: Call, response: aiohttp.ClientRespo
     except UpstreamError as exc:
         if not out.prepared:
             raise
+        if call.completed:
+            # Trouble after the final frame (the upstream cut its connection instead of closing
+            # the stream cleanly) changes nothing the client got.
+            return out
         call.fail(exc, status_sent=True)
         await _end_broken(request, call, out, exc)
     return out
@@ -355,19 +367,25 @@ async def _relay_frames(request: web.Request, call: Call, body: AsyncIterator[by
                 if call.ttft is None:
                     call.ttft = time.perf_counter() - call.started
                 await out.write(b"".join(forwarded))
+                call.completed = state.done and state.error is None
         rest = framer.rest()
         if rest.strip():
             # A last frame without its terminator: still the upstream's words, pass them on.
             last = scan(rest, state)
             if last:
                 await out.write(last)
+                call.completed = state.done and state.error is None
     finally:
         call.usage, call.prompt_missing, call.text = state.usage, state.prompt_missing, state.text
     if state.error is not None and call.outcome == "ok":
         call.outcome = "stream_error"
     elif not state.done and state.usage is None and call.outcome == "ok":
         call.outcome = "broken_stream"
-    await out.write_eof()
+    try:
+        await out.write_eof()
+    except ConnectionResetError:
+        if not call.completed:
+            raise
 
 
 async def _relay_body(request: web.Request, call: Call, body: AsyncIterator[bytes], head: bytes,

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import copy
 from collections.abc import AsyncIterator, Callable
 from pathlib import Path
@@ -15,7 +16,7 @@ from proxy.accounting import Accounting
 from proxy.app import create_app
 from proxy.config import Config
 from proxy.keys import ACCOUNTING, LEDGER
-from proxy.store import Ledger
+from proxy.store import CallRecord, Ledger
 
 from .fake_upstream import FakeUpstream
 
@@ -102,6 +103,31 @@ class Proxy:
     def ledger(self) -> Ledger:
         assert self.server is not None
         return self.server.app[LEDGER]
+
+    def records(self) -> Recorded:
+        """Every call the proxy records from now on, with a way to await a count of them."""
+        recorded = Recorded()
+        self.accounting.listeners.append(recorded)
+        return recorded
+
+
+class Recorded:
+    """An accounting listener: the records it has seen, and an await for the n-th."""
+
+    def __init__(self) -> None:
+        self.rows: list[CallRecord] = []
+        self._changed = asyncio.Event()
+
+    def __call__(self, rec: CallRecord) -> None:
+        self.rows.append(rec)
+        self._changed.set()
+
+    async def wait_for(self, count: int, timeout: float = 30.0) -> list[CallRecord]:
+        async with asyncio.timeout(timeout):
+            while len(self.rows) < count:
+                self._changed.clear()
+                await self._changed.wait()
+        return self.rows
 
 
 @pytest.fixture

@@ -35,6 +35,8 @@ class Behavior:
     drop_after_chunks: int | None = None
     error_after_chunks: int | None = None
     gate_before_last: asyncio.Event | None = None
+    # A real server closes its stream a moment after the final frame: hold the end until set.
+    pause_before_eof: asyncio.Event | None = None
     content_type: str | None = None     # override the reply's content type
     raw_body: bytes | None = None       # override the whole reply body
 
@@ -130,6 +132,9 @@ class FakeUpstream:
         except asyncio.CancelledError:
             self.cancelled.set()
             raise
+        except ConnectionResetError:  # the caller left before the end: so does a real server
+            self.cancelled.set()
+            return response
 
     async def _frames(self, request: web.Request, response: web.StreamResponse, b: Behavior,
                       frames: list[bytes], tail: list[bytes], count: Callable[[], None],
@@ -153,6 +158,8 @@ class FakeUpstream:
         for frame in tail:
             await response.write(frame)
         count()
+        if b.pause_before_eof is not None:
+            await b.pause_before_eof.wait()
         await response.write_eof()
         return response
 
