@@ -20,7 +20,7 @@ import aiohttp
 import orjson
 from aiohttp import web
 
-from . import auth, dialects, stats, tagging
+from . import auth, dialects, framing, stats, tagging
 from .config import Config, Upstream
 from .dialects import CallInfo, Dialect, StreamState, Usage
 from .errors import BadRequest, BodyTimeout, PayloadTooLarge, ProxyError, UnknownModel
@@ -299,10 +299,10 @@ async def _relay(request: web.Request, call: Call, response: aiohttp.ClientRespo
     out = web.StreamResponse(status=response.status, reason=response.reason, headers=out_headers)
     try:
         if content_type == "text/event-stream":
-            await _relay_frames(request, call, rest_of_body, out, dialects.sse_framer(),
+            await _relay_frames(request, call, rest_of_body, out, framing.sse_framer(),
                                 _openai_scanner(strip_usage))
         elif content_type == "application/x-ndjson":
-            await _relay_frames(request, call, rest_of_body, out, dialects.ndjson_framer(), _ollama_scanner)
+            await _relay_frames(request, call, rest_of_body, out, framing.ndjson_framer(), _ollama_scanner)
         else:
             await _relay_body(request, call, rest_of_body, head, out)
     except UpstreamError as exc:
@@ -354,7 +354,7 @@ def _ollama_scanner(line: bytes, state: StreamState) -> bytes:
 
 
 async def _relay_frames(request: web.Request, call: Call, body: AsyncIterator[bytes],
-                        out: web.StreamResponse, framer: dialects.Framer,
+                        out: web.StreamResponse, framer: framing.Framer,
                         scan: Callable[[bytes, StreamState], bytes | None]) -> None:
     """Forward a stream frame by frame as it arrives, learning usage and text on the way."""
     state = StreamState()

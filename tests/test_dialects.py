@@ -5,7 +5,7 @@ from __future__ import annotations
 import orjson
 import pytest
 
-from proxy import dialects
+from proxy import dialects, framing
 from proxy.dialects import StreamState, Usage
 from proxy.tokens import Estimator
 
@@ -17,24 +17,24 @@ SSE = (b'data: {"choices":[{"delta":{"content":"Ho"}}],"usage":null}\n\n'
 
 
 def test_framer_gives_the_same_frames_whatever_the_chunking() -> None:
-    whole = dialects.sse_framer().feed(SSE)
+    whole = framing.sse_framer().feed(SSE)
     assert len(whole) == 4 and b"".join(whole) == SSE
     for size in range(1, 40):
-        framer = dialects.sse_framer()
+        framer = framing.sse_framer()
         frames = [f for i in range(0, len(SSE), size) for f in framer.feed(SSE[i:i + size])]
         assert frames == whole, size
         assert framer.rest() == b""
 
 
 def test_framer_keeps_an_unterminated_tail() -> None:
-    framer = dialects.ndjson_framer()
+    framer = framing.ndjson_framer()
     assert framer.feed(b'{"a":1}\n{"b"') == [b'{"a":1}\n']
     assert framer.rest() == b'{"b"'
 
 
 def test_injected_usage_is_removed_and_read() -> None:
     state = StreamState()
-    out = [dialects.scan_openai_frame(f, state, strip_usage=True) for f in dialects.sse_framer().feed(SSE)]
+    out = [dialects.scan_openai_frame(f, state, strip_usage=True) for f in framing.sse_framer().feed(SSE)]
     assert out[0] == b'data: {"choices":[{"delta":{"content":"Ho"}}]}\n\n'
     assert out[2] is None and out[3] == b"data: [DONE]\n\n"
     assert state.usage == Usage(5, 2, 3) and state.text == "Hola" and state.done
@@ -42,7 +42,7 @@ def test_injected_usage_is_removed_and_read() -> None:
 
 def test_usage_asked_by_the_client_is_left_alone() -> None:
     state = StreamState()
-    frames = dialects.sse_framer().feed(SSE)
+    frames = framing.sse_framer().feed(SSE)
     assert [dialects.scan_openai_frame(f, state, strip_usage=False) for f in frames] == frames
     assert state.usage == Usage(5, 2, 3)
 

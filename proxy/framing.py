@@ -1,0 +1,62 @@
+"""Stream framing: whole SSE events and NDJSON lines out of bytes as they arrive.
+
+Pure and byte-exact: a frame is handed on exactly as the upstream sent it, so the relay can
+forward what it has read without re-encoding it.
+"""
+
+from __future__ import annotations
+
+
+class Framer:
+    """Splits arriving bytes into whole frames, keeping each frame's bytes exactly."""
+
+    def __init__(self, separators: tuple[bytes, ...]) -> None:
+        self._separators = separators
+        self._buffer = bytearray()
+        self._scan_from = 0
+
+    def feed(self, data: bytes) -> list[bytes]:
+        self._buffer += data
+        frames: list[bytes] = []
+        start = 0
+        while True:
+            best, size = -1, 0
+            for sep in self._separators:
+                at = self._buffer.find(sep, max(start, self._scan_from - len(sep) + 1))
+                if at != -1 and (best == -1 or at < best):
+                    best, size = at, len(sep)
+            if best == -1:
+                break
+            frames.append(bytes(self._buffer[start:best + size]))
+            start = best + size
+        del self._buffer[:start]
+        self._scan_from = len(self._buffer)
+        return frames
+
+    def rest(self) -> bytes:
+        """Whatever arrived after the last complete frame (a stream cut mid-frame)."""
+        rest = bytes(self._buffer)
+        self._buffer.clear()
+        self._scan_from = 0
+        return rest
+
+
+def sse_framer() -> Framer:
+    return Framer((b"\n\n", b"\r\n\r\n"))
+
+
+def ndjson_framer() -> Framer:
+    return Framer((b"\n",))
+
+
+def sse_data(frame: bytes) -> tuple[str | None, bytes | None]:
+    """The event name and the data of one SSE frame (None when it carries no data)."""
+    event: str | None = None
+    data: list[bytes] = []
+    for line in frame.splitlines():
+        if line.startswith(b"data:"):
+            value = line[5:]
+            data.append(value[1:] if value.startswith(b" ") else value)
+        elif line.startswith(b"event:"):
+            event = line[6:].strip().decode("utf-8", "replace")
+    return event, (b"\n".join(data) if data else None)
