@@ -92,8 +92,8 @@ class Admission:
             return None
         return fallback
 
-    def refusal(self, denial: Denial, upstream: str) -> RateLimited:
-        headers = self.limiter.headers(upstream)
+    def refusal(self, denial: Denial, scopes: list[Scope]) -> RateLimited:
+        headers = self.limiter.headers(scopes)
         if denial.retry_after is not None:
             headers["Retry-After"] = str(max(1, math.ceil(denial.retry_after)))
             headers["retry-after-ms"] = str(max(1, math.ceil(denial.retry_after * 1000)))
@@ -135,7 +135,7 @@ class Admission:
                     continue
                 remaining = deadline - loop.time()
                 if policy.on_limit != "wait" or decision.retry_after is None or decision.retry_after > remaining:
-                    raise self.refusal(decision, upstream.name)
+                    raise self.refusal(decision, scopes)
                 if held is None:
                     held = await self._join(self.lines.lock(decision.scope), deadline)
                     continue

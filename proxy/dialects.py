@@ -208,10 +208,24 @@ def with_max_output(info: CallInfo, body: dict[str, Any], cap: int) -> dict[str,
         return body
     keys = [k for k in ("max_completion_tokens", "max_tokens", "max_output_tokens") if body.get(k) is not None]
     if not keys:
-        keys = ["max_output_tokens" if info.endpoint == "responses" else "max_tokens"]
+        keys = [_output_field(info.endpoint, str(body.get("model") or ""))]
     for key in keys:
         body[key] = cap
     return body
+
+
+# Reasoning models take only max_completion_tokens on chat and refuse max_tokens (OpenAI's
+# reference: max_tokens "is not compatible with o-series models").
+_COMPLETION_TOKENS_ONLY = re.compile(r"^(o\d|gpt-5)")
+
+
+def _output_field(endpoint: str, model: str) -> str:
+    """The field to add when capping output the client did not cap: the one the model takes."""
+    if endpoint == "responses":
+        return "max_output_tokens"
+    if endpoint == "chat" and _COMPLETION_TOKENS_ONLY.match(model.rsplit("/", 1)[-1].lower()):
+        return "max_completion_tokens"
+    return "max_tokens"
 
 
 # --- usage ------------------------------------------------------------------------------
@@ -366,8 +380,34 @@ def scan_openai_frame(frame: bytes, state: StreamState, strip_usage: bool) -> by
         return frame
     if not obj.get("choices") and usage is not None:
         return None
+    return _without_usage(frame, obj)
+
+
+# `"usage": null` as a member of an object, with the comma that joins it to its neighbours.
+_NULL_USAGE = re.compile(rb'\s*,\s*"usage"\s*:\s*null|"usage"\s*:\s*null\s*,?')
+
+
+def _without_usage(frame: bytes, obj: dict[str, Any]) -> bytes:
+    """`frame` without the `usage` member the proxy caused, every other byte as it came.
+
+    The upstream adds `"usage": null` to each chunk once usage is asked for; cutting exactly
+    those bytes leaves the chunk the client would have got had we not asked. Anything less
+    plain (usage beside choices, or the text found twice) is re-encoded without it.
+    """
+    if obj.get("usage") is None:
+        cut, found = _NULL_USAGE.subn(b"", frame, count=2)
+        if found == 1:
+            return cut
     del obj["usage"]
-    return b"data: " + orjson.dumps(obj) + b"\n\n"
+    out, data_done = [], False
+    for line in frame.splitlines(keepends=True):
+        if not line.startswith(b"data:"):
+            out.append(line)
+        elif not data_done:
+            data_done = True
+            ending = line[len(line.rstrip(b"\r\n")):]
+            out.append(b"data: " + orjson.dumps(obj) + ending)
+    return b"".join(out)
 
 
 def _scan_responses_event(kind: str, obj: dict[str, Any], state: StreamState) -> None:

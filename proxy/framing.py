@@ -6,9 +6,20 @@ forward what it has read without re-encoding it.
 
 from __future__ import annotations
 
+import re
+from typing import Protocol
 
-class Framer:
-    """Splits arriving bytes into whole frames, keeping each frame's bytes exactly."""
+
+class Framer(Protocol):
+    def feed(self, data: bytes) -> list[bytes]:
+        """The frames completed by `data`, each exactly as it arrived."""
+
+    def rest(self) -> bytes:
+        """Whatever arrived after the last complete frame (a stream cut mid-frame)."""
+
+
+class SeparatorFramer:
+    """Splits arriving bytes into frames ending in a fixed separator (NDJSON: a newline)."""
 
     def __init__(self, separators: tuple[bytes, ...]) -> None:
         self._separators = separators
@@ -41,12 +52,52 @@ class Framer:
         return rest
 
 
+# SSE lines end in CRLF, LF or CR, mixed freely within one stream (WHATWG HTML, "Server-sent
+# events", parsing an event stream).
+_EOL = re.compile(rb"\r\n|\r|\n")
+
+
+class SseFramer:
+    """Splits an event stream into events: each ends at an empty line, whatever the line endings.
+
+    A CR at the very end of what has arrived may be the first half of a CRLF, so that line is
+    not judged until the next byte (or the end of the stream) says which it is.
+    """
+
+    def __init__(self) -> None:
+        self._buffer = bytearray()
+        self._line = 0  # where the line not yet ended starts
+
+    def feed(self, data: bytes) -> list[bytes]:
+        buffer = self._buffer
+        buffer += data
+        frames: list[bytes] = []
+        start, line, last = 0, self._line, len(buffer) - 1
+        for match in _EOL.finditer(buffer, line):
+            at, end = match.span()
+            if at == last and buffer[at] == 0x0D:
+                break
+            if at == line:  # an empty line: the event is complete
+                frames.append(bytes(buffer[start:end]))
+                start = end
+            line = end
+        del buffer[:start]
+        self._line = line - start
+        return frames
+
+    def rest(self) -> bytes:
+        rest = bytes(self._buffer)
+        self._buffer.clear()
+        self._line = 0
+        return rest
+
+
 def sse_framer() -> Framer:
-    return Framer((b"\n\n", b"\r\n\r\n"))
+    return SseFramer()
 
 
 def ndjson_framer() -> Framer:
-    return Framer((b"\n",))
+    return SeparatorFramer((b"\n",))
 
 
 def sse_data(frame: bytes) -> tuple[str | None, bytes | None]:

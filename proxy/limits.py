@@ -311,20 +311,21 @@ class Limiter:
 
     # --- reporting -----------------------------------------------------------------------
 
-    def headers(self, upstream: str) -> dict[str, str]:
-        """OpenAI's x-ratelimit-* headers for the upstream scope, on every response."""
-        scope = self._upstreams.get(upstream)
-        if scope is None:
-            return {}
+    def headers(self, scopes: list[Scope]) -> dict[str, str]:
+        """OpenAI's x-ratelimit-* headers for a call in `scopes`: for requests and for tokens,
+        the window with the least left, whichever scope (upstream, model, user, key) holds it."""
         now = self.clock()
         out: dict[str, str] = {}
-        requests = scope.rpm or scope.rpd
-        for window, kind in ((requests, "requests"), (scope.tpm, "tokens")):
-            if window is not None:
+        for kind, windows in (("requests", [w for s in scopes for w in (s.rpm, s.rpd) if w is not None]),
+                              ("tokens", [s.tpm for s in scopes if s.tpm is not None])):
+            for window in windows:
                 window.prune(now)
-                out[f"x-ratelimit-limit-{kind}"] = str(window.limit)
-                out[f"x-ratelimit-remaining-{kind}"] = str(max(0, int(window.limit - window.used)))
-                out[f"x-ratelimit-reset-{kind}"] = format_duration(window.reset_in(now))
+            if not windows:
+                continue
+            tightest = min(windows, key=lambda w: (w.limit - w.used, w.limit))
+            out[f"x-ratelimit-limit-{kind}"] = str(tightest.limit)
+            out[f"x-ratelimit-remaining-{kind}"] = str(max(0, int(tightest.limit - tightest.used)))
+            out[f"x-ratelimit-reset-{kind}"] = format_duration(tightest.reset_in(now))
         return out
 
     def report(self) -> list[dict[str, object]]:

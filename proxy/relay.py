@@ -19,6 +19,7 @@ from typing import Literal
 import aiohttp
 import orjson
 from aiohttp import web
+from multidict import CIMultiDict
 
 from . import auth, dialects, framing, stats, tagging
 from .config import Config, Upstream
@@ -121,13 +122,13 @@ async def _read_body(request: web.Request, config: Config) -> bytes:
         raise PayloadTooLarge(f"The request body is {request.content_length:,} bytes; "
                               f"this proxy accepts at most {limit:,}.")
 
-    if request.content.is_eof():  # already all here (the usual case): no timer needed
-        body = await request.content.read()
-        if len(body) > limit:
-            raise PayloadTooLarge(f"The request body is over {limit:,} bytes, the most this proxy accepts.")
-        return body
-    chunks, size = [], 0
     try:
+        if request.content.is_eof():  # already all here (the usual case): no timer needed
+            body = await request.content.read()
+            if len(body) > limit:
+                raise PayloadTooLarge(f"The request body is over {limit:,} bytes, the most this proxy accepts.")
+            return body
+        chunks, size = [], 0
         # asyncio.timeout, not wait_for: no extra task per call.
         async with asyncio.timeout(config.server.body_timeout_s):
             async for chunk in request.content.iter_any():
@@ -137,6 +138,10 @@ async def _read_body(request: web.Request, config: Config) -> bytes:
                 chunks.append(chunk)
     except TimeoutError:
         raise BodyTimeout(f"The request body did not arrive within {config.server.body_timeout_s:g} s.") from None
+    except web.RequestPayloadError:
+        # aiohttp decodes a compressed body as it arrives; this one was not what its header said.
+        coding = request.headers.get("Content-Encoding", "its Content-Encoding")
+        raise BadRequest(f"The request body could not be decoded as {coding}.") from None
     return b"".join(chunks)
 
 
@@ -282,7 +287,8 @@ async def _relay(request: web.Request, call: Call, response: aiohttp.ClientRespo
     else:
         call.answered = True
     out_headers = response_headers(response.headers)
-    out_headers.update(request.app[LIMITER].headers(plan.upstream.name))
+    if plan.ticket is not None:
+        _add_limit_headers(out_headers, request.app[LIMITER].headers(plan.ticket.scopes))
     out_headers["X-Tollgate-Upstream"] = plan.upstream.name
     if call.fallback_from:
         out_headers["X-Tollgate-Fallback-From"] = call.fallback_from
@@ -315,6 +321,25 @@ async def _relay(request: web.Request, call: Call, response: aiohttp.ClientRespo
         call.fail(exc, status_sent=True)
         await _end_broken(request, call, out, exc)
     return out
+
+
+def _add_limit_headers(out: CIMultiDict[str], ours: dict[str, str]) -> None:
+    """Our x-ratelimit-* figures for requests and for tokens, unless the upstream sent its own
+    and they leave less: a client must see the tighter of the two, never the looser."""
+    for kind in ("requests", "tokens"):
+        theirs = out.get(f"x-ratelimit-remaining-{kind}")
+        mine = ours.get(f"x-ratelimit-remaining-{kind}")
+        if mine is None or (theirs is not None and _as_int(theirs) <= int(mine)):
+            continue
+        for part in ("limit", "remaining", "reset"):
+            out[f"x-ratelimit-{part}-{kind}"] = ours[f"x-ratelimit-{part}-{kind}"]
+
+
+def _as_int(value: str) -> float:
+    try:
+        return float(value)
+    except ValueError:
+        return float("inf")  # unreadable: ours wins
 
 
 def _is_stats_command(config: Config, call: Call, info: CallInfo) -> bool:

@@ -54,7 +54,8 @@ class ResponseTooLarge(UpstreamError):
 # Hop-by-hop headers (RFC 9110 §7.6.1) and those the relay recomputes itself.
 _HOP = {"connection", "keep-alive", "proxy-authenticate", "proxy-authorization", "te", "trailer",
         "transfer-encoding", "upgrade", "proxy-connection"}
-_NOT_FORWARDED_UP = _HOP | {"host", "content-length", "authorization", "api-key", "cookie",
+# The body goes up as aiohttp decoded it, so the client's Content-Encoding no longer describes it.
+_NOT_FORWARDED_UP = _HOP | {"host", "content-length", "content-encoding", "authorization", "api-key", "cookie",
                             "accept-encoding", "x-api-key", "forwarded", "x-forwarded-for"}
 _NOT_RELAYED_DOWN = _HOP | {"content-length", "content-encoding", "set-cookie"}
 

@@ -10,6 +10,7 @@ It keeps a tally of the usage it reported so tests can compare the proxy's books
 from __future__ import annotations
 
 import asyncio
+import itertools
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -38,6 +39,13 @@ class Behavior:
     # A real server closes its stream a moment after the final frame: hold the end until set.
     pause_before_eof: asyncio.Event | None = None
     content_type: str | None = None     # override the reply's content type
+    # The awkward parts of real event streams (SSE only; NDJSON is always one line per object):
+    line_ending: str = "lf"             # "lf", "crlf", or "mixed" (LF, CRLF and CR in turn)
+    keepalive: bool = False             # ": ping" comment events and ": keep-alive" lines
+    sse_fields: bool = False            # id: and retry: lines beside data:
+    split_bytes: int | None = None      # write every frame in pieces of this many bytes
+    gzip: bool = False                  # compress replies (when the caller accepts gzip)
+    headers: dict[str, str] | None = None  # extra reply headers (its own x-ratelimit-*, say)
     raw_body: bytes | None = None       # override the whole reply body
 
 
@@ -68,7 +76,7 @@ class FakeUpstream:
         self.reported = Tally()           # usage the fake told its callers about
         self.stall = asyncio.Event()      # set it to release stalled responses
         self.first_chunk_sent = asyncio.Event()
-        self.app = web.Application()
+        self.app = web.Application(middlewares=[self._compress])
         for prefix in ("", "/v1"):
             self.app.router.add_post(prefix + "/chat/completions", self.openai_chat)
             self.app.router.add_post(prefix + "/completions", self.openai_completions)
@@ -89,6 +97,15 @@ class FakeUpstream:
         self.cancelled = asyncio.Event()  # set when a caller hung up on a stream mid-way
 
     # --- helpers ---------------------------------------------------------------------
+
+    @web.middleware
+    async def _compress(self, request: web.Request, handler: Any) -> web.StreamResponse:
+        response: web.StreamResponse = await handler(request)
+        if not response.prepared:
+            if self.behavior.gzip:
+                response.enable_compression()
+            response.headers.update(self.behavior.headers or {})
+        return response
 
     async def _begin(self, request: web.Request) -> tuple[dict[str, Any], Behavior]:
         raw = await request.read()
@@ -125,7 +142,16 @@ class FakeUpstream:
                       frames: list[bytes], tail: list[bytes], count: Callable[[], None],
                       error_frame: bytes) -> web.StreamResponse:
         """Send `frames` (the text pieces) then `tail` (usage, done), misbehaving as told."""
-        response = web.StreamResponse(headers={"Content-Type": b.content_type or content_type})
+        response = web.StreamResponse(headers={"Content-Type": b.content_type or content_type, **(b.headers or {})})
+        if b.gzip:
+            response.enable_compression()
+        if content_type == "text/event-stream":
+            # The usage-only chunk takes no number of its own, so a stream with it and one
+            # without are dressed alike everywhere else.
+            counted = [b'"choices":[],' not in f for f in frames + tail]
+            dressed = [self._dress(b, f, n, alone=c)
+                       for f, n, c in zip(frames + tail, itertools.accumulate(counted), counted)]
+            frames, tail = dressed[:len(frames)], dressed[len(frames):]
         await response.prepare(request)
         try:
             return await self._frames(request, response, b, frames, tail, count, error_frame)
@@ -152,16 +178,37 @@ class FakeUpstream:
                 return response
             if b.gate_before_last is not None and i == len(frames) - 1:
                 await b.gate_before_last.wait()
-            await response.write(frame)
+            await self._write(response, b, frame)
             if i == 0:
                 self.first_chunk_sent.set()
         for frame in tail:
-            await response.write(frame)
+            await self._write(response, b, frame)
         count()
         if b.pause_before_eof is not None:
             await b.pause_before_eof.wait()
         await response.write_eof()
         return response
+
+    @staticmethod
+    async def _write(response: web.StreamResponse, b: Behavior, frame: bytes) -> None:
+        step = b.split_bytes or len(frame)
+        for at in range(0, len(frame), step):
+            await response.write(frame[at:at + step])
+
+    @staticmethod
+    def _dress(b: Behavior, frame: bytes, i: int, alone: bool = True) -> bytes:
+        """One SSE event as servers really write them: other line endings, comments, ids."""
+        lines = frame.removesuffix(b"\n\n").split(b"\n")
+        if b.sse_fields:
+            lines = [b"id: %d" % i, *([b"retry: 3000"] if i == 0 else []), *lines]
+        if b.keepalive:
+            lines = [b": keep-alive", *lines]
+        ending = {"lf": b"\n", "crlf": b"\r\n"}.get(b.line_ending) or (b"\n", b"\r\n", b"\r")[i % 3]
+        # The empty line that ends the event, in another style when mixed (never LF after a
+        # CR, which would read as one CRLF).
+        blank = ending if b.line_ending != "mixed" else (b"\r\n", b"\r", b"\r\n")[i % 3]
+        event = ending.join(lines) + ending + blank
+        return (b": ping" + ending + ending + event) if b.keepalive and alone else event
 
     # --- OpenAI ----------------------------------------------------------------------
 

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import orjson
 import pytest
+from hypothesis import given
+from hypothesis import strategies as st
 
 from proxy import dialects, framing
 from proxy.dialects import StreamState, Usage
@@ -114,3 +116,52 @@ def test_o200k_is_used_only_from_a_verified_cache(tmp_path, monkeypatch) -> None
         assert junk.exists()  # tiktoken would have deleted it and fetched a new one
     finally:
         tokens.encoding.cache_clear()
+
+
+_ENDINGS = [b"\n", b"\r\n", b"\r"]
+
+
+@given(st.lists(st.tuples(st.lists(st.sampled_from([b"data: {\"a\":1}", b": ping", b"id: 7", b"event: x",
+                                                      b"retry: 3000", b"data: [DONE]"]), min_size=1, max_size=4),
+                          st.lists(st.sampled_from(_ENDINGS), min_size=5, max_size=5)), min_size=1, max_size=6),
+       st.lists(st.integers(min_value=1, max_value=9), min_size=1, max_size=30))
+def test_sse_framer_finds_every_event_whatever_the_line_endings_and_chunking(
+        events: list[tuple[list[bytes], list[bytes]]], cuts: list[int]) -> None:
+    """Any mix of CRLF, LF and CR, cut anywhere (even between a CR and its LF): the same events,
+    each byte for byte as sent."""
+    def event(lines: list[bytes], ends: list[bytes]) -> bytes:
+        body = b"".join(line + ends[i] for i, line in enumerate(lines))
+        # A lone CR then an LF is one CRLF, not an empty line: end such an event with CRLF.
+        blank = b"\r\n" if body.endswith(b"\r") and ends[-1] == b"\n" else ends[-1]
+        return body + blank
+
+    expected = [event(lines, ends) for lines, ends in events]
+    stream = b"".join(expected)
+    framer, frames, at, i = framing.sse_framer(), [], 0, 0
+    while at < len(stream):
+        size = cuts[i % len(cuts)]
+        frames += framer.feed(stream[at:at + size])
+        at, i = at + size, i + 1
+    # A stream ending in a lone CR is only known to be complete at its end.
+    frames.append(framer.rest())
+    assert [f for f in frames if f] == expected
+
+
+def test_sse_framer_waits_to_see_whether_a_cr_is_half_a_crlf() -> None:
+    framer = framing.sse_framer()
+    assert framer.feed(b"data: 1\r\n\r") == []
+    assert framer.feed(b"\ndata: 2\n\n") == [b"data: 1\r\n\r\n", b"data: 2\n\n"]
+
+
+@pytest.mark.parametrize("frame", [
+    b'data: {"id":"c1","choices":[{"delta":{"content":"hi"}}],"usage":null}\r\n\r\n',
+    b'id: 4\nevent: chunk\ndata: {"usage": null, "choices":[{"delta":{"content":"hi"}}]}\n\n',
+    b': keep-alive\rdata: {"choices":[{"delta":{"content":"\\"usage\\":null"}}] , "usage" : null }\r\r',
+])
+def test_stripping_injected_usage_keeps_every_other_byte(frame: bytes) -> None:
+    out = dialects.scan_openai_frame(frame, StreamState(), strip_usage=True)
+    assert out is not None and b'"usage"' not in out.replace(b'\\"usage\\"', b"")
+    # Exactly the member and its comma went; the rest is as the upstream wrote it.
+    assert len(frame) - len(out) in range(len(b'"usage":null'), len(b' , "usage" : null ') + 1)
+    _, data = framing.sse_data(out)
+    assert data is not None and orjson.loads(data)["choices"][0]["delta"]["content"]

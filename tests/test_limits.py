@@ -144,7 +144,7 @@ def test_openai_reset_formats() -> None:
 def test_headers_and_report(clock: Clock) -> None:
     lim = limiter(clock, {"rpm": 15, "tpm": 150000, "concurrency": 5})
     ticket = admit(lim, 1000)
-    assert lim.headers("cloud") == {
+    assert lim.headers(lim.scopes("cloud", "gpt-4o", None)) == {
         "x-ratelimit-limit-requests": "15", "x-ratelimit-remaining-requests": "14",
         "x-ratelimit-reset-requests": "1m0s", "x-ratelimit-limit-tokens": "150000",
         "x-ratelimit-remaining-tokens": "149000", "x-ratelimit-reset-tokens": "1m0s"}
@@ -153,6 +153,23 @@ def test_headers_and_report(clock: Clock) -> None:
                                              "used": 1, "max": 15, "pct": 6.7, "reset_s": 60.0}
     assert report["concurrency"]["used"] == 1
     assert isinstance(ticket, Ticket)
+
+
+def test_headers_describe_the_tightest_scope_of_the_call(clock: Clock) -> None:
+    raw = {"upstreams": {"cloud": {"kind": "openai", "base_url": "http://127.0.0.1:1", "models": ["*"],
+                                   "limits": {"rpm": 15, "tpm": 150000}}},
+           "limits": {"models": {"gpt-4o": {"rpd": 3, "tpm": 8000}}, "per_user": {"rpm": 2}}}
+    lim = Limiter(config_mod.parse(raw), clock)
+    scopes = lim.scopes("cloud", "gpt-4o", "ana")
+    assert isinstance(lim.admit(scopes, 1000), Ticket)
+    headers = lim.headers(scopes)
+    # The user's 2 per minute leaves 1, less than the model's 3 per day (2 left) or the
+    # upstream's 15 per minute; the model's 8,000 TPM leaves less than the upstream's 150,000.
+    assert (headers["x-ratelimit-limit-requests"], headers["x-ratelimit-remaining-requests"]) == ("2", "1")
+    assert (headers["x-ratelimit-limit-tokens"], headers["x-ratelimit-remaining-tokens"]) == ("8000", "7000")
+    assert isinstance(lim.admit(scopes, 1000), Ticket)
+    assert lim.headers(scopes)["x-ratelimit-remaining-requests"] == "0"
+    assert lim.headers(lim.scopes("cloud", "gpt-3.5", None))["x-ratelimit-limit-requests"] == "15"
 
 
 

@@ -374,3 +374,19 @@ async def test_proxy_keys_are_required_and_carry_user_and_limits(keyed: dict[str
     with pytest.raises(openai.RateLimitError):
         await bot.chat.completions.create(**CHAT)  # type: ignore[call-overload]
     await bot.close()
+
+
+async def test_a_model_scope_429_carries_its_ratelimit_headers(raw_config: dict[str, Any], make_proxy: Any) -> None:
+    """The limit that refused is set on a model, not the upstream: the headers still say so."""
+    set_limits(raw_config)
+    raw_config["limits"] = {"models": {"gpt-4o": {"rpm": 1, "tpm": 5000}}}
+    proxy = await make_proxy()
+    async with aiohttp.ClientSession() as s:
+        async with s.post(proxy.url + "/v1/chat/completions", json=CHAT) as r:
+            assert r.status == 200
+            assert (r.headers["x-ratelimit-limit-requests"], r.headers["x-ratelimit-remaining-requests"]) == ("1", "0")
+        async with s.post(proxy.url + "/v1/chat/completions", json=CHAT) as r:
+            assert r.status == 429
+            assert (r.headers["x-ratelimit-limit-requests"], r.headers["x-ratelimit-remaining-requests"]) == ("1", "0")
+            assert r.headers["x-ratelimit-limit-tokens"] == "5000"
+            assert r.headers["x-ratelimit-reset-requests"].endswith("s")
