@@ -50,6 +50,14 @@ def is_admin(request: web.Request) -> bool:
     return cookie is not None and _same(cookie, cookie_value(token))
 
 
+def presents_admin_token(request: web.Request) -> bool:
+    """The caller holds the admin token: configured, and sent. (Unlike `is_admin`, an unset
+    token never counts: this is what unlocks upstream-changing calls.)"""
+    token = request.app[CONFIG].server.admin_token()
+    given = presented(request.headers)
+    return token is not None and given is not None and _same(given, token)
+
+
 def require_admin(request: web.Request) -> None:
     if not is_admin(request):
         raise Unauthorized("This endpoint needs the admin token: send 'Authorization: Bearer <token>'.")

@@ -79,6 +79,12 @@ class Upstream:
     max_response_bytes: int = 64 << 20
     fallback: str | None = None        # upstream that takes calls this one cannot
     fallback_model: str | None = None  # the model to ask the fallback for
+    # Paths (globs such as "/v1/files*") forwarded without metering: an explicit choice, since
+    # whatever goes this way spends the upstream's key past every limit and the ledger.
+    passthrough: tuple[str, ...] = ()
+    # Ollama's pull, push, create, copy and delete: refused unless this is set or the caller
+    # presents the admin token.
+    allow_management: bool = False
 
     def serves(self, model: str) -> bool:
         return any(fnmatch.fnmatchcase(model, pattern) for pattern in self.models)
@@ -413,9 +419,24 @@ def _upstream(name: str, table: _Table) -> Upstream:
         limits=_limits(table.sub("limits")),
         fallback=table.opt("fallback", str, "the name of another upstream"),
         fallback_model=table.opt("fallback_model", str, "a model name"),
+        passthrough=_passthrough(table, cast(Kind, kind)),
+        allow_management=table.get("allow_management", bool, False, "true or false"),
     )
     table.done()
     return upstream
+
+
+# A local Ollama's read-only endpoints: no key, no tokens spent.
+OLLAMA_PASSTHROUGH = ("/api/tags", "/api/show", "/api/ps", "/api/version")
+
+
+def _passthrough(table: _Table, kind: Kind) -> tuple[str, ...]:
+    default = list(OLLAMA_PASSTHROUGH) if kind == "ollama" else []
+    expected = 'a list of path patterns such as "/v1/files*" or "/api/tags"'
+    patterns = table.get("passthrough", list, default, expected)
+    if not all(isinstance(p, str) and p.startswith(("/v1/", "/api/")) for p in patterns):
+        raise table.fail("passthrough", patterns, expected)
+    return tuple(p.lower().rstrip("/") for p in patterns)
 
 
 def _price(table: _Table) -> Price:

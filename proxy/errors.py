@@ -41,6 +41,16 @@ class Unauthorized(ProxyError):
     status, type, code, outcome = 401, "authentication_error", "invalid_api_key", "unauthorized"
 
 
+class NotForwarded(ProxyError):
+    """A path Tollgate cannot meter and is not configured to pass through."""
+
+    status, type, code, outcome = 403, "invalid_request_error", "endpoint_not_forwarded", "bad_request"
+
+
+class MethodNotAllowed(ProxyError):
+    status, type, code, outcome = 405, "invalid_request_error", "method_not_allowed", "bad_request"
+
+
 class RateLimited(ProxyError):
     """Refused here, before the upstream: `type` names the limit that was hit."""
 

@@ -65,6 +65,9 @@ class Metrics:
                               ["upstream"], buckets=_TTFT_BUCKETS, registry=r)
         self.fallbacks = Counter("tollgate_fallbacks", "Calls another upstream took.",
                                  ["from_upstream", "to_upstream"], registry=r)
+        self.refused = Counter("tollgate_refused_requests", "Requests refused before any upstream, by reason "
+                               "(a path not metered nor passed through, a method not allowed...).",
+                               ["reason"], registry=r)
         self.in_flight = Gauge("tollgate_in_flight_calls", "LLM calls being served now.", registry=r)
         waiting = Gauge("tollgate_waiting_calls", "Calls waiting in line for a place (wait mode).", registry=r)
         waiting.set_function(lambda: float(lines.waiting))

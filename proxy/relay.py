@@ -21,7 +21,7 @@ import orjson
 from aiohttp import web
 from multidict import CIMultiDict
 
-from . import auth, dialects, framing, stats, tagging
+from . import auth, dialects, framing, routing, stats, tagging
 from .config import Config, Upstream
 from .dialects import CallInfo, Dialect, StreamState, Usage
 from .errors import BadRequest, BodyTimeout, PayloadTooLarge, ProxyError, UnknownModel
@@ -106,14 +106,6 @@ def _dialect(prefix: Prefix) -> Dialect:
     return "openai" if prefix == "v1" else "ollama"
 
 
-def _check_path(rest: str) -> None:
-    """Refuse paths that could climb out of the upstream's base URL."""
-    segments = rest.split("/")
-    if any(seg in ("", ".", "..") for seg in segments[:-1]) or segments[-1] in (".", "..") \
-            or "\\" in rest or ":" in segments[0] or "%" in rest:
-        raise BadRequest(f"The path '/{rest}' is not allowed.")
-
-
 async def _read_body(request: web.Request, config: Config) -> bytes:
     """The whole request body, bounded in size and in time (a client trickling bytes must not
     hold a connection and its memory open forever)."""
@@ -154,14 +146,18 @@ async def ollama_call(request: web.Request) -> web.StreamResponse:
 
 
 async def _handle(request: web.Request, prefix: Prefix) -> web.StreamResponse:
-    rest = request.match_info["rest"]
-    _check_path(rest)
-    table = dialects.OPENAI_ENDPOINTS if prefix == "v1" else dialects.OLLAMA_ENDPOINTS
-    endpoint = table.get(rest) if request.method == "POST" else None
-    if endpoint is None:
-        auth.proxy_key(request.app[CONFIG], request.headers)
-        return await passthrough(request, prefix, rest)
-    return await metered(request, prefix, rest, endpoint)
+    config = request.app[CONFIG]
+    admin = auth.presents_admin_token(request)
+    try:
+        where = routing.route(config, prefix, request.method, request.match_info["rest"], admin)
+    except ProxyError as exc:
+        request.app[METRICS].refused.labels(exc.code).inc()
+        raise
+    if isinstance(where, routing.Metered):
+        return await metered(request, prefix, where.rest, where.endpoint)
+    if not admin:  # the operator, with the admin token, needs no proxy key besides
+        auth.proxy_key(config, request.headers)
+    return await passthrough(request, prefix, where)
 
 
 async def metered(request: web.Request, prefix: Prefix, rest: str, endpoint: str) -> web.StreamResponse:
@@ -470,20 +466,14 @@ async def _end_broken(request: web.Request, call: Call, out: web.StreamResponse,
         pass
 
 
-async def passthrough(request: web.Request, prefix: Prefix, rest: str) -> web.StreamResponse:
-    """Relay a non-LLM call (model lists, version, pulls) without counting it."""
+async def passthrough(request: web.Request, prefix: Prefix, where: routing.PassThrough) -> web.StreamResponse:
+    """Relay a call the config lets through unmetered (model lists, version, files...)."""
     app = request.app
-    config = app[CONFIG]
-    if prefix == "api":
-        upstream = config.ollama_upstream(None)
-    else:
-        upstream = config.upstream_for(None) or next(iter(config.upstreams.values()))
-    if upstream is None:
-        raise UnknownModel("No Ollama upstream is configured.")
+    upstream = where.upstream
     client = app[UPSTREAMS][upstream.name]
-    body = await _read_body(request, config) if request.can_read_body else None
+    body = await _read_body(request, app[CONFIG]) if request.can_read_body else None
     headers = request_headers(request.headers, upstream.api_key())
-    response = await client.send(request.method, client.url(prefix, rest), headers, body,
+    response = await client.send(request.method, client.url(prefix, where.rest), headers, body,
                                  request.query_string)
     async with response:
         out = web.StreamResponse(status=response.status, reason=response.reason,

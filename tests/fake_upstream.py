@@ -94,6 +94,8 @@ class FakeUpstream:
         self.app.router.add_post("/api/show", self.ollama_show)
         self.app.router.add_route("*", "/api/echo/{rest:.*}", self.echo)
         self.app.router.add_get("/_tally", self.tally)
+        # Anything else is recorded too, so a test sees every request that got this far.
+        self.app.router.add_route("*", "/{rest:.*}", self.echo)
         self.cancelled = asyncio.Event()  # set when a caller hung up on a stream mid-way
 
     # --- helpers ---------------------------------------------------------------------

@@ -146,7 +146,17 @@ async def test_models_lists_what_upstreams_serve(proxy: Proxy, client: openai.As
     assert {"gpt-4o", "gpt-4o-mini", "llama3.2:latest", "qwen2.5:7b"} <= ids
 
 
-async def test_other_v1_paths_pass_through_uncounted(proxy: Proxy, fake: FakeUpstream) -> None:
+async def test_paths_listed_under_passthrough_go_through_uncounted(raw_config: dict, fake: FakeUpstream) -> None:
+    raw_config["upstreams"]["gpt4o_cloud"]["passthrough"] = ["/v1/echo/*"]
+    proxy = Proxy(raw_config)
+    await proxy.start()
+    try:
+        await _passthrough_echo(proxy)
+    finally:
+        await proxy.stop()
+
+
+async def _passthrough_echo(proxy: Proxy) -> None:
     async with aiohttp.ClientSession() as s:
         async with s.get(proxy.url + "/v1/echo/files?purpose=x", headers={"Authorization": "Bearer bot"}) as r:
             assert r.status == 200
