@@ -27,6 +27,10 @@ from .keys import ACCOUNTING, CONFIG, LEDGER, LIMITER, METRICS
 _DASHBOARD = Path(__file__).with_name("dashboard.html").read_text(encoding="utf-8")
 
 
+# How long a report waits for the ledger to commit what is queued before reading without it.
+_REPORT_FLUSH_S = 5.0
+
+
 def _json(data: object, status: int = 200) -> web.Response:
     return web.Response(body=orjson.dumps(data), status=status, content_type="application/json")
 
@@ -72,10 +76,14 @@ async def history(request: web.Request) -> web.Response:
     if asked_group is not None and group_by is None:
         raise BadRequest(f"group_by={asked_group!r}: expected one of {', '.join(reports.GROUPS)}.")
     filters = _filters(request)
-    await request.app[LEDGER].flush()  # the report includes every call finished so far
+    # The report includes every call finished so far, unless the ledger is failing: then it says
+    # how many rows it could not include rather than wait.
+    written = await request.app[LEDGER].flush(timeout=_REPORT_FLUSH_S)
     data = await asyncio.get_running_loop().run_in_executor(
         None, reports.history, config.db_path, bucket, filters, group_by, config.stats.tz, acc.clock())
     now = acc.clock()
+    if not written:
+        data["unwritten_rows"] = request.app[LEDGER].unwritten
     data["cost_last_7_days_usd"] = round(acc.trend.last_week(now), 6)
     data["cost_projection_month_usd"] = round(acc.trend.monthly(now), 4)
     return _json(data)
@@ -86,7 +94,7 @@ async def export_csv(request: web.Request) -> web.StreamResponse:
     require_admin(request)
     filters = _filters(request)
     app = request.app
-    await app[LEDGER].flush()
+    await app[LEDGER].flush(timeout=_REPORT_FLUSH_S)
     loop = asyncio.get_running_loop()
     chunks = reports.csv_chunks(app[CONFIG].db_path, filters)
     out = web.StreamResponse(headers={"Content-Type": "text/csv; charset=utf-8",
@@ -155,4 +163,8 @@ async def dashboard_login(request: web.Request) -> web.Response:
 
 
 async def healthz(request: web.Request) -> web.Response:
-    return _json({"status": "ok"})
+    """200 while all is well; 503 with the reason while the ledger cannot keep up."""
+    health = request.app[LEDGER].health()
+    if health.ok:
+        return _json({"status": "ok"})
+    return _json({"status": "degraded", "ledger": health.as_dict()}, status=503)

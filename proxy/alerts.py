@@ -34,6 +34,7 @@ _LABELS = {
     "daily_requests_pct": "requests del día (% del límite)",
     "tpm_pct": "tokens por minuto (% del límite)",
     "total_tokens": "tokens totales",
+    "ledger_unwritten_rows": "filas del registro sin escribir",
 }
 
 
@@ -87,6 +88,8 @@ class Alerts:
             return totals.cost_usd
         if rule.metric == "total_tokens":
             return float(totals.total_tokens)
+        if rule.metric == "ledger_unwritten_rows":
+            return float(self.acc.ledger.unwritten) if self.acc.ledger is not None else None
         if rule.metric == "error_rate_pct":
             horizon = now - rule.window_min * 60.0
             recent = [ok for ts, ok in self._outcomes if ts >= horizon]

@@ -36,7 +36,8 @@ access = logging.getLogger("tollgate.access")
 def create_app(config: Config, clock: Callable[[], float] = time.time) -> web.Application:
     app = web.Application(middlewares=[error_middleware], client_max_size=config.server.max_body_bytes)
 
-    ledger = Ledger(config.db_path)
+    ledger = Ledger(config.db_path, config.server.ledger_busy_timeout_s, config.server.ledger_max_backlog,
+                    drop_when_full=config.server.on_ledger_full == "serve")
     app[CONFIG] = config
     app[LEDGER] = ledger
     app[ACCOUNTING] = Accounting(ledger, clock)
@@ -44,7 +45,7 @@ def create_app(config: Config, clock: Callable[[], float] = time.time) -> web.Ap
     app[UPSTREAMS] = {name: UpstreamClient(u) for name, u in config.upstreams.items()}
     app[LIMITER] = Limiter(config, clock)
     app[ADMISSION] = Admission(config, app[LIMITER], WaitLines(), app[ESTIMATOR])
-    app[METRICS] = Metrics(app[LIMITER], app[ADMISSION].lines)
+    app[METRICS] = Metrics(app[LIMITER], app[ADMISSION].lines, ledger)
     app[ALERTS] = Alerts(config, app[ACCOUNTING])
     # Every finished call, after the ledger has it: counters, alert rules, the access log.
     app[ACCOUNTING].listeners += [app[METRICS].observe, app[ALERTS].on_call, access_log]
@@ -73,8 +74,10 @@ async def ledger_ctx(app: web.Application) -> AsyncIterator[None]:
 
     await loop.run_in_executor(None, open_and_replay)
     yield
-    await ledger.flush()
-    await loop.run_in_executor(None, ledger.close)
+    # A failing ledger gets the drain time to recover, then gives up: shutdown never hangs on it.
+    drain = app[CONFIG].server.drain_timeout_s
+    await ledger.flush(timeout=drain)
+    await loop.run_in_executor(None, ledger.close, 1.0)
 
 
 def replay_ledger(ledger: Ledger, acc: Accounting, limiter: Limiter) -> None:
@@ -106,9 +109,20 @@ async def snapshot_ctx(app: web.Application) -> AsyncIterator[None]:
     config, acc = app[CONFIG], app[ACCOUNTING]
     loop = asyncio.get_running_loop()
 
+    failing = False
+
     async def write() -> None:
+        # A derived file: a full disk must not take the proxy down with it. Said once per fault.
+        nonlocal failing
         data = orjson.dumps(stats.snapshot(config, acc), option=orjson.OPT_INDENT_2)
-        await loop.run_in_executor(None, write_private_atomic, config.snapshot_path, data)
+        try:
+            await loop.run_in_executor(None, write_private_atomic, config.snapshot_path, data)
+        except OSError as exc:
+            if not failing:
+                log.error("cannot write %s (%s); will retry", config.snapshot_path, exc.strerror or exc)
+            failing = True
+        else:
+            failing = False
 
     async def every_interval() -> None:
         last = None
@@ -132,6 +146,9 @@ def write_private_atomic(path: Path, data: bytes) -> None:
     try:
         os.write(fd, data)
         os.fsync(fd)
+    except OSError:
+        os.unlink(tmp)
+        raise
     finally:
         os.close(fd)
     os.replace(tmp, path)

@@ -28,9 +28,12 @@ Kind = Literal["openai", "ollama"]
 DayMode = Literal["rolling", "calendar"]
 RuleScope = Literal["system", "last_user", "any"]
 OnLimit = Literal["reject", "wait"]
-AlertMetric = Literal["cost_usd", "error_rate_pct", "daily_requests_pct", "tpm_pct", "total_tokens"]
+AlertMetric = Literal["cost_usd", "error_rate_pct", "daily_requests_pct", "tpm_pct", "total_tokens",
+                      "ledger_unwritten_rows"]
 WebhookFormat = Literal["slack", "discord", "json"]
-ALERT_METRICS = ("cost_usd", "error_rate_pct", "daily_requests_pct", "tpm_pct", "total_tokens")
+ALERT_METRICS = ("cost_usd", "error_rate_pct", "daily_requests_pct", "tpm_pct", "total_tokens",
+                 "ledger_unwritten_rows")
+OnLedgerFull = Literal["refuse", "serve"]
 OutputCap = Literal["clamp", "reject"]
 
 T = TypeVar("T")
@@ -210,6 +213,11 @@ class Server:
     data_dir: Path
     snapshot_interval_s: float
     drain_timeout_s: float
+    # The ledger: how long a write waits on a lock held by another process before it counts as
+    # failed and is retried; how many unwritten rows may wait in memory; what happens past that.
+    ledger_busy_timeout_s: float = 5.0
+    ledger_max_backlog: int = 100_000
+    on_ledger_full: OnLedgerFull = "refuse"
 
     def admin_token(self) -> str | None:
         if not self.admin_token_env:
@@ -533,7 +541,12 @@ def parse(raw: dict[str, Any], source: Path = Path("<config>")) -> Config:
         data_dir=data_dir,
         snapshot_interval_s=s.positive("snapshot_interval_s", 5.0),
         drain_timeout_s=s.positive("drain_timeout_s", 10.0),
+        ledger_busy_timeout_s=s.positive("ledger_busy_timeout_s", 5.0),
+        ledger_max_backlog=s.positive("ledger_max_backlog", 100_000, integer=True),
+        on_ledger_full=cast(OnLedgerFull, s.get("on_ledger_full", str, "refuse", "'refuse' or 'serve'")),
     )
+    if server.on_ledger_full not in ("refuse", "serve"):
+        raise s.fail("on_ledger_full", server.on_ledger_full, "'refuse' or 'serve'")
     if not 0 <= server.port <= 65535:
         raise s.fail("port", server.port, "a port number from 0 to 65535")
     s.done()

@@ -51,6 +51,12 @@ class MethodNotAllowed(ProxyError):
     status, type, code, outcome = 405, "invalid_request_error", "method_not_allowed", "bad_request"
 
 
+class LedgerUnavailable(ProxyError):
+    """The ledger is failing and its backlog is full: nothing may be served unmetered."""
+
+    status, type, code, outcome = 503, "server_error", "ledger_unavailable", "internal"
+
+
 class RateLimited(ProxyError):
     """Refused here, before the upstream: `type` names the limit that was hit."""
 

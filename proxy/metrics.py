@@ -13,12 +13,12 @@ from __future__ import annotations
 from collections.abc import Iterator
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
-from prometheus_client.core import GaugeMetricFamily
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.registry import Collector
 
 from .admission import WaitLines
 from .limits import Limiter
-from .store import CallRecord
+from .store import CallRecord, Ledger
 
 MAX_MODELS = 50
 # Seconds: from a cached local reply (a few ms) to a long cloud generation (minutes).
@@ -48,8 +48,23 @@ class _LimitCollector(Collector):
         yield from (used, maximum, remaining, reset)
 
 
+class _LedgerCollector(Collector):
+    def __init__(self, ledger: Ledger) -> None:
+        self.ledger = ledger
+
+    def collect(self) -> Iterator[GaugeMetricFamily | CounterMetricFamily]:
+        health = self.ledger.health()
+        yield GaugeMetricFamily("tollgate_ledger_unwritten_rows",
+                                "Ledger rows waiting in memory to be written (a backlog that grows: the "
+                                "ledger is failing).", value=health.unwritten)
+        yield GaugeMetricFamily("tollgate_ledger_failing", "1 while ledger writes fail (full disk, lock...).",
+                                value=0 if health.failing is None else 1)
+        yield CounterMetricFamily("tollgate_ledger_dropped_rows", "Ledger rows given up because the backlog "
+                                  "was full (on_ledger_full = serve).", value=health.dropped)
+
+
 class Metrics:
-    def __init__(self, limiter: Limiter, lines: WaitLines) -> None:
+    def __init__(self, limiter: Limiter, lines: WaitLines, ledger: Ledger) -> None:
         self.registry = CollectorRegistry()
         r = self.registry
         self.requests = Counter("tollgate_requests", "Calls by upstream, model, type and outcome.",
@@ -72,6 +87,7 @@ class Metrics:
         waiting = Gauge("tollgate_waiting_calls", "Calls waiting in line for a place (wait mode).", registry=r)
         waiting.set_function(lambda: float(lines.waiting))
         r.register(_LimitCollector(limiter))
+        r.register(_LedgerCollector(ledger))
         self._models: set[str] = set()
 
     def _model(self, model: str) -> str:

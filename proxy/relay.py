@@ -24,7 +24,7 @@ from multidict import CIMultiDict
 from . import auth, dialects, framing, routing, stats, tagging
 from .config import Config, Upstream
 from .dialects import CallInfo, Dialect, StreamState, Usage
-from .errors import BadRequest, BodyTimeout, PayloadTooLarge, ProxyError, UnknownModel
+from .errors import BadRequest, BodyTimeout, LedgerUnavailable, PayloadTooLarge, ProxyError, UnknownModel
 from .admission import Plan, parse_retry_after
 from .keys import ACCOUNTING, ADMISSION, CONFIG, ESTIMATOR, LEDGER, LIMITER, METRICS, UPSTREAMS
 from .limits import Ticket
@@ -162,6 +162,13 @@ async def _handle(request: web.Request, prefix: Prefix) -> web.StreamResponse:
 
 async def metered(request: web.Request, prefix: Prefix, rest: str, endpoint: str) -> web.StreamResponse:
     app = request.app
+    if app[LEDGER].full and not app[LEDGER].drop_when_full:
+        # on_ledger_full = "refuse": a call the books cannot take is not served at all.
+        app[METRICS].refused.labels(LedgerUnavailable.code).inc()
+        health = app[LEDGER].health()
+        raise LedgerUnavailable(f"Tollgate cannot record calls right now ({health.failing or 'ledger behind'}; "
+                                f"{health.unwritten:,} rows waiting), so it is not forwarding any; try again later.",
+                                {"Retry-After": "5"})
     call = Call(dialect=_dialect(prefix), endpoint=endpoint)
     app[METRICS].in_flight.inc()
     try:

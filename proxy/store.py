@@ -7,19 +7,30 @@ Durability window: `append` only queues the row; the writer thread commits whate
 queued as one transaction, straight away, so a row is on disk within one commit (typically a
 few milliseconds) of the call finishing. With WAL and synchronous=NORMAL a committed row
 survives the process being killed; only a power loss can take the last commits back.
+
+Faults: the writer survives any SQLite error (a full disk, a lock another process holds past
+`ledger_busy_timeout_s`, an I/O error). It keeps the unwritten rows, retries with backoff and
+writes every one of them, in order, once the fault clears. While it fails, `health()` says why;
+the unwritten rows are bounded by `ledger_max_backlog`, past which the proxy either refuses
+metered calls (`on_ledger_full = "refuse"`, the default: nothing is served unmetered) or keeps
+serving and counts each row it had to drop (`"serve"`). The fault is logged once, and its end.
 """
 
 from __future__ import annotations
 
 import asyncio
+import logging
 import os
 import queue
 import sqlite3
 import threading
+import time
 from collections.abc import Iterator
 import operator
 from dataclasses import dataclass, fields
 from pathlib import Path
+
+log = logging.getLogger("tollgate.ledger")
 
 
 @dataclass(slots=True)
@@ -141,8 +152,8 @@ def _settle(future: asyncio.Future[None]) -> None:
 _STOP = object()
 
 
-def _connect(path: Path) -> sqlite3.Connection:
-    conn = sqlite3.connect(path, timeout=30.0, isolation_level=None, check_same_thread=False)
+def _connect(path: Path, busy_timeout_s: float = 30.0) -> sqlite3.Connection:
+    conn = sqlite3.connect(path, timeout=busy_timeout_s, isolation_level=None, check_same_thread=False)
     conn.execute("PRAGMA journal_mode=WAL")
     conn.execute("PRAGMA synchronous=NORMAL")
     return conn
@@ -154,12 +165,43 @@ def make_private_dir(path: Path) -> None:
     os.chmod(path, 0o700)
 
 
+@dataclass(frozen=True)
+class LedgerHealth:
+    """What the writer is doing now: for /healthz, /stats, /metrics and the alert rule."""
+
+    failing: str | None       # the last write's error while it has not succeeded since
+    failing_since: float | None
+    unwritten: int            # rows and admissions queued or being retried
+    dropped: int              # rows given up because the backlog was full (on_ledger_full = "serve")
+    full: bool                # the backlog has reached its bound
+
+    @property
+    def ok(self) -> bool:
+        return self.failing is None and not self.full
+
+    def as_dict(self) -> dict[str, object]:
+        return {"ok": self.ok, "failing": self.failing, "unwritten_rows": self.unwritten,
+                "dropped_rows": self.dropped, "full": self.full}
+
+
 class Ledger:
-    def __init__(self, path: Path) -> None:
+    def __init__(self, path: Path, busy_timeout_s: float = 5.0, max_backlog: int = 100_000,
+                 drop_when_full: bool = False) -> None:
         self.path = path
+        self.busy_timeout_s = busy_timeout_s
+        self.max_backlog = max_backlog
+        self.drop_when_full = drop_when_full
         self._queue: queue.SimpleQueue[object] = queue.SimpleQueue()
         self._thread: threading.Thread | None = None
-        self._failure: BaseException | None = None
+        # Each counter has one writer thread, so their difference is exact without a lock.
+        self._queued = 0          # by the event loop (append, admit)
+        self._written = 0         # by the writer thread
+        self.dropped = 0          # call rows given up (admissions are not counted)
+        self._failing: str | None = None
+        self._failing_since: float | None = None
+        self._wake = threading.Event()
+        self._abandon = False
+        self._dropping = False    # an episode of dropped rows is logged once, at its start
 
     # --- lifecycle -------------------------------------------------------------------
 
@@ -170,7 +212,7 @@ class Ledger:
         # makes all three private.
         os.close(os.open(self.path, os.O_CREAT | os.O_RDWR, 0o600))
         os.chmod(self.path, 0o600)
-        conn = _connect(self.path)
+        conn = _connect(self.path, self.busy_timeout_s)
         try:
             conn.executescript(_SCHEMA)
             # Columns added after the first release: bring an older ledger up to date.
@@ -188,59 +230,131 @@ class Ledger:
         self._thread = threading.Thread(target=self._writer, name="tollgate-ledger", daemon=True)
         self._thread.start()
 
-    def close(self) -> None:
-        """Commit what is queued and stop the writer. Safe to call more than once."""
+    def close(self, timeout: float | None = None) -> None:
+        """Commit what is queued and stop the writer. Safe to call more than once.
+
+        With a timeout, a writer still failing when it runs out gives up: what it could not
+        write is counted in the log, and the process is free to exit."""
         thread, self._thread = self._thread, None
         if thread is not None:
             self._queue.put(_STOP)
-            thread.join()
+            self._wake.set()
+            thread.join(timeout)
+            if thread.is_alive():
+                self._abandon = True
+                self._wake.set()
+                thread.join()
 
     # --- writing (any thread) -----------------------------------------------------------
 
-    def append(self, record: CallRecord) -> None:
-        self._queue.put(record)
+    @property
+    def unwritten(self) -> int:
+        return self._queued - self._written
 
-    def admit(self, admission: Admission) -> None:
-        self._queue.put(admission)
+    @property
+    def full(self) -> bool:
+        return self.unwritten >= self.max_backlog
+
+    def health(self) -> LedgerHealth:
+        return LedgerHealth(self._failing, self._failing_since, max(0, self.unwritten), self.dropped, self.full)
+
+    def _put(self, item: CallRecord | Admission) -> bool:
+        if self.drop_when_full and self.full:
+            if not self._dropping:
+                self._dropping = True
+                log.error("ledger: %d rows are waiting to be written, the most it keeps; dropping rows "
+                          "until it catches up (on_ledger_full = \"serve\"); each is counted", self.unwritten)
+            if isinstance(item, CallRecord):
+                self.dropped += 1  # an admission dropped with it only costs a restart its window entry
+            return False
+        self._queued += 1
+        self._queue.put(item)
+        return True
+
+    def append(self, record: CallRecord) -> bool:
+        """Queue a call's row; False if it had to be dropped (full backlog, "serve" mode)."""
+        return self._put(record)
+
+    def admit(self, admission: Admission) -> bool:
+        return self._put(admission)
 
     def new_epoch(self, started: float) -> None:
         self._queue.put(_Epoch(started))
 
-    async def flush(self) -> None:
-        """Wait until everything appended so far is committed."""
+    async def flush(self, timeout: float | None = None) -> bool:
+        """Wait until everything appended so far is committed; False if `timeout` ran out first
+        (a failing ledger never holds a caller for longer than it is willing to wait)."""
         if self._thread is None:
-            return
+            return True
         marker = _Flush(asyncio.get_running_loop())
         self._queue.put(marker)
-        await marker.future
+        try:
+            await asyncio.wait_for(asyncio.shield(marker.future), timeout)
+        except asyncio.TimeoutError:
+            return False
+        return True
 
     def _writer(self) -> None:
-        conn = _connect(self.path)
+        conn: sqlite3.Connection | None = None
+        pending: list[object] = []   # taken from the queue, not yet committed
+        backoff = 0.0
         try:
-            stop = False
-            while not stop:
-                batch = [self._queue.get()]
-                # Whatever queued up meanwhile goes into the same transaction: one commit per
-                # burst instead of one per call, with no timer delaying a lone row.
-                while len(batch) < 2000:
-                    try:
-                        batch.append(self._queue.get_nowait())
-                    except queue.Empty:
-                        break
-                if any(isinstance(item, (CallRecord, _Epoch, Admission)) for item in batch):
-                    conn.execute("BEGIN")
-                    self._write(conn, batch)
-                    conn.execute("COMMIT")
-                for item in batch:
+            while True:
+                pending += self._take(block=not pending)
+                writes = [item for item in pending if isinstance(item, (CallRecord, _Epoch, Admission))]
+                try:
+                    if writes:
+                        conn = conn or _connect(self.path, self.busy_timeout_s)
+                        conn.execute("BEGIN IMMEDIATE")
+                        self._write(conn, writes)
+                        conn.execute("COMMIT")
+                except sqlite3.Error as exc:
+                    conn = self._after_failure(conn, exc, writes)
+                    if self._abandon:
+                        log.error("ledger: stopping with %d rows unwritten (%s)", len(writes), exc)
+                        return
+                    backoff = min(max(backoff * 2, 0.05), 1.0)
+                    self._wake.wait(backoff)
+                    self._wake.clear()
+                    continue
+                backoff = 0.0
+                self._written += sum(1 for item in writes if not isinstance(item, _Epoch))
+                if self._dropping and not self.full:
+                    log.warning("ledger: backlog below its bound again; %d rows were dropped in all", self.dropped)
+                    self._dropping = False
+                if self._failing is not None:
+                    log.warning("ledger: writing again after %.1f s (%s); caught up",
+                                time.monotonic() - (self._failing_since or 0.0), self._failing)
+                    self._failing = self._failing_since = None
+                stop = False
+                for item in pending:
                     if isinstance(item, _Flush):
                         item.done()
                     elif item is _STOP:
                         stop = True
+                pending = []
+                if stop:
+                    return
         finally:
-            conn.close()
+            if conn is not None:
+                conn.close()
+
+    def _take(self, block: bool) -> list[object]:
+        """What has queued: waits for the first item only when nothing is pending. Whatever queued
+        up meanwhile goes into the same transaction: one commit per burst instead of one per call,
+        with no timer delaying a lone row."""
+        batch: list[object] = []
+        if block:
+            batch.append(self._queue.get())
+        while len(batch) < 2000:
+            try:
+                batch.append(self._queue.get_nowait())
+            except queue.Empty:
+                break
+        return batch
 
     @staticmethod
-    def _write(conn: sqlite3.Connection, batch: list[object]) -> None:
+    def _write(conn: sqlite3.Connection, batch: list[CallRecord | _Epoch | Admission]) -> None:
         """Rows and epochs in queue order: an epoch starts after exactly the rows before it."""
         _insert_many(conn, "admissions", _ADMISSION_COLUMNS,
                      [_ADMISSION_ROW(item) for item in batch if isinstance(item, Admission)], ignore=True)
@@ -254,6 +368,24 @@ class Ledger:
                 conn.execute("INSERT INTO epochs (started, after_call) "
                              "SELECT ?, COALESCE(MAX(id), 0) FROM calls", (item.started,))
         _insert_many(conn, "calls", _COLUMNS, rows)
+
+    def _after_failure(self, conn: sqlite3.Connection | None, exc: sqlite3.Error,
+                       writes: list[CallRecord | _Epoch | Admission]) -> sqlite3.Connection | None:
+        """Roll back, keep the rows, say so once per fault. Returns the connection to reuse."""
+        reason = str(exc) or type(exc).__name__
+        if self._failing is None:
+            self._failing_since = time.monotonic()
+            log.error("ledger: cannot write to %s (%s); keeping %d unwritten rows in memory and retrying",
+                      self.path, reason, len(writes))
+        self._failing = reason
+        if conn is not None:
+            try:
+                if conn.in_transaction:
+                    conn.execute("ROLLBACK")
+            except sqlite3.Error:
+                conn.close()  # a connection that cannot even roll back is opened afresh
+                return None
+        return conn
 
     # --- reading (own connection, any thread) ----------------------------------------------
 

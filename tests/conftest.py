@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import copy
+import sys
 from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 from typing import Any
@@ -172,6 +173,51 @@ async def proxy(raw_config: dict[str, Any]) -> AsyncIterator[Proxy]:
     await p.start()
     yield p
     await p.stop()
+
+
+class Serve:
+    """`tollgate serve` as a child process, ready when it says so."""
+
+    def __init__(self, config: Path, port: int) -> None:
+        self.config, self.port = config, port
+        self.proc: asyncio.subprocess.Process | None = None
+        self.log: list[str] = []  # what it wrote to stderr, line by line
+        self._logged = asyncio.Event()
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    async def start(self) -> None:
+        self.proc = await asyncio.create_subprocess_exec(
+            sys.executable, "-m", "proxy", "-c", str(self.config), "serve",
+            stdout=asyncio.subprocess.DEVNULL, stderr=asyncio.subprocess.PIPE)
+        assert self.proc.stderr is not None
+        while True:
+            line = await asyncio.wait_for(self.proc.stderr.readline(), 60)
+            assert line, "tollgate serve exited before it was ready"
+            self.log.append(line.decode(errors="replace"))
+            if b"tollgate ready on" in line:
+                break
+        asyncio.get_running_loop().create_task(self._drain())
+
+    async def _drain(self) -> None:
+        assert self.proc is not None and self.proc.stderr is not None
+        while line := await self.proc.stderr.readline():
+            self.log.append(line.decode(errors="replace"))
+            self._logged.set()
+
+    async def logged(self, text: str, timeout: float = 30.0) -> None:
+        """Wait until a line containing `text` has been written to its log."""
+        async with asyncio.timeout(timeout):
+            while not any(text in line for line in self.log):
+                self._logged.clear()
+                await self._logged.wait()
+
+    async def signal(self, sig: int) -> int:
+        assert self.proc is not None
+        self.proc.send_signal(sig)
+        return await asyncio.wait_for(self.proc.wait(), 60)
 
 
 def to_toml(data: dict[str, Any], prefix: str = "") -> str:

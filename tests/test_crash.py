@@ -14,43 +14,9 @@ from typing import Any
 import aiohttp
 import pytest
 
-from .conftest import to_toml
+from .conftest import Serve, to_toml
 from .fake_upstream import Behavior, FakeUpstream
 from .test_failures import closed_port
-
-
-class Serve:
-    """`tollgate serve` as a child process, ready when it says so."""
-
-    def __init__(self, config: Path, port: int) -> None:
-        self.config, self.port = config, port
-        self.proc: asyncio.subprocess.Process | None = None
-
-    @property
-    def url(self) -> str:
-        return f"http://127.0.0.1:{self.port}"
-
-    async def start(self) -> None:
-        self.proc = await asyncio.create_subprocess_exec(
-            sys.executable, "-m", "proxy", "-c", str(self.config), "serve",
-            stdout=asyncio.subprocess.DEVNULL, stderr=asyncio.subprocess.PIPE)
-        assert self.proc.stderr is not None
-        while True:
-            line = await asyncio.wait_for(self.proc.stderr.readline(), 60)
-            assert line, "tollgate serve exited before it was ready"
-            if b"tollgate ready on" in line:
-                break
-        asyncio.get_running_loop().create_task(self._drain())
-
-    async def _drain(self) -> None:
-        assert self.proc is not None and self.proc.stderr is not None
-        while await self.proc.stderr.readline():
-            pass
-
-    async def signal(self, sig: int) -> int:
-        assert self.proc is not None
-        self.proc.send_signal(sig)
-        return await asyncio.wait_for(self.proc.wait(), 60)
 
 
 @pytest.fixture
