@@ -46,6 +46,16 @@ class Tally:
             self.estimated_tokens += rec.total_tokens
         self.cost_usd += rec.cost_usd
 
+    def merge(self, other: Tally) -> None:
+        self.requests += other.requests
+        self.errors += other.errors
+        self.prompt_tokens += other.prompt_tokens
+        self.completion_tokens += other.completion_tokens
+        self.cached_tokens += other.cached_tokens
+        self.estimated_calls += other.estimated_calls
+        self.estimated_tokens += other.estimated_tokens
+        self.cost_usd += other.cost_usd
+
     @property
     def total_tokens(self) -> int:
         return self.prompt_tokens + self.completion_tokens
@@ -175,6 +185,16 @@ class CostTrend:
         return self.last_week(now) / elapsed_days * 30.0
 
 
+# Clients name models and users, so their tables are bounded: past this many distinct names in
+# an epoch, newcomers are counted together under OTHERS. Reports show the top of each anyway.
+MAX_DISTINCT = 10_000
+OTHERS = "(others)"
+
+
+def _bounded(table: dict[str, Tally], key: str) -> str:
+    return key if key in table or len(table) < MAX_DISTINCT else OTHERS
+
+
 @dataclass
 class Aggregates:
     """Everything counted since the epoch began."""
@@ -195,13 +215,14 @@ class Aggregates:
 
     def add(self, rec: CallRecord) -> None:
         self.totals.add(rec)
-        for table, key in ((self.by_upstream, rec.upstream), (self.by_model, rec.model),
+        for table, key in ((self.by_upstream, rec.upstream), (self.by_model, _bounded(self.by_model, rec.model)),
                            (self.by_type, rec.type)):
             if key:
                 table.setdefault(key, Tally()).add(rec)
         if rec.user:
-            self.by_user.setdefault(rec.user, Tally()).add(rec)
-            self.user_last_seen[rec.user] = max(rec.ts, self.user_last_seen.get(rec.user, 0.0))
+            user = _bounded(self.by_user, rec.user)
+            self.by_user.setdefault(user, Tally()).add(rec)
+            self.user_last_seen[user] = max(rec.ts, self.user_last_seen.get(user, 0.0))
         self.outcomes[rec.outcome] = self.outcomes.get(rec.outcome, 0) + 1
         self.latency.add(rec.latency_s)
         if rec.ttft_s is not None:

@@ -173,24 +173,20 @@ class Admission:
         return tokens, clamp
 
 
-def parse_retry_after(headers: Mapping[str, str]) -> float | None:
-    """Seconds an upstream asked us to wait: retry-after-ms, or Retry-After (seconds or a date)."""
-    ms = headers.get("retry-after-ms")
-    if ms:
+def parse_retry_after(headers: Mapping[str, str], cap: float, now: float) -> float | None:
+    """Seconds an upstream asked us to wait: retry-after-ms, or Retry-After (seconds or an HTTP
+    date), at most `cap`. Anything not a finite, non-negative time is ignored."""
+    for name, scale in (("retry-after-ms", 1000.0), ("Retry-After", 1.0)):
+        value = headers.get(name)
+        if not value:
+            continue
         try:
-            return float(ms) / 1000.0
+            seconds = float(value) / scale
         except ValueError:
-            pass
-    value = headers.get("Retry-After")
-    if not value:
-        return None
-    try:
-        return float(value)
-    except ValueError:
-        pass
-    try:
-        from time import time
-
-        return parsedate_to_datetime(value).timestamp() - time()
-    except (TypeError, ValueError):
-        return None
+            try:
+                seconds = parsedate_to_datetime(value).timestamp() - now
+            except (TypeError, ValueError, OverflowError):
+                continue
+        if math.isfinite(seconds) and seconds >= 0:
+            return min(seconds, cap)
+    return None

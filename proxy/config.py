@@ -118,6 +118,9 @@ class LimitPolicy:
     # Beyond this wait, a 429 says x-should-retry: false (the openai SDK honours up to 120 s).
     no_retry_over_s: float = 120.0
     concurrency_retry_s: float = 1.0
+    # An upstream's own Retry-After holds calls back at most this long (a broken or hostile
+    # upstream must not park the proxy for a year).
+    max_upstream_retry_after_s: float = 3600.0
     models: Mapping[str, Limits] = field(default_factory=dict)
     users: Mapping[str, Limits] = field(default_factory=dict)
     per_user: Limits = field(default_factory=Limits)
@@ -622,6 +625,7 @@ def parse(raw: dict[str, Any], source: Path = Path("<config>")) -> Config:
         output_cap=cast(OutputCap, output_cap),
         no_retry_over_s=lim_t.positive("no_retry_over_s", 120.0),
         concurrency_retry_s=lim_t.positive("concurrency_retry_s", 1.0),
+        max_upstream_retry_after_s=lim_t.positive("max_upstream_retry_after_s", 3600.0),
         models={pattern: _limits(models_t.sub(pattern)) for pattern in list(models_t.data)},
         users={user: _limits(users_t.sub(user)) for user in list(users_t.data)},
         per_user=_limits(lim_t.sub("per_user")),

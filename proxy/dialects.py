@@ -86,6 +86,13 @@ class CallInfo:
         return estimator.text(_join(value), model)
 
 
+# Names become ledger values and metric labels: a model, user or type longer than this is refused.
+MAX_NAME_LEN = 256
+# How many messages from each end of a conversation are read for its system prompt, its last
+# user message and its images (the estimator has its own bound).
+_SCAN_MESSAGES = 256
+
+
 class BadRequest(ValueError):
     """The client's body is not what the endpoint takes; the message says why."""
 
@@ -147,14 +154,16 @@ def parse_request(dialect: Dialect, endpoint: str, raw: bytes) -> CallInfo:
         stream = bool(stream_value)
     raw_messages = body.get("input") if endpoint == "responses" else body.get("messages")
     messages: list[Any] = raw_messages if isinstance(raw_messages, list) else []
+    # Bounded work whatever the body holds: the system prompt is read from the first messages,
+    # the last user message (and any image) from the last ones.
     system_parts, last_user = [], ""
-    for message in messages:
-        if isinstance(message, dict):
-            role = message.get("role")
-            if role in ("system", "developer"):
-                system_parts.append(message_text(message))
-            elif role == "user":
-                last_user = message_text(message)
+    for message in messages[:_SCAN_MESSAGES]:
+        if isinstance(message, dict) and message.get("role") in ("system", "developer"):
+            system_parts.append(message_text(message))
+    for message in reversed(messages[-_SCAN_MESSAGES:]):
+        if isinstance(message, dict) and message.get("role") == "user":
+            last_user = message_text(message)
+            break
     if isinstance(body.get("system"), str):
         system_parts.append(body["system"])
     if isinstance(body.get("instructions"), str):
@@ -164,9 +173,12 @@ def parse_request(dialect: Dialect, endpoint: str, raw: bytes) -> CallInfo:
             if isinstance(body.get(key), str):
                 last_user = body[key]
     user = body.get("user") if isinstance(body.get("user"), str) else None
+    for name, value in (("model", model), ("user", user)):
+        if value is not None and len(value) > MAX_NAME_LEN:
+            raise BadRequest(f"'{name}' is {len(value):,} characters long; at most {MAX_NAME_LEN} are accepted.")
     return CallInfo(
         dialect=dialect, endpoint=endpoint, model=model, stream=stream, user=user or None,
-        has_images=_has_images(body, messages),
+        has_images=_has_images(body, messages[-_SCAN_MESSAGES:]),
         system_text="\n".join(system_parts), last_user_text=last_user,
         max_output_tokens=_max_output(dialect, body), body=body,
     )

@@ -265,7 +265,8 @@ async def _send(request: web.Request, prefix: Prefix, rest: str, call: Call, inf
                 raise
         else:
             if response.status == 429:
-                limiter.upstream_refused(plan.upstream.name, parse_retry_after(response.headers))
+                wait = parse_retry_after(response.headers, app[CONFIG].limits.max_upstream_retry_after_s, time.time())
+                limiter.upstream_refused(plan.upstream.name, wait)
             nxt = None
             if response.status == 429 or response.status >= 500:
                 nxt = admission.fallback_for(plan.upstream, tried, call.dialect)

@@ -10,7 +10,7 @@ from __future__ import annotations
 from datetime import datetime
 from typing import Any
 
-from .accounting import Accounting, Aggregates, Tally
+from .accounting import OTHERS, Accounting, Aggregates, Tally
 from .config import Config, Upstream
 from .limits import Limiter, day_seconds
 
@@ -110,9 +110,23 @@ def rate_limits(config: Config, acc: Accounting) -> dict[str, Any]:
     }
 
 
-def _tallies(table: dict[str, Tally], limit: int | None = None) -> dict[str, Any]:
+# Tables in /stats show their busiest entries; the rest are summed under OTHERS, so the reply
+# stays small however many models and users clients name.
+TOP = 100
+
+
+def _top(table: dict[str, Tally], limit: int = TOP) -> list[tuple[str, Tally]]:
     ordered = sorted(table.items(), key=lambda kv: (-kv[1].requests, kv[0]))
-    return {k: v.as_dict() for k, v in ordered[:limit]}
+    if len(ordered) <= limit:
+        return ordered
+    rest = Tally()
+    for _, tally in ordered[limit:]:
+        rest.merge(tally)
+    return [*ordered[:limit], (OTHERS, rest)]
+
+
+def _tallies(table: dict[str, Tally], limit: int = TOP) -> dict[str, Any]:
+    return {k: v.as_dict() for k, v in _top(table, limit)}
 
 
 def stats_json(config: Config, acc: Accounting, limiter: Limiter | None = None) -> dict[str, Any]:
@@ -124,7 +138,8 @@ def stats_json(config: Config, acc: Accounting, limiter: Limiter | None = None) 
     tokens["total"] = totals.total_tokens
     by_type = {name: agg.by_type.get(name, Tally()).requests for name in config.types}
     by_type.update({name: t.requests for name, t in agg.by_type.items() if name not in by_type})
-    users = sorted(agg.user_last_seen, key=lambda u: -agg.user_last_seen[u])
+    # The most recent users first, as many as /stats shows of any table.
+    users = sorted(agg.user_last_seen, key=lambda u: -agg.user_last_seen[u])[:TOP]
     return {
         "estado": "✅ Operativo",
         "inicio": fmt_time(config, agg.epoch_started),
@@ -157,11 +172,12 @@ def stats_json(config: Config, acc: Accounting, limiter: Limiter | None = None) 
                             for name, tally in _tallies(agg.by_upstream).items()},
             "by_model": _tallies(agg.by_model),
             "by_type": _tallies(agg.by_type),
-            "by_user": _tallies(agg.by_user, limit=100),
+            "by_user": _tallies(agg.by_user),
+            "distinct_users": len(agg.by_user),
             "errors_by_kind": {k: v for k, v in agg.outcomes.items() if k != "ok"},
             "latency_s": agg.latency.summary(),
             "ttft_s": agg.ttft.summary(),
-            "cost_usd_by_model": {m: round(t.cost_usd, 6) for m, t in agg.by_model.items()},
+            "cost_usd_by_model": {m: round(t.cost_usd, 6) for m, t in _top(agg.by_model)},
             "fallbacks": dict(agg.fallbacks),
             "cost_last_7_days_usd": round(acc.trend.last_week(now), 6),
             "cost_projection_month_usd": round(acc.trend.monthly(now), 4),

@@ -10,16 +10,20 @@ from __future__ import annotations
 from collections.abc import Mapping
 
 from .config import Config, ProxyKey
-from .dialects import CallInfo
+from .dialects import MAX_NAME_LEN, CallInfo
+from .errors import BadRequest
 
-# A user id is a label in aggregates and the ledger: keep it to a sane size.
-MAX_USER_LEN = 128
+
+def _bounded(what: str, value: str) -> str:
+    if len(value) > MAX_NAME_LEN:
+        raise BadRequest(f"{what} is {len(value):,} characters long; at most {MAX_NAME_LEN} are accepted.")
+    return value
 
 
 def request_type(config: Config, info: CallInfo, header: str | None, path_type: str | None) -> str:
     for explicit in (header, path_type):
         if explicit:
-            name = explicit.strip().lower()
+            name = _bounded("The request type", explicit).strip().lower()
             if name in config.types:
                 return name
     if info.has_images:
@@ -37,5 +41,4 @@ def user(info: CallInfo | None, headers: Mapping[str, str], key: ProxyKey | None
     candidate = (info.user if info else None) or headers.get("X-Tollgate-User") or (key.user if key else None)
     if candidate is None:
         return None
-    candidate = candidate.strip()
-    return candidate[:MAX_USER_LEN] or None
+    return _bounded("The user", candidate).strip() or None

@@ -61,32 +61,51 @@ def encoding_for(model: str) -> tiktoken.Encoding:
 
 
 class Estimator:
-    """Counts tokens of text, bounded in how much text it reads per call."""
+    """Counts tokens of text, bounded in the work it does per call, whatever the call holds.
 
-    def __init__(self, max_chars: int = 200_000) -> None:
+    At most `max_chars` characters are tokenised and at most `max_messages` messages read; the
+    rest is extrapolated from what was read (its tokens per character, its tokens per message).
+    A 10 MB body of 330,000 one-character messages costs what its first thousand do.
+    """
+
+    def __init__(self, max_chars: int = 200_000, max_messages: int = 1_000) -> None:
         self.max_chars = max_chars
+        self.max_messages = max_messages
 
     def text(self, text: str, model: str) -> int:
-        if not text:
-            return 0
-        head = text[: self.max_chars]
-        count = len(encoding_for(model).encode(head, disallowed_special=()))
-        if len(text) > len(head):
+        return self.texts([text], model)
+
+    def texts(self, texts: list[str], model: str) -> int:
+        """Tokens of `texts`, each encoded on its own while the character budget lasts."""
+        encoding = encoding_for(model)
+        budget, count, read, unread = self.max_chars, 0, 0, 0
+        for text in texts:
+            if budget <= 0:
+                unread += len(text)
+                continue
+            head = text[:budget]
+            count += len(encoding.encode(head, disallowed_special=()))
+            budget -= len(head)
+            read += len(head)
+            unread += len(text) - len(head)
+        if unread and read:
             # Past the bound, scale by the density of what was read instead of encoding it all.
-            count = round(count * len(text) / len(head))
+            count += round(count * unread / read)
         return count
 
     def chat_prompt(self, messages: list[Any], model: str) -> int:
         """Prompt tokens of a chat call, with the per-message framing the upstream adds."""
-        total = _REPLY_PRIMING
-        for message in messages:
+        sample = messages[: self.max_messages]
+        framing, texts = 0, []
+        for message in sample:
             if not isinstance(message, dict):
                 continue
-            total += _PER_MESSAGE
-            if message.get("name"):
-                total += _PER_NAME
-            total += self.text(message_text(message), model)
-        return total
+            framing += _PER_MESSAGE + (_PER_NAME if message.get("name") else 0)
+            texts.append(message_text(message))
+        total = framing + self.texts(texts, model)
+        if len(messages) > len(sample):
+            total += round(total * (len(messages) - len(sample)) / len(sample))
+        return _REPLY_PRIMING + total
 
 
 def message_text(message: dict[str, Any]) -> str:

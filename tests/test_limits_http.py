@@ -390,3 +390,22 @@ async def test_a_model_scope_429_carries_its_ratelimit_headers(raw_config: dict[
             assert (r.headers["x-ratelimit-limit-requests"], r.headers["x-ratelimit-remaining-requests"]) == ("1", "0")
             assert r.headers["x-ratelimit-limit-tokens"] == "5000"
             assert r.headers["x-ratelimit-reset-requests"].endswith("s")
+
+
+@pytest.mark.parametrize("value,held", [("inf", None), ("nan", None), ("-5", None), ("soon", None),
+                                        ("1e308", 3600), ("86400", 3600), ("12", 12)])
+async def test_an_upstreams_retry_after_is_bounded(raw_config: dict[str, Any], fake: FakeUpstream,
+                                                   make_proxy: Any, value: str, held: int | None) -> None:
+    """`Retry-After: inf` once made every later call a 500; absurd waits are capped at an hour."""
+    proxy = await make_proxy()
+    fake.behavior = Behavior(status=429, retry_after=value)
+    async with aiohttp.ClientSession() as s:
+        async with s.post(proxy.url + "/v1/chat/completions", json=CHAT) as r:
+            assert r.status == 429 and r.headers["Retry-After"] == value  # the upstream's own answer
+        fake.behavior = Behavior()
+        async with s.post(proxy.url + "/v1/chat/completions", json=CHAT) as r:
+            if held is None:
+                assert r.status == 200  # nothing held the next call back
+            else:
+                assert r.status == 429 and (await r.json())["error"]["type"] == "upstream_rate_limit"
+                assert held - 1 <= int(r.headers["Retry-After"]) <= held
