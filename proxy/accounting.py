@@ -212,8 +212,15 @@ class Aggregates:
     user_last_seen: dict[str, float] = field(default_factory=dict)
     chat_messages: int = 0
     fallbacks: dict[str, int] = field(default_factory=dict)  # by the upstream fallen back from
+    # Attempts that did not answer the client (a fallback did), by "upstream:outcome". They are
+    # not requests of their own: the call is counted once, where it was served.
+    attempts: dict[str, int] = field(default_factory=dict)
 
     def add(self, rec: CallRecord) -> None:
+        if not rec.final:
+            key = f"{rec.upstream}:{rec.outcome}"
+            self.attempts[key] = self.attempts.get(key, 0) + 1
+            return
         self.totals.add(rec)
         for table, key in ((self.by_upstream, rec.upstream), (self.by_model, _bounded(self.by_model, rec.model)),
                            (self.by_type, rec.type)):

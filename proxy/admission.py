@@ -73,6 +73,8 @@ class Plan:
     ticket: Ticket | None
     clamp_output: int | None      # rewrite the body's max output tokens to this
     fallback_from: str | None
+    # The upstreams whose limits refused the call on its way here, with why.
+    refused: tuple[tuple[Upstream, str, Denial], ...] = ()
 
 
 @dataclass
@@ -111,11 +113,12 @@ class Admission:
         deadline = loop.time() + policy.max_wait_s
         held: asyncio.Lock | None = None
         prompt: int | None = None
+        refused: list[tuple[Upstream, str, Denial]] = []
         try:
             while True:
                 scopes = self.limiter.scopes(upstream.name, model, user, key)
                 if not scopes:
-                    return Plan(upstream, model, None, None, fallback_from)
+                    return Plan(upstream, model, None, None, fallback_from, tuple(refused))
                 if prompt is None and self.limiter.needs_estimate(scopes):
                     prompt = info.estimate_prompt(self.estimator)
                 tokens, clamp = self._caps(info, scopes, prompt)
@@ -126,9 +129,10 @@ class Admission:
                         continue
                 decision = self.limiter.admit(scopes, tokens)
                 if isinstance(decision, Ticket):
-                    return Plan(upstream, model, decision, clamp, fallback_from)
+                    return Plan(upstream, model, decision, clamp, fallback_from, tuple(refused))
                 fallback = self.fallback_for(upstream, tried, info.dialect)
                 if fallback is not None:
+                    refused.append((upstream, model, decision))
                     tried.add(upstream.name)
                     fallback_from = fallback_from or upstream.name
                     upstream, model, prompt = fallback, upstream.fallback_model or model, None

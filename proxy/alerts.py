@@ -78,6 +78,8 @@ class Alerts:
     # --- figures -------------------------------------------------------------------------
 
     def on_call(self, rec: CallRecord) -> None:
+        if not rec.final:
+            return  # the call is counted once, when it is answered
         if self._span:
             self._outcomes.append((rec.ts, rec.ok))
         self.check()

@@ -180,7 +180,7 @@ def access_log(rec: CallRecord) -> None:
         "outcome": rec.outcome, "prompt_tokens": rec.prompt_tokens, "completion_tokens": rec.completion_tokens,
         "estimated": rec.estimated, "latency_ms": round(rec.latency_s * 1000, 1),
         "ttft_ms": round(rec.ttft_s * 1000, 1) if rec.ttft_s is not None else None,
-        "fallback_from": rec.fallback_from,
+        "fallback_from": rec.fallback_from, "final": rec.final,
     }).decode())
 
 

@@ -83,6 +83,9 @@ class Metrics:
         self.refused = Counter("tollgate_refused_requests", "Requests refused before any upstream, by reason "
                                "(a path not metered nor passed through, a method not allowed...).",
                                ["reason"], registry=r)
+        self.attempts = Counter("tollgate_fallen_back_attempts", "Attempts an upstream refused or failed "
+                                "before a fallback answered the call, by upstream and outcome.",
+                                ["upstream", "outcome"], registry=r)
         self.in_flight = Gauge("tollgate_in_flight_calls", "LLM calls being served now.", registry=r)
         waiting = Gauge("tollgate_waiting_calls", "Calls waiting in line for a place (wait mode).", registry=r)
         waiting.set_function(lambda: float(lines.waiting))
@@ -100,6 +103,9 @@ class Metrics:
 
     def observe(self, rec: CallRecord) -> None:
         upstream, model = rec.upstream or "none", self._model(rec.model or "none")
+        if not rec.final:
+            self.attempts.labels(upstream, rec.outcome).inc()
+            return
         self.requests.labels(upstream, model, rec.type, rec.outcome).inc()
         estimated = "true" if rec.estimated else "false"
         if rec.prompt_tokens:

@@ -24,7 +24,8 @@ from multidict import CIMultiDict
 from . import auth, dialects, framing, routing, stats, tagging
 from .config import Config, Upstream
 from .dialects import CallInfo, Dialect, StreamState, Usage
-from .errors import BadRequest, BodyTimeout, LedgerUnavailable, PayloadTooLarge, ProxyError, UnknownModel
+from .errors import (BadRequest, BodyTimeout, LedgerUnavailable, PayloadTooLarge, ProxyError, RateLimited,
+                     UnknownModel)
 from .admission import Plan, parse_retry_after
 from .keys import ACCOUNTING, ADMISSION, CONFIG, ESTIMATOR, LEDGER, LIMITER, METRICS, UPSTREAMS
 from .limits import Ticket
@@ -239,7 +240,11 @@ async def _metered(request: web.Request, prefix: Prefix, rest: str, call: Call) 
 async def _send(request: web.Request, prefix: Prefix, rest: str, call: Call, info: CallInfo, raw: bytes,
                 strip_usage: bool) -> tuple[aiohttp.ClientResponse, Plan, UpstreamClient]:
     """Admit the call and send it; on a refusal (ours or the upstream's) try the fallback,
-    once per upstream. Returns the response to relay, with the plan and client that got it."""
+    once per upstream. Returns the response to relay, with the plan and client that got it.
+
+    Every attempt that does not answer the client leaves its own ledger row (final = False) on
+    the upstream that refused or failed it, with that upstream's admission: the served row and
+    its window entries belong to the upstream that served it alone."""
     app = request.app
     admission, limiter = app[ADMISSION], app[LIMITER]
     assert call.upstream is not None
@@ -247,8 +252,11 @@ async def _send(request: web.Request, prefix: Prefix, rest: str, call: Call, inf
     tried: set[str] = set()
     while True:
         plan = await admission.admit(info, upstream, model, call.user, call.key_id, tried, fallback_from)
+        for refused_by, refused_model, denial in plan.refused:
+            _attempt(app, call, refused_by, refused_model, RateLimited.outcome, RateLimited.status, None)
         call.upstream, call.model, call.ticket = plan.upstream, plan.model, plan.ticket
         call.fallback_from = fallback_from = plan.fallback_from
+        call.admission = None
         if plan.ticket is not None:
             # On disk before the call leaves: a crash mid-call must not give the place back.
             call.admission = plan.ticket.key
@@ -259,10 +267,11 @@ async def _send(request: web.Request, prefix: Prefix, rest: str, call: Call, inf
         try:
             response = await client.send("POST", client.url(prefix, rest), headers,
                                          _upstream_body(raw, info, plan, strip_usage), request.query_string)
-        except (Unreachable, UpstreamTimeout):
+        except (Unreachable, UpstreamTimeout) as exc:
             nxt = admission.fallback_for(plan.upstream, tried, call.dialect)
             if nxt is None:
                 raise
+            failed = (exc.outcome, exc.status)
         else:
             if response.status == 429:
                 wait = parse_retry_after(response.headers, app[CONFIG].limits.max_upstream_retry_after_s, time.time())
@@ -273,11 +282,25 @@ async def _send(request: web.Request, prefix: Prefix, rest: str, call: Call, inf
             if nxt is None:
                 return response, plan, client
             response.release()
-        # Falling back: the refused attempt holds no tokens, and the fallback gets its own admission.
+            failed = ("upstream_rate_limited" if response.status == 429 else "upstream_status", response.status)
+        # Falling back: the failed attempt holds no tokens, and the fallback gets its own admission.
+        _attempt(app, call, plan.upstream, plan.model, *failed, call.admission)
         _finish_ticket(app, call, 0)
+        call.admission = None
         tried.add(plan.upstream.name)
         fallback_from = fallback_from or plan.upstream.name
         upstream, model = nxt, plan.upstream.fallback_model or plan.model
+
+
+def _attempt(app: web.Application, call: Call, upstream: Upstream, model: str, outcome: str, status: int,
+             admission: str | None) -> None:
+    """The ledger row of an attempt a fallback took over from: no tokens, no cost, not final."""
+    app[ACCOUNTING].record(CallRecord(
+        ts=app[ACCOUNTING].clock(), upstream=upstream.name, model=model, dialect=call.dialect,
+        endpoint=call.endpoint, type=call.type, user=call.user, stream=bool(call.info and call.info.stream),
+        status=status, outcome=outcome, prompt_tokens=0, completion_tokens=0, cached_tokens=0, estimated=False,
+        latency_s=time.perf_counter() - call.started, ttft_s=None, cost_usd=0.0, fallback_from=call.fallback_from,
+        key_id=call.key_id, admission=admission, final=False))
 
 
 async def _relay(request: web.Request, call: Call, response: aiohttp.ClientResponse, plan: Plan,

@@ -12,7 +12,7 @@ import csv
 import io
 import sqlite3
 from collections.abc import Generator
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from datetime import datetime
 from pathlib import Path
 from typing import Any, Literal
@@ -32,9 +32,11 @@ class Filters:
     since: float | None = None
     until: float | None = None
     equals: tuple[tuple[GroupBy, str], ...] = ()  # e.g. (("upstream", "gpt4o_cloud"),)
+    # Reports count calls; an export shows every row, the attempts before a fallback included.
+    attempts: bool = False
 
     def where(self) -> tuple[str, list[Any]]:
-        clauses = ["ts >= ?", "ts < ?"]
+        clauses = ["ts >= ?", "ts < ?"] + ([] if self.attempts else ["final = 1"])
         params: list[Any] = [self.since if self.since is not None else float("-inf"),
                              self.until if self.until is not None else float("inf")]
         for column, value in self.equals:
@@ -126,7 +128,7 @@ def recent_costs(path: Path, since: float) -> tuple[dict[int, float], float | No
 
 def csv_chunks(path: Path, filters: Filters, batch: int = 2000) -> Generator[bytes, None, None]:
     """The ledger's rows as CSV, a header then `batch` rows at a time: memory stays flat."""
-    where, params = filters.where()
+    where, params = replace(filters, attempts=True).where()
     conn = _connect(path)
     try:
         cursor = conn.execute(f"SELECT {', '.join(COLUMNS)} FROM calls WHERE {where} ORDER BY ts, id", params)

@@ -179,6 +179,7 @@ def stats_json(config: Config, acc: Accounting, limiter: Limiter | None = None) 
             "ttft_s": agg.ttft.summary(),
             "cost_usd_by_model": {m: round(t.cost_usd, 6) for m, t in _top(agg.by_model)},
             "fallbacks": dict(agg.fallbacks),
+            "attempts_before_fallback": dict(agg.attempts),
             "cost_last_7_days_usd": round(acc.trend.last_week(now), 6),
             "cost_projection_month_usd": round(acc.trend.monthly(now), 4),
             "limits": limiter.report() if limiter is not None else [],

@@ -55,6 +55,9 @@ class CallRecord:
     fallback_from: str | None = None  # the upstream that could not take the call
     key_id: str | None = None         # the proxy key's name (never the key itself)
     admission: str | None = None      # the key of its row in `admissions`, if a limit admitted it
+    # False for an attempt that did not answer the client: refused by a limit or failed at its
+    # upstream, after which a fallback took the call (whose row is final, with fallback_from).
+    final: bool = True
 
     @property
     def total_tokens(self) -> int:
@@ -89,7 +92,7 @@ CREATE TABLE IF NOT EXISTS calls (
     prompt_tokens INTEGER NOT NULL, completion_tokens INTEGER NOT NULL,
     cached_tokens INTEGER NOT NULL, estimated INTEGER NOT NULL,
     latency_s REAL NOT NULL, ttft_s REAL, cost_usd REAL NOT NULL, fallback_from TEXT, key_id TEXT,
-    admission TEXT
+    admission TEXT, final INTEGER NOT NULL DEFAULT 1
 );
 CREATE INDEX IF NOT EXISTS calls_ts ON calls(ts);
 CREATE TABLE IF NOT EXISTS admissions (
@@ -222,6 +225,8 @@ class Ledger:
             for added in ("fallback_from", "key_id", "admission"):
                 if added not in columns:
                     conn.execute(f"ALTER TABLE calls ADD COLUMN {added} TEXT")
+            if "final" not in columns:
+                conn.execute("ALTER TABLE calls ADD COLUMN final INTEGER NOT NULL DEFAULT 1")
             conn.execute("CREATE INDEX IF NOT EXISTS calls_admission ON calls(admission)")
             if conn.execute("SELECT COUNT(*) FROM epochs").fetchone()[0] == 0:
                 conn.execute("INSERT INTO epochs (started, after_call) VALUES (?, 0)", (now,))
@@ -449,10 +454,11 @@ class Ledger:
 
 
 COLUMNS = tuple(_COLUMNS)
-_STREAM, _ESTIMATED = _COLUMNS.index("stream"), _COLUMNS.index("estimated")
+_BOOLEANS = [_COLUMNS.index(name) for name in ("stream", "estimated", "final")]
 
 
 def _record(row: tuple[object, ...]) -> CallRecord:
     values = list(row)
-    values[_STREAM], values[_ESTIMATED] = bool(values[_STREAM]), bool(values[_ESTIMATED])
+    for index in _BOOLEANS:
+        values[index] = bool(values[index])
     return CallRecord(*values)  # type: ignore[arg-type]

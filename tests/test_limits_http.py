@@ -409,3 +409,61 @@ async def test_an_upstreams_retry_after_is_bounded(raw_config: dict[str, Any], f
             else:
                 assert r.status == 429 and (await r.json())["error"]["type"] == "upstream_rate_limit"
                 assert held - 1 <= int(r.headers["Retry-After"]) <= held
+
+
+def ledger_rows(proxy: Proxy) -> list[tuple[Any, ...]]:
+    import sqlite3
+
+    conn = sqlite3.connect(proxy.config.db_path)
+    try:
+        return conn.execute("SELECT upstream, outcome, status, final, admission IS NOT NULL, fallback_from, "
+                            "prompt_tokens + completion_tokens FROM calls ORDER BY id").fetchall()
+    finally:
+        conn.close()
+
+
+def limit_used(stats: dict[str, Any], scope: str, limit: str) -> int:
+    [row] = [r for r in stats["detail"]["limits"] if r["scope"] == scope and r["limit"] == limit]
+    return int(row["used"])
+
+
+async def test_one_record_per_attempt_and_the_clouds_windows_hold_only_what_it_served(
+        raw_config: dict[str, Any], fake: FakeUpstream, make_proxy: Any) -> None:
+    """The cloud fails with 503, the unlimited local model answers: after a restart the cloud's
+    token window is 0 (it served nothing), its request windows hold the one call it took."""
+    set_limits(raw_config, tpm=100_000, rpd=100)
+    raw_config["upstreams"]["gpt4o_cloud"].update(fallback="ollama_local", fallback_model="llama3.2")
+    proxy = await make_proxy()
+    fake.by_model["openai/gpt-4o"] = Behavior(status=503)
+    fake.behavior = Behavior(prompt_tokens=30, chunks=2, completion_per_chunk=5)
+    async with aiohttp.ClientSession() as s:
+        async with s.post(proxy.url + "/v1/chat/completions", json=CHAT) as r:
+            assert r.status == 200 and r.headers["X-Tollgate-Upstream"] == "ollama_local"
+    await proxy.ledger.flush()
+    assert ledger_rows(proxy) == [("gpt4o_cloud", "upstream_status", 503, 0, 1, None, 0),
+                                  ("ollama_local", "ok", 200, 1, 0, "gpt4o_cloud", 40)]
+    await proxy.restart()
+    stats = await settled(proxy)
+    assert limit_used(stats, "upstream:gpt4o_cloud", "tokens_per_minute") == 0
+    assert limit_used(stats, "upstream:gpt4o_cloud", "requests_per_day") == 1
+    assert stats["total_requests"] == 1 and stats["errores"] == 0 and stats["tasa_exito"] == "100.0%"
+    assert stats["detail"]["attempts_before_fallback"] == {"gpt4o_cloud:upstream_status": 1}
+
+
+async def test_a_limit_refusal_that_falls_back_is_on_record(raw_config: dict[str, Any], fake: FakeUpstream,
+                                                            make_proxy: Any) -> None:
+    set_limits(raw_config, rpm=1)
+    raw_config["upstreams"]["gpt4o_cloud"].update(fallback="ollama_local", fallback_model="llama3.2")
+    proxy = await make_proxy()
+    async with aiohttp.ClientSession() as s:
+        for upstream in ("gpt4o_cloud", "ollama_local"):
+            async with s.post(proxy.url + "/v1/chat/completions", json=CHAT) as r:
+                assert r.status == 200 and r.headers["X-Tollgate-Upstream"] == upstream
+    await proxy.ledger.flush()
+    rows = ledger_rows(proxy)
+    assert [row[:6] for row in rows] == [("gpt4o_cloud", "ok", 200, 1, 1, None),
+                                         ("gpt4o_cloud", "rate_limited", 429, 0, 0, None),
+                                         ("ollama_local", "ok", 200, 1, 0, "gpt4o_cloud")]
+    stats = await settled(proxy)
+    assert stats["total_requests"] == 2 and stats["detail"]["attempts_before_fallback"] == {
+        "gpt4o_cloud:rate_limited": 1}
