@@ -93,7 +93,7 @@ def cmd_serve(config: Config, args: argparse.Namespace) -> int:
 def cmd_stats(config: Config, args: argparse.Namespace) -> int:
     acc, limiter = _offline_state(config)
     if args.text:
-        print(stats.stats_text(config, acc, args.lang))
+        print(stats.stats_text(config, acc, limiter, args.lang))
     else:
         data = stats.stats_json(config, acc, limiter)
         sys.stdout.buffer.write(orjson.dumps(data, option=orjson.OPT_INDENT_2) + b"\n")

@@ -2,8 +2,9 @@
 
 `Accounting.record` is called once per finished call. It updates the in-memory aggregates
 and hands the row to the ledger; nothing here does I/O. At start the aggregates are rebuilt by
-replaying the epoch's rows, and the rolling windows by replaying the last day, so both come out
-as they were before the restart. The clock is injected so tests control time.
+replaying the epoch's rows, so they come out as they were before the restart. Usage windows
+(requests today, tokens this minute) are not kept here: the limiter's windows are their one
+source. The clock is injected so tests control time.
 """
 
 from __future__ import annotations
@@ -16,7 +17,6 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from .errors import OUTCOMES
-from .limits import NOT_ADMITTED
 from .store import CallRecord, Ledger
 
 DAY = 86_400.0
@@ -111,41 +111,6 @@ class Histogram:
         return {"avg": round(self.mean, 4), "p50": round(self.quantile(0.50), 4),
                 "p95": round(self.quantile(0.95), 4), "p99": round(self.quantile(0.99), 4),
                 "count": self.count}
-
-
-class RollingWindow:
-    """Requests and tokens per second over the last day, for one upstream.
-
-    One slot per second with traffic, so memory is bounded by the window whatever the rate.
-    """
-
-    def __init__(self, span: float = DAY) -> None:
-        self.span = span
-        self._slots: deque[list[float]] = deque()  # [second, requests, tokens]
-
-    def add(self, ts: float, requests: int, tokens: int) -> None:
-        second = math.floor(ts)
-        # Calls are recorded when they finish, with the same clock, so seconds only grow; a
-        # wall clock stepped backwards folds into the newest slot rather than reorder them.
-        if self._slots and self._slots[-1][0] >= second:
-            self._slots[-1][1] += requests
-            self._slots[-1][2] += tokens
-        else:
-            self._slots.append([second, requests, tokens])
-
-    def usage(self, now: float, seconds: float) -> tuple[int, int]:
-        """(requests, tokens) in the last `seconds` up to `now`."""
-        horizon = now - self.span
-        while self._slots and self._slots[0][0] <= horizon - 1:
-            self._slots.popleft()
-        start = now - seconds
-        requests = tokens = 0
-        for second, reqs, toks in reversed(self._slots):
-            if second + 1 <= start:
-                break
-            requests += int(reqs)
-            tokens += int(toks)
-        return requests, tokens
 
 
 class CostTrend:
@@ -247,35 +212,23 @@ class Accounting:
         self.clock = clock
         self.process_started = clock()
         self.current = Aggregates(epoch_started=self.process_started)
-        self.windows: dict[str, RollingWindow] = {}
         self.listeners: list[Callable[[CallRecord], None]] = []
-        self._replay_day_start = 0.0
         self.trend = CostTrend()
 
     def start_replay(self, epoch_started: float) -> None:
-        """Begin rebuilding from the ledger: fresh aggregates for the epoch, empty windows."""
+        """Begin rebuilding from the ledger: fresh aggregates for the epoch."""
         self.current = Aggregates(epoch_started=epoch_started)
-        self.windows = {}
-        self._replay_day_start = self.clock() - DAY
 
-    def replay(self, rec: CallRecord, in_epoch: bool) -> None:
-        if in_epoch:
-            self.current.add(rec)
-        if rec.ts >= self._replay_day_start:
-            self._window_add(rec)
+    def replay(self, rec: CallRecord) -> None:
+        self.current.add(rec)
 
     def record(self, rec: CallRecord) -> None:
         self.current.add(rec)
-        self._window_add(rec)
         self.trend.add(rec.ts, rec.cost_usd)
         if self.ledger is not None:
             self.ledger.append(rec)
         for listener in self.listeners:
             listener(rec)
-
-    def _window_add(self, rec: CallRecord) -> None:
-        if rec.upstream and rec.outcome not in NOT_ADMITTED:
-            self.windows.setdefault(rec.upstream, RollingWindow()).add(rec.ts, 1, rec.total_tokens)
 
     def reset(self) -> float:
         """Start a new stats epoch. The ledger keeps every row; windows are not touched."""
@@ -284,10 +237,6 @@ class Accounting:
         if self.ledger is not None:
             self.ledger.new_epoch(started)
         return started
-
-    def window_usage(self, upstream: str, seconds: float) -> tuple[int, int]:
-        window = self.windows.get(upstream)
-        return window.usage(self.clock(), seconds) if window else (0, 0)
 
     def active_users(self, window_s: float) -> list[str]:
         horizon = self.clock() - window_s

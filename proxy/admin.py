@@ -40,7 +40,7 @@ async def get_stats(request: web.Request) -> web.Response:
     config, acc = request.app[CONFIG], request.app[ACCOUNTING]
     if request.query.get("format") == "text":
         lang = request.query.get("lang", "es")
-        return web.Response(text=stats.stats_text(config, acc, lang), content_type="text/plain")
+        return web.Response(text=stats.stats_text(config, acc, request.app[LIMITER], lang), content_type="text/plain")
     return _json(stats.stats_json(config, acc, request.app[LIMITER]))
 
 
@@ -114,7 +114,7 @@ async def snapshot_csv(request: web.Request) -> web.Response:
     require_admin(request)
     config, acc = request.app[CONFIG], request.app[ACCOUNTING]
     buffer = io.StringIO()
-    csv.writer(buffer).writerow(reports.snapshot_row(stats.stats_json(config, acc), datetime.now()))
+    csv.writer(buffer).writerow(reports.snapshot_row(stats.stats_json(config, acc, request.app[LIMITER]), datetime.now()))
     return web.Response(text=buffer.getvalue(), content_type="text/csv")
 
 

@@ -22,7 +22,7 @@ from aiohttp import web
 
 from .accounting import Accounting
 from .config import AlertRule, Config, Webhook
-from .limits import day_seconds
+from .limits import Limiter
 from .store import CallRecord
 from .tasks import running
 
@@ -63,6 +63,7 @@ class Alert:
 class Alerts:
     config: Config
     acc: Accounting
+    limiter: Limiter
     queue: asyncio.Queue[tuple[Webhook, Alert]] = field(default_factory=lambda: asyncio.Queue(maxsize=256))
     sent: int = 0
     failed: int = 0
@@ -96,13 +97,16 @@ class Alerts:
             horizon = now - rule.window_min * 60.0
             recent = [ok for ts, ok in self._outcomes if ts >= horizon]
             return 100.0 * recent.count(False) / len(recent) if recent else 0.0
-        upstream = self.config.upstreams[rule.upstream]
-        if rule.metric == "daily_requests_pct" and upstream.limits.rpd:
-            day = day_seconds(upstream.limits, now)
-            return 100.0 * self.acc.window_usage(upstream.name, day)[0] / upstream.limits.rpd
-        if rule.metric == "tpm_pct" and upstream.limits.tpm:
-            return 100.0 * self.acc.window_usage(upstream.name, 60.0)[1] / upstream.limits.tpm
-        return None
+        # The limiter's own windows: the figure an alert names is the one that will refuse.
+        kind = {"daily_requests_pct": "requests_per_day", "tpm_pct": "tokens_per_minute"}[rule.metric]
+        model = self.config.stats.limits_model or "" if rule.upstream == self.config.stats.limits_upstream else ""
+        used, limit = self.limiter.usage(rule.upstream, model, kind)
+        return 100.0 * used / limit if limit else None
+
+    def figures(self) -> dict[str, float | None]:
+        """Each rule's figure now, by rule name: what the alerts compare with their thresholds."""
+        now = self.acc.clock()
+        return {state.rule.name: self._value(state.rule, now) for state in self.states}
 
     def check(self) -> None:
         now = self.acc.clock()

@@ -46,7 +46,7 @@ def create_app(config: Config, clock: Callable[[], float] = time.time) -> web.Ap
     app[LIMITER] = Limiter(config, clock)
     app[ADMISSION] = Admission(config, app[LIMITER], WaitLines(), app[ESTIMATOR])
     app[METRICS] = Metrics(app[LIMITER], app[ADMISSION].lines, ledger)
-    app[ALERTS] = Alerts(config, app[ACCOUNTING])
+    app[ALERTS] = Alerts(config, app[ACCOUNTING], app[LIMITER])
     # Every finished call, after the ledger has it: counters, alert rules, the access log.
     app[ACCOUNTING].listeners += [app[METRICS].observe, app[ALERTS].on_call, access_log]
 
@@ -81,12 +81,12 @@ async def ledger_ctx(app: web.Application) -> AsyncIterator[None]:
 
 
 def replay_ledger(ledger: Ledger, acc: Accounting, limiter: Limiter) -> None:
-    """Rebuild /stats (the epoch's rows), the limiter's windows (the last day's admissions) and
-    the cost trend (a week of daily sums)."""
+    """Rebuild /stats (the epoch's rows), the limiter's windows (the last day's admissions: the
+    one source of every usage window) and the cost trend (a week of daily sums)."""
     (started, after_call), now = ledger.epoch(), acc.clock()
     acc.start_replay(started)
-    for rec, in_epoch in ledger.replay_rows(now - DAY, after_call):
-        acc.replay(rec, in_epoch)
+    for rec in ledger.replay_rows(after_call):
+        acc.replay(rec)
     # Windows come from admissions, written as calls were let through, so calls in flight at a
     # crash still hold their places. A calendar day can start up to a day ago; a window is
     # never longer than that.

@@ -237,6 +237,9 @@ class Stats:
     active_window_s: float
     limits_upstream: str | None
     limits_label: str | None
+    # The model the bot uses: the seed's rate_limits strings describe the tightest window of a
+    # call to it (its model scope, else its upstream's), not always the upstream's.
+    limits_model: str | None
     # How many characters of a call's text the estimator may read; bounds CPU per call.
     estimate_max_chars: int
 
@@ -596,6 +599,7 @@ def parse(raw: dict[str, Any], source: Path = Path("<config>")) -> Config:
         active_window_s=60.0 * st.positive("active_window_min", 30.0),
         limits_upstream=st.opt("limits_upstream", str, "the name of an upstream"),
         limits_label=st.opt("limits_label", str, "a display name for the limits' plan"),
+        limits_model=st.opt("limits_model", str, "the model name the bot uses"),
         estimate_max_chars=st.positive("estimate_max_chars", 200_000, integer=True),
     )
     if stats.limits_upstream is not None and stats.limits_upstream not in upstreams:

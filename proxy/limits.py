@@ -31,8 +31,6 @@ from .store import Admission
 
 MINUTE, DAY = 60.0, 86_400.0
 
-# Outcomes of calls that never reached an upstream: they hold no place in any window.
-NOT_ADMITTED = frozenset({"bad_request", "too_large", "unknown_model", "unauthorized", "rate_limited"})
 
 
 def _midnight(ts: float, tz: ZoneInfo, days_later: int = 0) -> float:
@@ -54,7 +52,8 @@ class Window:
     """A sliding log of admissions over `span` seconds, or since local midnight.
 
     Request windows keep only admission times (each counts 1); token windows keep an amount
-    beside each time, which `adjust` can correct once the real usage is known.
+    beside each time, which `adjust` can correct once the real usage is known. A limit of 0
+    means none: the window only counts, for the figures /stats and alerts show.
     """
 
     def __init__(self, limit: int, span: float, tz: ZoneInfo | None = None, weighted: bool = False) -> None:
@@ -134,14 +133,23 @@ class Scope:
     tpm: Window | None = None
     in_flight: int = 0
     blocked_until: float = 0.0  # the upstream's own 429 holds calls back until then
+    tracked: bool = False       # counted for /stats even where no limit is set
 
     @classmethod
-    def build(cls, name: str, limits: Limits) -> Scope:
+    def build(cls, name: str, limits: Limits, tracked: bool = False) -> Scope:
         tz = ZoneInfo(limits.timezone) if limits.day == "calendar" else None
         return cls(name, limits,
                    rpm=Window(limits.rpm, MINUTE) if limits.rpm else None,
-                   rpd=Window(limits.rpd, DAY, tz) if limits.rpd else None,
-                   tpm=Window(limits.tpm, MINUTE, weighted=True) if limits.tpm else None)
+                   rpd=Window(limits.rpd or 0, DAY, tz) if limits.rpd or tracked else None,
+                   tpm=Window(limits.tpm or 0, MINUTE, weighted=True) if limits.tpm or tracked else None,
+                   tracked=tracked)
+
+    def windows(self) -> Iterable[tuple[Window, str]]:
+        """Its windows that hold a limit, with the limit's name."""
+        for window, kind in ((self.rpm, "requests_per_minute"), (self.rpd, "requests_per_day"),
+                             (self.tpm, "tokens_per_minute")):
+            if window is not None and window.limit:
+                yield window, kind
 
     @property
     def idle(self) -> bool:
@@ -187,7 +195,9 @@ class Limiter:
         self.config = config
         self.clock = clock
         self.policy = config.limits
-        self._upstreams = {name: Scope.build(f"upstream:{name}", u.limits)
+        # The upstream whose figures /stats shows is counted even where it has no limit: its
+        # windows are the one source of the seed's rate_limits strings and the alerts.
+        self._upstreams = {name: Scope.build(f"upstream:{name}", u.limits, tracked=name == config.stats.limits_upstream)
                            for name, u in config.upstreams.items()}
         self._models = {pattern: Scope.build(f"model:{pattern}", limits)
                         for pattern, limits in config.limits.models.items()}
@@ -214,10 +224,10 @@ class Limiter:
                 if scope is None:
                     scope = self._users[user] = Scope.build(f"user:{user}", self.policy.per_user)
                 found.append(scope)
-        return [s for s in found if s.limits.any or s.blocked_until]
+        return [s for s in found if s.limits.any or s.blocked_until or s.tracked]
 
     def needs_estimate(self, scopes: list[Scope]) -> bool:
-        return any(s.tpm or s.limits.max_input_tokens for s in scopes)
+        return any((s.tpm is not None and s.tpm.limit) or s.limits.max_input_tokens for s in scopes)
 
     def caps(self, scopes: list[Scope]) -> tuple[int | None, int | None]:
         """The tightest per-request (input, output) token caps among the scopes."""
@@ -243,12 +253,10 @@ class Limiter:
         if scope.limits.concurrency and scope.in_flight >= scope.limits.concurrency:
             # No time can be promised: a place frees when a call in flight ends.
             yield Denial(scope.name, "concurrency", self.policy.concurrency_retry_s, scope.limits.concurrency)
-        for window, kind, amount in ((scope.rpm, "requests_per_minute", 1), (scope.rpd, "requests_per_day", 1),
-                                     (scope.tpm, "tokens_per_minute", tokens)):
-            if window is not None:
-                wait = window.wait_for(now, amount)
-                if wait is None or wait > 0:
-                    yield Denial(scope.name, kind, wait, window.limit)
+        for window, kind in scope.windows():
+            wait = window.wait_for(now, tokens if kind == "tokens_per_minute" else 1)
+            if wait is None or wait > 0:
+                yield Denial(scope.name, kind, wait, window.limit)
 
     def admit(self, scopes: list[Scope], tokens: int) -> Ticket | Denial:
         denial = self.check(scopes, tokens)
@@ -316,17 +324,37 @@ class Limiter:
         the window with the least left, whichever scope (upstream, model, user, key) holds it."""
         now = self.clock()
         out: dict[str, str] = {}
-        for kind, windows in (("requests", [w for s in scopes for w in (s.rpm, s.rpd) if w is not None]),
-                              ("tokens", [s.tpm for s in scopes if s.tpm is not None])):
+        for kind, windows in (("requests", [w for s in scopes for w, k in s.windows() if k != "tokens_per_minute"]),
+                              ("tokens", [w for s in scopes for w, k in s.windows() if k == "tokens_per_minute"])):
             for window in windows:
                 window.prune(now)
             if not windows:
                 continue
-            tightest = min(windows, key=lambda w: (w.limit - w.used, w.limit))
+            tightest = _tightest(windows)
             out[f"x-ratelimit-limit-{kind}"] = str(tightest.limit)
             out[f"x-ratelimit-remaining-{kind}"] = str(max(0, int(tightest.limit - tightest.used)))
             out[f"x-ratelimit-reset-{kind}"] = format_duration(tightest.reset_in(now))
         return out
+
+    def usage(self, upstream: str, model: str, kind: str) -> tuple[int, int | None]:
+        """(used, limit) of the tightest `kind` window a call to `model` on `upstream` is in, or
+        (used, None) from the upstream's counting-only window where no limit is set. The one
+        reading behind /stats' rate_limits strings and the alert rules."""
+        if upstream not in self._upstreams:
+            return 0, None
+        now = self.clock()
+        found = [self._upstreams[upstream], *(s for p, s in self._models.items() if fnmatch.fnmatchcase(model, p))]
+        limited = [w for s in found for w, k in s.windows() if k == kind]
+        for window in limited:
+            window.prune(now)
+        if limited:
+            window = _tightest(limited)
+            return int(window.used), window.limit
+        tracked = {"requests_per_day": found[0].rpd, "tokens_per_minute": found[0].tpm}.get(kind)
+        if tracked is None:
+            return 0, None
+        tracked.prune(now)
+        return int(tracked.used), None
 
     def report(self) -> list[dict[str, object]]:
         """Every limited scope with used, limit, percentage and seconds until it resets."""
@@ -335,16 +363,18 @@ class Limiter:
         scopes = [*self._upstreams.values(), *self._models.values(), *self._named_users.values(),
                   *self._keys.values()]
         for scope in scopes:
-            for window, kind in ((scope.rpm, "requests_per_minute"), (scope.rpd, "requests_per_day"),
-                                 (scope.tpm, "tokens_per_minute")):
-                if window is not None:
-                    window.prune(now)
-                    rows.append(_row(scope.name, kind, window.used, window.limit, window.reset_in(now)))
+            for window, kind in scope.windows():
+                window.prune(now)
+                rows.append(_row(scope.name, kind, window.used, window.limit, window.reset_in(now)))
             if scope.limits.concurrency:
                 rows.append(_row(scope.name, "concurrency", scope.in_flight, scope.limits.concurrency, 0.0))
             if scope.blocked_until > now:
                 rows.append(_row(scope.name, "upstream_rate_limit", 1, 1, scope.blocked_until - now))
         return rows
+
+
+def _tightest(windows: list[Window]) -> Window:
+    return min(windows, key=lambda w: (w.limit - w.used, w.limit))
 
 
 def _row(scope: str, limit: str, used: float, maximum: int, reset: float) -> dict[str, object]:

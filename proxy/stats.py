@@ -12,7 +12,7 @@ from typing import Any
 
 from .accounting import OTHERS, Accounting, Aggregates, Tally
 from .config import Config, Upstream
-from .limits import Limiter, day_seconds
+from .limits import Limiter
 
 _TEXT = {
     "es": {
@@ -95,13 +95,14 @@ def limits_upstream(config: Config) -> Upstream | None:
     return next((u for u in config.upstreams.values() if u.limits.any), None)
 
 
-def rate_limits(config: Config, acc: Accounting) -> dict[str, Any]:
+def rate_limits(config: Config, limiter: Limiter) -> dict[str, Any]:
+    """The seed's four strings, read from the limiter's own windows for the configured scope."""
     upstream = limits_upstream(config)
     if upstream is None:
         return {"tokens_pm": "0 / ∞ TPM", "requests_dia": "0 / ∞ RPD", "uso_tpm": "0.0%", "uso_rpd": "0.0%"}
-    _, tokens_min = acc.window_usage(upstream.name, 60.0)
-    requests_day, _ = acc.window_usage(upstream.name, day_seconds(upstream.limits, acc.clock()))
-    tpm, rpd = upstream.limits.tpm, upstream.limits.rpd
+    model = config.stats.limits_model or ""
+    tokens_min, tpm = limiter.usage(upstream.name, model, "tokens_per_minute")
+    requests_day, rpd = limiter.usage(upstream.name, model, "requests_per_day")
     return {
         "tokens_pm": f"{fmt_int(tokens_min)} / {fmt_int(tpm) if tpm else '∞'} TPM",
         "requests_dia": f"{fmt_int(requests_day)} / {fmt_int(rpd) if rpd else '∞'} RPD",
@@ -129,7 +130,7 @@ def _tallies(table: dict[str, Tally], limit: int = TOP) -> dict[str, Any]:
     return {k: v.as_dict() for k, v in _top(table, limit)}
 
 
-def stats_json(config: Config, acc: Accounting, limiter: Limiter | None = None) -> dict[str, Any]:
+def stats_json(config: Config, acc: Accounting, limiter: Limiter) -> dict[str, Any]:
     now = acc.clock()
     agg = acc.current
     totals = agg.totals
@@ -148,7 +149,7 @@ def stats_json(config: Config, acc: Accounting, limiter: Limiter | None = None) 
         "tokens": tokens,
         "requests_por_tipo": by_type,
         "tier": config.stats.tier,
-        "rate_limits": rate_limits(config, acc),
+        "rate_limits": rate_limits(config, limiter),
         "errores": totals.errors,
         "tasa_exito": fmt_pct(_success_rate(agg)),
         "tiempo_promedio_respuesta": f"{agg.latency.mean:.2f}s",
@@ -182,16 +183,16 @@ def stats_json(config: Config, acc: Accounting, limiter: Limiter | None = None) 
             "attempts_before_fallback": dict(agg.attempts),
             "cost_last_7_days_usd": round(acc.trend.last_week(now), 6),
             "cost_projection_month_usd": round(acc.trend.monthly(now), 4),
-            "limits": limiter.report() if limiter is not None else [],
+            "limits": limiter.report(),
             # Rows not yet on disk, and rows given up (on_ledger_full = "serve"): the books' own state.
             "ledger": acc.ledger.health().as_dict() if acc.ledger is not None else None,
         },
     }
 
 
-def stats_text(config: Config, acc: Accounting, lang: str = "es") -> str:
+def stats_text(config: Config, acc: Accounting, limiter: Limiter, lang: str = "es") -> str:
     words = _TEXT.get(lang, _TEXT["es"])
-    data = stats_json(config, acc)
+    data = stats_json(config, acc, limiter)
     agg = acc.current
     label_key = "label_en" if lang == "en" else "label"
     lines = [

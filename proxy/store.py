@@ -403,16 +403,13 @@ class Ledger:
             conn.close()
         return float(row[0]), int(row[1])
 
-    def replay_rows(self, since: float, after_call: int) -> Iterator[tuple[CallRecord, bool]]:
-        """Rows finished since `since` or in the epoch (id > after_call), in ledger order,
-        each with whether it belongs to the epoch."""
+    def replay_rows(self, after_call: int) -> Iterator[CallRecord]:
+        """The epoch's rows (id > after_call), in ledger order."""
         conn = _connect(self.path)
         try:
-            cursor = conn.execute(
-                f"SELECT {', '.join(_COLUMNS)}, id > ? FROM calls WHERE ts >= ? OR id > ? ORDER BY id",
-                (after_call, since, after_call))
+            cursor = conn.execute(f"SELECT {', '.join(_COLUMNS)} FROM calls WHERE id > ? ORDER BY id", (after_call,))
             for row in cursor:
-                yield _record(row[:-1]), bool(row[-1])
+                yield _record(row)
         finally:
             conn.close()
 

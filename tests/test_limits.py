@@ -173,29 +173,25 @@ def test_headers_describe_the_tightest_scope_of_the_call(clock: Clock) -> None:
 
 
 
-def test_daily_figures_share_the_limiters_day(clock: Clock) -> None:
-    """/stats' requests_dia and the daily-requests alert count the same day the limiter does."""
+def test_daily_figures_are_the_limiters_own(clock: Clock) -> None:
+    """/stats' requests_dia and the daily-requests alert read the limiter's calendar-day window."""
     from proxy.accounting import Accounting
     from proxy.alerts import Alerts
     from proxy.stats import rate_limits
-    from proxy.store import CallRecord
 
     tz = ZoneInfo("America/Mexico_City")
     clock.now = datetime(2024, 1, 15, 23, 0, tzinfo=tz).timestamp()
     raw = {"upstreams": {"cloud": {"kind": "openai", "base_url": "http://127.0.0.1:1", "models": ["*"],
                                    "limits": {"rpd": 10, "day": "calendar", "timezone": "America/Mexico_City"}}},
-           "alerts": {"rules": [{"metric": "daily_requests_pct", "above": 50}]}}
+           "alerts": {"rules": [{"name": "day", "metric": "daily_requests_pct", "above": 50}]}}
     config = config_mod.parse(raw)
-    acc = Accounting(None, clock)
+    lim = Limiter(config, clock)
     for _ in range(2):
-        acc.record(CallRecord(ts=clock.now, upstream="cloud", model="m", dialect="openai", endpoint="chat",
-                              type="chat", user=None, stream=False, status=200, outcome="ok", prompt_tokens=1,
-                              completion_tokens=1, cached_tokens=0, estimated=False, latency_s=0.1, ttft_s=None,
-                              cost_usd=0.0))
-    alerts = Alerts(config, acc)
-    rule = config.alerts.rules[0]
-    assert rate_limits(config, acc)["requests_dia"] == "2 / 10 RPD"
-    assert alerts._value(rule, clock.now) == 20.0
+        assert isinstance(admit(lim), Ticket)
+    alerts = Alerts(config, Accounting(None, clock), lim)
+    assert rate_limits(config, lim)["requests_dia"] == "2 / 10 RPD"
+    assert alerts.figures() == {"day": 20.0}
     clock.advance(90 * 60)  # 00:30 the next local day: a new calendar day for all three
-    assert rate_limits(config, acc)["requests_dia"] == "0 / 10 RPD"
-    assert alerts._value(rule, clock.now) == 0.0
+    assert rate_limits(config, lim)["requests_dia"] == "0 / 10 RPD"
+    assert alerts.figures() == {"day": 0.0}
+    assert isinstance(admit(lim), Ticket)

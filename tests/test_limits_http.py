@@ -467,3 +467,65 @@ async def test_a_limit_refusal_that_falls_back_is_on_record(raw_config: dict[str
     stats = await settled(proxy)
     assert stats["total_requests"] == 2 and stats["detail"]["attempts_before_fallback"] == {
         "gpt4o_cloud:rate_limited": 1}
+
+
+async def test_every_view_of_usage_is_the_limiters(raw_config: dict[str, Any], fake: FakeUpstream,
+                                                    make_proxy: Any) -> None:
+    """/stats' seed strings, its limit rows, the WhatsApp text, /metrics, the alert figures and
+    the x-ratelimit headers read one set of windows: after a fallback, and mid-stream."""
+    from prometheus_client.parser import text_string_to_metric_families
+
+    from proxy.keys import ALERTS, LIMITER
+
+    set_limits(raw_config, rpd=100, tpm=10_000)
+    raw_config["limits"] = {"models": {"gpt-4o": {"rpd": 50}}}
+    raw_config["stats"]["limits_model"] = "gpt-4o"
+    raw_config["upstreams"]["gpt4o_cloud"].update(fallback="ollama_local", fallback_model="llama3.2")
+    raw_config["alerts"] = {"rules": [{"name": "rpd", "metric": "daily_requests_pct", "above": 99},
+                                      {"name": "tpm", "metric": "tpm_pct", "above": 99}]}
+    proxy = await make_proxy()
+    fake.behavior = Behavior(prompt_tokens=20, chunks=2, completion_per_chunk=5)
+
+    async def views(s: aiohttp.ClientSession) -> None:
+        app = proxy.server.app
+        requests, rpd = app[LIMITER].usage("gpt4o_cloud", "gpt-4o", "requests_per_day")
+        tokens, tpm = app[LIMITER].usage("gpt4o_cloud", "gpt-4o", "tokens_per_minute")
+        assert (rpd, tpm) == (50, 10_000)
+        stats = await settled(proxy)
+        assert stats["rate_limits"] == {"tokens_pm": f"{tokens:,} / 10,000 TPM", "requests_dia": f"{requests} / 50 RPD",
+                                        "uso_tpm": f"{100 * tokens / tpm:.1f}%", "uso_rpd": f"{100 * requests / 50:.1f}%"}
+        assert limit_used(stats, "model:gpt-4o", "requests_per_day") == requests
+        assert limit_used(stats, "upstream:gpt4o_cloud", "tokens_per_minute") == tokens
+        async with s.get(proxy.url + "/stats?format=text") as r:
+            assert f"{tokens:,} / 10,000 TPM" in await r.text()
+        async with s.get(proxy.url + "/metrics") as r:
+            samples = {(x.labels.get("scope"), x.labels.get("limit")): x.value
+                       for f in text_string_to_metric_families(await r.text()) if f.name == "tollgate_limit_used"
+                       for x in f.samples}
+        assert samples[("model:gpt-4o", "requests_per_day")] == requests
+        assert samples[("upstream:gpt4o_cloud", "tokens_per_minute")] == tokens
+        assert app[ALERTS].figures() == {"rpd": 100 * requests / 50, "tpm": 100 * tokens / tpm}
+
+    async with aiohttp.ClientSession() as s:
+        for _ in range(2):
+            async with s.post(proxy.url + "/v1/chat/completions", json=CHAT) as r:
+                assert r.status == 200
+        fake.by_model["openai/gpt-4o"] = Behavior(status=503)
+        async with s.post(proxy.url + "/v1/chat/completions", json=CHAT) as r:
+            assert r.status == 200 and r.headers["X-Tollgate-Upstream"] == "ollama_local"
+        await views(s)
+        gate = asyncio.Event()
+        fake.by_model["openai/gpt-4o"] = Behavior(prompt_tokens=20, chunks=3, completion_per_chunk=5,
+                                                  gate_before_last=gate)
+        recorded = proxy.records()
+        async with s.post(proxy.url + "/v1/chat/completions", json={**CHAT, "stream": True}) as r:
+            assert (await r.content.readline()).startswith(b"data: ")
+            # 2 served, 1 failed at the cloud (it took the call), 1 streaming now: 4 of the model's 50.
+            assert r.headers["x-ratelimit-limit-requests"] == "50"
+            assert r.headers["x-ratelimit-remaining-requests"] == "46"
+            assert proxy.server.app[LIMITER].usage("gpt4o_cloud", "gpt-4o", "requests_per_day")[0] == 4
+            await views(s)
+            gate.set()
+            await r.read()
+        await recorded.wait_for(1)
+        await views(s)
