@@ -29,7 +29,35 @@ def test_shipped_config_is_the_seed_setup() -> None:
     assert (price.input, price.output) == (0.03, 0.06)
     assert config.price(local, "llama3.2").cost(1000, 1000, 0) == 0
     assert (config.server.host, config.server.port) == ("127.0.0.1", 5000)
-    assert (cloud.limits.rpm, cloud.limits.rpd, cloud.limits.tpm) == (15, 150, 150000)
+    # The seed's TPM on the upstream; GitHub's published free limits per model tier.
+    assert (cloud.limits.rpm, cloud.limits.rpd, cloud.limits.tpm) == (None, None, 150000)
+    high, low = config.limits.models["*gpt-4o"], config.limits.models["*gpt-4o-mini"]
+    assert (high.rpm, high.rpd, high.concurrency, high.max_input_tokens, high.max_output_tokens) == (10, 50, 2, 8000, 4000)
+    assert (low.rpm, low.rpd, low.concurrency, low.max_input_tokens, low.max_output_tokens) == (15, 150, 5, 8000, 4000)
+
+
+def test_shipped_config_limits_each_model_by_its_tier_and_the_seed_strings_describe_gpt4o() -> None:
+    from proxy.limits import Denial, Limiter, Ticket
+    from proxy.stats import rate_limits
+
+    config = config_mod.load(ROOT / "config.toml")
+    now = [1_700_000_000.0]
+    limiter = Limiter(config, lambda: now[0])
+    for model, per_day in (("gpt-4o", 50), ("openai/gpt-4o", 0), ("gpt-4o-mini", 150)):
+        admitted = 0
+        for _ in range(200):
+            now[0] += 7  # under every per-minute limit
+            decision = limiter.admit(limiter.scopes("gpt4o_cloud", model, None), 10)
+            if isinstance(decision, Denial):
+                assert decision.limit == "requests_per_day"
+                break
+            assert isinstance(decision, Ticket)
+            limiter.finish(decision, 10)
+            admitted += 1
+        # "openai/gpt-4o" is the same model: gpt-4o's 50 were already spent.
+        assert admitted == per_day, model
+    assert rate_limits(config, limiter)["requests_dia"] == "50 / 50 RPD"
+    assert rate_limits(config, limiter)["tokens_pm"].endswith(" / 150,000 TPM")
 
 
 def _readme_keys() -> set[str]:
