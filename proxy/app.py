@@ -13,7 +13,7 @@ from pathlib import Path
 import orjson
 from aiohttp import web
 
-from . import reports, stats
+from . import reports, stats, tokens
 from .accounting import DAY, Accounting, CostTrend
 from .config import Config
 from .dialects import Dialect, error_body
@@ -50,6 +50,7 @@ def create_app(config: Config, clock: Callable[[], float] = time.time) -> web.Ap
     # Every finished call, after the ledger has it: counters, alert rules, the access log.
     app[ACCOUNTING].listeners += [app[METRICS].observe, app[ALERTS].on_call, access_log]
 
+    app.cleanup_ctx.append(encodings_ctx)
     app.cleanup_ctx.append(ledger_ctx)
     app.cleanup_ctx.append(upstreams_ctx)
     app.cleanup_ctx.append(snapshot_ctx)
@@ -61,6 +62,12 @@ def create_app(config: Config, clock: Callable[[], float] = time.time) -> web.Ap
 
 
 # --- resources ---------------------------------------------------------------------------
+
+
+async def encodings_ctx(app: web.Application) -> AsyncIterator[None]:
+    """Build the tokenizers off the loop at start: the first estimate must not stall every call."""
+    await asyncio.get_running_loop().run_in_executor(None, tokens.preload)
+    yield
 
 
 async def ledger_ctx(app: web.Application) -> AsyncIterator[None]:

