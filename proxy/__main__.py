@@ -27,11 +27,14 @@ from .store import Ledger
 from .upstream import UpstreamClient, UpstreamError
 
 
-def _parse_time(value: str) -> float:
+def _parse_time(config: Config, value: str | None) -> float | None:
+    """--since/--until, read in the stats zone like the HTTP reports' since/until."""
+    if value is None:
+        return None
     try:
-        return reports.parse_time(value)
+        return reports.parse_time(value, config.stats.tz)
     except ValueError as exc:
-        raise argparse.ArgumentTypeError(str(exc)) from None
+        raise SystemExit(f"tollgate export: {exc}") from None
 
 
 def _ledger(config: Config) -> Ledger | None:
@@ -109,10 +112,10 @@ def cmd_export(config: Config, args: argparse.Namespace) -> int:
         return 0
     if not config.db_path.exists():
         raise SystemExit(f"tollgate export: no ledger at {config.db_path} yet")
-    filters = reports.Filters(args.since, args.until)
+    filters = reports.Filters(_parse_time(config, args.since), _parse_time(config, args.until))
     out = sys.stdout.buffer if args.csv == "-" else open(args.csv, "wb")
     try:
-        for chunk in reports.csv_chunks(config.db_path, filters):
+        for chunk in reports.csv_chunks(config.db_path, filters, config.stats.tz):
             out.write(chunk)
     finally:
         if out is not sys.stdout.buffer:
@@ -188,8 +191,8 @@ def build_parser() -> argparse.ArgumentParser:
     what = ex.add_mutually_exclusive_group(required=True)
     what.add_argument("--csv", metavar="FILE", help="every ledger row (filtered) to FILE, - for stdout")
     what.add_argument("--snapshot", metavar="FILE", help="append the seed's one-line snapshot to FILE")
-    ex.add_argument("--since", type=_parse_time)
-    ex.add_argument("--until", type=_parse_time)
+    ex.add_argument("--since", help="an ISO date or time (in the stats zone) or a unix time")
+    ex.add_argument("--until", help="an ISO date or time (in the stats zone) or a unix time")
     sub.add_parser("reset", help="start a new stats epoch (no ledger row is deleted)")
     sub.add_parser("check", help="validate the config and probe each upstream")
     return parser

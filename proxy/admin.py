@@ -56,8 +56,9 @@ def _filters(request: web.Request) -> reports.Filters:
     """since/until (ISO or unix time) and equality filters on upstream, model, type, user."""
     query = request.query
     try:
-        since = reports.parse_time(query["since"]) if "since" in query else None
-        until = reports.parse_time(query["until"]) if "until" in query else None
+        tz = request.app[CONFIG].stats.tz
+        since = reports.parse_time(query["since"], tz) if "since" in query else None
+        until = reports.parse_time(query["until"], tz) if "until" in query else None
     except ValueError as exc:
         raise BadRequest(str(exc)) from None
     equals = tuple((name, query[name]) for name in reports.GROUPS if name in query)
@@ -96,7 +97,7 @@ async def export_csv(request: web.Request) -> web.StreamResponse:
     app = request.app
     await app[LEDGER].flush(timeout=_REPORT_FLUSH_S)
     loop = asyncio.get_running_loop()
-    chunks = reports.csv_chunks(app[CONFIG].db_path, filters)
+    chunks = reports.csv_chunks(app[CONFIG].db_path, filters, app[CONFIG].stats.tz)
     out = web.StreamResponse(headers={"Content-Type": "text/csv; charset=utf-8",
                                       "Content-Disposition": 'attachment; filename="tollgate-ledger.csv"'})
     await out.prepare(request)

@@ -54,7 +54,7 @@ class Limits:
     max_input_tokens: int | None = None
     max_output_tokens: int | None = None
     day: DayMode = "rolling"
-    timezone: str = "UTC"
+    timezone: str | None = None  # a calendar day's zone; None: the stats zone, like every "today"
 
     @cached_property
     def any(self) -> bool:
@@ -243,9 +243,11 @@ class Stats:
     # How many characters of a call's text the estimator may read; bounds CPU per call.
     estimate_max_chars: int
 
-    @property
-    def tz(self) -> ZoneInfo | None:
-        return None if self.timezone == "local" else ZoneInfo(self.timezone)
+    @cached_property
+    def tz(self) -> ZoneInfo:
+        """The one zone of "today" and of every bucket: /stats, calendar-day limits that name
+        none of their own, history, since/until, the text."""
+        return local_zone() if self.timezone == "local" else ZoneInfo(self.timezone)
 
 
 @dataclass(frozen=True)
@@ -373,6 +375,21 @@ def _show(value: Any) -> str:
     return text if len(text) <= 80 else text[:77] + "..."
 
 
+def local_zone() -> ZoneInfo:
+    """The machine's zone, with its DST rules: $TZ if it names one, else /etc/localtime, else UTC."""
+    name = os.environ.get("TZ", "").lstrip(":")
+    if name:
+        try:
+            return ZoneInfo(name)
+        except (ZoneInfoNotFoundError, ValueError):
+            pass
+    try:
+        with open("/etc/localtime", "rb") as fh:
+            return ZoneInfo.from_file(fh, key="localtime")
+    except (OSError, ValueError):
+        return ZoneInfo("UTC")
+
+
 def _check_tz(table: _Table, name: str, value: str) -> str:
     if value == "local":
         return value
@@ -387,7 +404,8 @@ def _limits(table: _Table) -> Limits:
     day = table.get("day", str, "rolling", "'rolling' or 'calendar'")
     if day not in ("rolling", "calendar"):
         raise table.fail("day", day, "'rolling' or 'calendar'")
-    tz = _check_tz(table, "timezone", table.get("timezone", str, "UTC", "a time zone name"))
+    named = table.opt("timezone", str, "a time zone name")
+    tz = _check_tz(table, "timezone", named) if named is not None else None
     limits = Limits(
         rpm=table.limit("rpm"), rpd=table.limit("rpd"), tpm=table.limit("tpm"),
         concurrency=table.limit("concurrency"),

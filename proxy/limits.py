@@ -39,15 +39,6 @@ def _midnight(ts: float, tz: ZoneInfo, days_later: int = 0) -> float:
     return (local + timedelta(days=days_later)).timestamp()
 
 
-def day_seconds(limits: Limits, now: float) -> float:
-    """How far back "today" reaches for these limits: 24 h rolling, or since local midnight.
-
-    One definition for the limiter, /stats' daily figures and the daily-requests alert."""
-    if limits.day == "rolling":
-        return DAY
-    return now - _midnight(now, ZoneInfo(limits.timezone))
-
-
 class Window:
     """A sliding log of admissions over `span` seconds, or since local midnight.
 
@@ -136,8 +127,9 @@ class Scope:
     tracked: bool = False       # counted for /stats even where no limit is set
 
     @classmethod
-    def build(cls, name: str, limits: Limits, tracked: bool = False) -> Scope:
-        tz = ZoneInfo(limits.timezone) if limits.day == "calendar" else None
+    def build(cls, name: str, limits: Limits, zone: ZoneInfo, tracked: bool = False) -> Scope:
+        """`zone` is the stats zone: a calendar day that names no zone of its own is its day."""
+        tz = (ZoneInfo(limits.timezone) if limits.timezone else zone) if limits.day == "calendar" else None
         return cls(name, limits,
                    rpm=Window(limits.rpm, MINUTE) if limits.rpm else None,
                    rpd=Window(limits.rpd or 0, DAY, tz) if limits.rpd or tracked else None,
@@ -195,15 +187,17 @@ class Limiter:
         self.config = config
         self.clock = clock
         self.policy = config.limits
+        self.zone = zone = config.stats.tz
         # The upstream whose figures /stats shows is counted even where it has no limit: its
         # windows are the one source of the seed's rate_limits strings and the alerts.
-        self._upstreams = {name: Scope.build(f"upstream:{name}", u.limits, tracked=name == config.stats.limits_upstream)
+        self._upstreams = {name: Scope.build(f"upstream:{name}", u.limits, zone,
+                                       tracked=name == config.stats.limits_upstream)
                            for name, u in config.upstreams.items()}
-        self._models = {pattern: Scope.build(f"model:{pattern}", limits)
+        self._models = {pattern: Scope.build(f"model:{pattern}", limits, zone)
                         for pattern, limits in config.limits.models.items()}
-        self._named_users = {user: Scope.build(f"user:{user}", limits)
+        self._named_users = {user: Scope.build(f"user:{user}", limits, zone)
                              for user, limits in config.limits.users.items()}
-        self._keys = {name: Scope.build(f"key:{name}", key.limits) for name, key in config.keys.items()}
+        self._keys = {name: Scope.build(f"key:{name}", key.limits, zone) for name, key in config.keys.items()}
         # Per-user scopes made on demand; idle ones are dropped so 10,000 users cost only
         # what their live windows hold.
         self._users: dict[str, Scope] = {}
@@ -222,7 +216,7 @@ class Limiter:
             elif self.policy.per_user.any:
                 scope = self._users.get(user)
                 if scope is None:
-                    scope = self._users[user] = Scope.build(f"user:{user}", self.policy.per_user)
+                    scope = self._users[user] = Scope.build(f"user:{user}", self.policy.per_user, self.zone)
                 found.append(scope)
         return [s for s in found if s.limits.any or s.blocked_until or s.tracked]
 

@@ -1,9 +1,11 @@
 """Reports over the ledger: usage per hour or day, busiest hours and weekdays, CSV exports.
 
 Everything here is SQL run by SQLite (aggregation in C over the `ts` index), on the caller's
-thread: the app calls it through an executor, never on the event loop. Buckets are in the
-stats time zone, using its UTC offset now (a report that spans a DST change shifts the buckets
-on one side of it by an hour).
+thread: the app calls it through an executor, never on the event loop. Buckets are local hours
+and days of the stats zone, right across DST changes: SQLite groups by UTC quarter-hour (every
+zone's offset is a whole number of quarter-hours), and each quarter folds into the local hour or
+day it falls in, with zoneinfo's rules for that instant. The hour repeated when clocks go back
+is two buckets, as it is two hours.
 """
 
 from __future__ import annotations
@@ -46,23 +48,26 @@ class Filters:
         return " AND ".join(clauses), params
 
 
-def utc_offset(tz: ZoneInfo | None, now: float) -> float:
-    """Seconds east of UTC of `tz` (None: the machine's local zone) at `now`."""
-    moment = datetime.fromtimestamp(now, tz) if tz is not None else datetime.fromtimestamp(now).astimezone()
-    offset = moment.utcoffset()
-    return offset.total_seconds() if offset is not None else 0.0
-
-
-def parse_time(value: str) -> float:
-    """A unix time, or an ISO date/time (2024-01-15, 2024-01-15T14:00) in the machine's zone."""
+def parse_time(value: str, tz: ZoneInfo) -> float:
+    """A unix time, or an ISO date/time (2024-01-15, 2024-01-15T14:00, with or without an
+    offset); without one, it is a local time in `tz`, the stats zone."""
     try:
         return float(value)
     except ValueError:
         pass
     try:
-        return datetime.fromisoformat(value).timestamp()
+        moment = datetime.fromisoformat(value)
     except ValueError:
         raise ValueError(f"{value!r} is not a time: expected an ISO date such as 2024-01-15, or a unix time") from None
+    return (moment if moment.tzinfo is not None else moment.replace(tzinfo=tz)).timestamp()
+
+
+def local_start(ts: float, bucket: Bucket, tz: ZoneInfo) -> float:
+    """The instant the local hour or day holding `ts` began."""
+    moment = datetime.fromtimestamp(ts, tz)
+    if bucket == "hour":
+        return moment.replace(minute=0, second=0, microsecond=0).timestamp()
+    return moment.replace(hour=0, minute=0, second=0, microsecond=0, fold=0).timestamp()
 
 
 def _connect(path: Path) -> sqlite3.Connection:
@@ -71,46 +76,57 @@ def _connect(path: Path) -> sqlite3.Connection:
     return sqlite3.connect(f"file:{path}?mode=ro", uri=True, timeout=30.0, check_same_thread=False)
 
 
+_QUARTER = 900
+
+
 def history(path: Path, bucket: Bucket, filters: Filters, group_by: GroupBy | None,
-            tz: ZoneInfo | None, now: float) -> dict[str, Any]:
-    size, offset = _SIZES[bucket], utc_offset(tz, now)
+            tz: ZoneInfo, now: float) -> dict[str, Any]:
     where, params = filters.where()
     group = f'"{group_by}"' if group_by else "NULL"
     conn = _connect(path)
     try:
         rows = conn.execute(
-            f"""SELECT CAST((ts + ?) / ? AS INTEGER) * ? - ? AS bucket, {group} AS grp,
+            f"""SELECT CAST(ts / {_QUARTER} AS INTEGER) AS q, {group} AS grp,
                        COUNT(*), SUM(prompt_tokens), SUM(completion_tokens), SUM(cost_usd),
                        SUM(outcome != 'ok'), SUM(estimated)
-                FROM calls WHERE {where} GROUP BY bucket, grp ORDER BY bucket, grp""",
-            [offset, size, size, offset, *params]).fetchall()
-        hours = conn.execute(
-            f"""SELECT CAST(((ts + ?) % 86400) / 3600 AS INTEGER) AS h, COUNT(*), SUM(prompt_tokens + completion_tokens)
-                FROM calls WHERE {where} GROUP BY h ORDER BY COUNT(*) DESC, h""", [offset, *params]).fetchall()
-        days = conn.execute(
-            f"""SELECT CAST(strftime('%w', ts + ?, 'unixepoch') AS INTEGER) AS d, COUNT(*),
-                       SUM(prompt_tokens + completion_tokens)
-                FROM calls WHERE {where} GROUP BY d ORDER BY COUNT(*) DESC, d""", [offset, *params]).fetchall()
+                FROM calls WHERE {where} GROUP BY q, grp""", params).fetchall()
     finally:
         conn.close()
+    folded: dict[tuple[float, Any], list[float]] = {}
+    hours: dict[int, list[int]] = {}
+    days: dict[int, list[int]] = {}
+    for quarter, grp, *sums in rows:
+        start = quarter * _QUARTER
+        into = folded.setdefault((local_start(start, bucket, tz), grp), [0, 0, 0, 0.0, 0, 0])
+        for i, value in enumerate(sums):
+            into[i] += value
+        moment = datetime.fromtimestamp(start, tz)
+        # isoweekday: Monday 1 .. Sunday 7; % 7 makes Sunday 0, as _WEEKDAYS lists them.
+        for table, key in ((hours, moment.hour), (days, moment.isoweekday() % 7)):
+            counts = table.setdefault(key, [0, 0])
+            counts[0] += sums[0]
+            counts[1] += sums[1] + sums[2]
     buckets = []
-    for start, grp, requests, prompt, completion, cost, errors, estimated in rows:
+    for (start, grp), (requests, prompt, completion, cost, errors, estimated) in sorted(
+            folded.items(), key=lambda kv: (kv[0][0], str(kv[0][1]))):
         entry: dict[str, Any] = {"start": start, "start_local": _local(start, tz),
-                                 "requests": requests, "prompt_tokens": prompt, "completion_tokens": completion,
-                                 "total_tokens": prompt + completion, "cost_usd": round(cost, 6),
-                                 "errors": errors, "estimated_calls": estimated}
+                                 "requests": int(requests), "prompt_tokens": int(prompt),
+                                 "completion_tokens": int(completion), "total_tokens": int(prompt + completion),
+                                 "cost_usd": round(cost, 6), "errors": int(errors), "estimated_calls": int(estimated)}
         if group_by:
             entry[group_by] = grp
         buckets.append(entry)
+    busiest = sorted(hours.items(), key=lambda kv: (-kv[1][0], kv[0]))
+    weekdays = sorted(days.items(), key=lambda kv: (-kv[1][0], kv[0]))
     return {
         "bucket": bucket, "group_by": group_by, "since": filters.since, "until": filters.until,
-        "buckets": buckets,
-        "busiest_hours": [{"hour": h, "requests": n, "tokens": t} for h, n, t in hours],
-        "busiest_weekdays": [{"weekday": _WEEKDAYS[d], "requests": n, "tokens": t} for d, n, t in days],
+        "timezone": str(tz.key), "buckets": buckets,
+        "busiest_hours": [{"hour": h, "requests": n, "tokens": t} for h, (n, t) in busiest],
+        "busiest_weekdays": [{"weekday": _WEEKDAYS[d], "requests": n, "tokens": t} for d, (n, t) in weekdays],
     }
 
 
-def _local(ts: float, tz: ZoneInfo | None) -> str:
+def _local(ts: float, tz: ZoneInfo) -> str:
     return datetime.fromtimestamp(ts, tz).replace(tzinfo=None).isoformat(timespec="seconds")
 
 
@@ -126,18 +142,20 @@ def recent_costs(path: Path, since: float) -> tuple[dict[int, float], float | No
     return {int(day): float(cost) for day, cost in rows}, first
 
 
-def csv_chunks(path: Path, filters: Filters, batch: int = 2000) -> Generator[bytes, None, None]:
-    """The ledger's rows as CSV, a header then `batch` rows at a time: memory stays flat."""
+def csv_chunks(path: Path, filters: Filters, tz: ZoneInfo, batch: int = 2000) -> Generator[bytes, None, None]:
+    """The ledger's rows as CSV, a header then `batch` rows at a time: memory stays flat. Each row
+    carries its time twice: `ts` (unix seconds) and `time` (ISO 8601 with the stats zone's offset)."""
     where, params = replace(filters, attempts=True).where()
     conn = _connect(path)
     try:
         cursor = conn.execute(f"SELECT {', '.join(COLUMNS)} FROM calls WHERE {where} ORDER BY ts, id", params)
         buffer = io.StringIO()
         writer = csv.writer(buffer)
-        writer.writerow(COLUMNS)
+        writer.writerow(("ts", "time", *COLUMNS[1:]))
         while True:
             rows = cursor.fetchmany(batch)
-            writer.writerows(rows)
+            writer.writerows((row[0], datetime.fromtimestamp(row[0], tz).isoformat(timespec="milliseconds"), *row[1:])
+                             for row in rows)
             yield buffer.getvalue().encode()
             buffer.seek(0)
             buffer.truncate()
