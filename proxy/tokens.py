@@ -48,8 +48,12 @@ def load_encoding(name: str, directory: Path) -> tiktoken.Encoding:
     if hashlib.sha256(data).hexdigest() != meta["sha256"]:
         raise RuntimeError(f"{directory / name}.tiktoken.gz is corrupt: its SHA-256 is not tiktoken's published one")
     ranks = {base64.b64decode(token): int(rank) for token, rank in (line.split() for line in data.splitlines() if line)}
-    return tiktoken.Encoding(name, pat_str=meta["pat_str"], mergeable_ranks=ranks,
-                             special_tokens=meta["special_tokens"])
+    built = tiktoken.Encoding(name, pat_str=meta["pat_str"], mergeable_ranks=ranks,
+                              special_tokens=meta["special_tokens"])
+    # The Rust core holds its own copy of the ranks; tiktoken keeps this Python dict only to
+    # pickle an encoding, which we never do. Letting it go frees 40 MB for the two encodings.
+    built._mergeable_ranks = {}
+    return built
 
 
 @lru_cache(maxsize=1024)
