@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from aiohttp import web
 
-from . import admin, relay
+from . import admin, passthrough, relay
 
 
 def setup_routes(app: web.Application) -> None:
@@ -19,6 +19,6 @@ def setup_routes(app: web.Application) -> None:
     app.router.add_post("/dashboard/login", admin.dashboard_login)
     # OpenAI dialect; /t/<type>/ lets a client that can only set a base URL tag its calls.
     for prefix in ("", "/t/{type}"):
-        app.router.add_get(prefix + "/v1/models", relay.list_models)
+        app.router.add_get(prefix + "/v1/models", passthrough.list_models)
         app.router.add_route("*", prefix + "/v1/{rest:.+}", relay.openai_call)
         app.router.add_route("*", prefix + "/api/{rest:.+}", relay.ollama_call)

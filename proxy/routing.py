@@ -18,7 +18,7 @@ from .config import Config, Upstream
 from .dialects import OLLAMA_ENDPOINTS, OPENAI_ENDPOINTS
 from .errors import BadRequest, MethodNotAllowed, NotForwarded
 
-Prefix = Literal["v1", "api"]
+Prefix = Literal["v1", "api"]  # the two dialects' roots
 
 _MANAGEMENT = frozenset({"pull", "push", "create", "copy", "delete", "blobs"})
 

@@ -55,7 +55,7 @@ def main(version: str) -> None:
         with tarfile.open(tarball) as tar:
             files = {name: tar.extractfile(f"package/encoders/{name}.json") for name in PUBLISHED}
             data = {name: json.load(fh) for name, fh in files.items() if fh is not None}
-    lines = [f"# Tokenizer data shipped with Tollgate\n",
+    lines = ["# Tokenizer data shipped with Tollgate\n",
              f"From npm's `tiktoken` package, version {version} (MIT licence, "
              f"https://github.com/dqbd/tiktoken), `encoders/<name>.json`, rebuilt into tiktoken's "
              f"`.tiktoken` format by `tools/vendor_encodings.py`. Each file's SHA-256 (uncompressed) "

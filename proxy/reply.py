@@ -1,0 +1,198 @@
+"""The upstream's answer, passed on to the client as it arrives, learning its usage on the way.
+
+Status and filtered headers first (with the call's x-ratelimit-* figures, never looser than the
+upstream's own), then the body: a small whole reply in one write; a stream frame by frame,
+byte for byte, less only the usage Tollgate asked for on the client's behalf; a large body
+chunk by chunk, keeping its tail to read usage from.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import AsyncIterator, Callable
+
+import aiohttp
+import orjson
+from aiohttp import web
+from multidict import CIMultiDict
+
+from . import dialects, framing
+from .admission import Plan
+from .call import Call
+from .dialects import StreamState
+from .keys import LIMITER
+from .upstream import BadResponse, UpstreamClient, UpstreamError, response_headers
+
+# A non-streamed reply is relayed as it arrives; this much of it is also kept to read usage
+# from. A larger reply keeps only its tail, where both protocols put usage.
+_KEEP_BYTES = 1 << 20
+_TAIL_BYTES = 64 << 10
+
+
+async def relay_reply(request: web.Request, call: Call, response: aiohttp.ClientResponse, plan: Plan,
+                 client: UpstreamClient, strip_usage: bool) -> web.StreamResponse:
+    """Pass the upstream's answer on as it arrives, learning its usage on the way."""
+    call.status = response.status
+    if response.status == 429:
+        call.outcome = "upstream_rate_limited"
+    elif response.status >= 400:
+        call.outcome = "upstream_status"
+    else:
+        call.answered = True
+    out_headers = response_headers(response.headers)
+    if plan.ticket is not None:
+        _add_limit_headers(out_headers, request.app[LIMITER].headers(plan.ticket.scopes))
+    out_headers["X-Tollgate-Upstream"] = plan.upstream.name
+    if call.fallback_from:
+        out_headers["X-Tollgate-Fallback-From"] = call.fallback_from
+    content_type = response.content_type
+    streamed = content_type in ("text/event-stream", "application/x-ndjson")
+    rest_of_body = client.chunks(response)
+    head = b""
+    if not streamed:
+        head, more = await client.read_up_to(rest_of_body, _KEEP_BYTES)
+        if not more:
+            # A small whole reply: checked, then sent in one write, headers and body together.
+            _learn_from_body(call, head, content_type)
+            return web.Response(body=head, status=response.status, reason=response.reason, headers=out_headers)
+    out = web.StreamResponse(status=response.status, reason=response.reason, headers=out_headers)
+    try:
+        if content_type == "text/event-stream":
+            await _relay_frames(request, call, rest_of_body, out, framing.sse_framer(),
+                                _openai_scanner(strip_usage))
+        elif content_type == "application/x-ndjson":
+            await _relay_frames(request, call, rest_of_body, out, framing.ndjson_framer(), _ollama_scanner)
+        else:
+            await _relay_body(request, call, rest_of_body, head, out)
+    except UpstreamError as exc:
+        if not out.prepared:
+            raise
+        if call.completed:
+            # Trouble after the final frame (the upstream cut its connection instead of closing
+            # the stream cleanly) changes nothing the client got.
+            return out
+        call.fail(exc, status_sent=True)
+        await _end_broken(request, call, out, exc)
+    return out
+
+
+def _add_limit_headers(out: CIMultiDict[str], ours: dict[str, str]) -> None:
+    """Our x-ratelimit-* figures for requests and for tokens, unless the upstream sent its own
+    and they leave less: a client must see the tighter of the two, never the looser."""
+    for kind in ("requests", "tokens"):
+        theirs = out.get(f"x-ratelimit-remaining-{kind}")
+        mine = ours.get(f"x-ratelimit-remaining-{kind}")
+        if mine is None or (theirs is not None and _as_int(theirs) <= int(mine)):
+            continue
+        for part in ("limit", "remaining", "reset"):
+            out[f"x-ratelimit-{part}-{kind}"] = ours[f"x-ratelimit-{part}-{kind}"]
+
+
+def _as_int(value: str) -> float:
+    try:
+        return float(value)
+    except ValueError:
+        return float("inf")  # unreadable: ours wins
+
+
+def _openai_scanner(strip_usage: bool) -> Callable[[bytes, StreamState], bytes | None]:
+    def scan(frame: bytes, state: StreamState) -> bytes | None:
+        return dialects.scan_openai_frame(frame, state, strip_usage)
+    return scan
+
+
+def _ollama_scanner(line: bytes, state: StreamState) -> bytes:
+    dialects.scan_ollama_line(line, state)
+    return line
+
+
+async def _relay_frames(request: web.Request, call: Call, body: AsyncIterator[bytes],
+                        out: web.StreamResponse, framer: framing.Framer,
+                        scan: Callable[[bytes, StreamState], bytes | None]) -> None:
+    """Forward a stream frame by frame as it arrives, learning usage and text on the way."""
+    state = StreamState()
+    await out.prepare(request)
+    call.headers_sent = True
+    try:
+        async for chunk in body:
+            forwarded = [f for f in (scan(frame, state) for frame in framer.feed(chunk)) if f]
+            if forwarded:
+                if call.ttft is None:
+                    call.ttft = time.perf_counter() - call.started
+                await out.write(b"".join(forwarded))
+                call.completed = state.done and state.error is None
+        rest = framer.rest()
+        if rest.strip():
+            # A last frame without its terminator: still the upstream's words, pass them on.
+            last = scan(rest, state)
+            if last:
+                await out.write(last)
+                call.completed = state.done and state.error is None
+    finally:
+        call.usage, call.prompt_missing, call.text = state.usage, state.prompt_missing, state.text
+    if state.error is not None and call.outcome == "ok":
+        call.outcome = "stream_error"
+    elif not state.done and state.usage is None and call.outcome == "ok":
+        call.outcome = "broken_stream"
+    try:
+        await out.write_eof()
+    except ConnectionResetError:
+        if not call.completed:
+            raise
+
+
+async def _relay_body(request: web.Request, call: Call, body: AsyncIterator[bytes], head: bytes,
+                      out: web.StreamResponse) -> None:
+    """Forward a large body as it arrives, keeping only its tail to read usage from."""
+    await out.prepare(request)
+    call.headers_sent = True
+    await out.write(head)
+    tail = head[-_TAIL_BYTES:]
+    async for chunk in body:
+        await out.write(chunk)
+        tail = (tail + chunk)[-_TAIL_BYTES:]
+    await out.write_eof()
+    if call.answered:
+        call.usage = dialects.tail_usage(call.dialect, tail)
+
+
+def _learn_from_body(call: Call, body: bytes, content_type: str) -> None:
+    """Usage (or, lacking it, the generated text) of a whole non-streamed reply.
+
+    A success must be JSON: anything else (an HTML page from a captive portal or a broken
+    gateway, a truncated object) is the upstream's failure, reported as 502, not relayed as
+    if it were an answer.
+    """
+    if not call.answered:
+        return
+    name = call.upstream.name if call.upstream else "?"
+    if content_type != "application/json":
+        raise BadResponse(f"Upstream '{name}' answered with '{content_type or 'no content type'}' "
+                          f"where JSON was expected.")
+    try:
+        obj = orjson.loads(body)
+    except orjson.JSONDecodeError:
+        raise BadResponse(f"Upstream '{name}' answered with malformed JSON.") from None
+    call.usage = dialects.body_usage(call.dialect, obj)
+    if call.dialect == "ollama" and call.usage is None and isinstance(obj, dict):
+        found = dialects.ollama_usage(obj)
+        if found is not None:
+            call.usage, call.prompt_missing = found
+    if call.usage is None:
+        call.text = dialects.body_text(call.dialect, obj)
+
+
+async def _end_broken(request: web.Request, call: Call, out: web.StreamResponse,
+                      exc: UpstreamError) -> None:
+    """The upstream failed after our status line went out: tell the client as best we can."""
+    info = call.info
+    streaming = info is not None and info.stream
+    try:
+        if streaming:
+            await out.write(dialects.stream_error_frame(call.dialect, exc.message, exc.type, exc.code))
+            await out.write_eof()
+        elif request.transport is not None:
+            # A half-sent JSON body must not look complete: drop the connection instead.
+            request.transport.close()
+    except ConnectionResetError:
+        pass
