@@ -154,8 +154,8 @@ def csv_chunks(path: Path, filters: Filters, tz: ZoneInfo, batch: int = 2000) ->
         writer.writerow(("ts", "time", *COLUMNS[1:]))
         while True:
             rows = cursor.fetchmany(batch)
-            writer.writerows((row[0], datetime.fromtimestamp(row[0], tz).isoformat(timespec="milliseconds"), *row[1:])
-                             for row in rows)
+            writer.writerows((row[0], datetime.fromtimestamp(row[0], tz).isoformat(timespec="milliseconds"),
+                              *map(safe_cell, row[1:])) for row in rows)
             yield buffer.getvalue().encode()
             buffer.seek(0)
             buffer.truncate()
@@ -165,7 +165,19 @@ def csv_chunks(path: Path, filters: Filters, tz: ZoneInfo, batch: int = 2000) ->
         conn.close()
 
 
-def snapshot_row(stats: dict[str, Any], now: datetime) -> list[str]:
+def snapshot_row(stats: dict[str, Any], now: datetime) -> list[object]:
     """The seed's periodic CSV line: time, total requests, total tokens, cost, success rate."""
-    return [str(now), str(stats["total_requests"]), str(stats["tokens"]["total"]),
-            stats["costo_estimado_usd"], stats["tasa_exito"]]
+    return [safe_cell(value) for value in (str(now), str(stats["total_requests"]), str(stats["tokens"]["total"]),
+                                           stats["costo_estimado_usd"], stats["tasa_exito"])]
+
+
+# OWASP's CSV injection rule: a spreadsheet runs a cell that starts with one of these as a
+# formula. Model, user and type names come from clients, so text cells starting so are prefixed
+# with a single quote (shown, not run); numbers are never text here and stay numbers.
+_FORMULA_START = ("=", "+", "-", "@", "\t", "\r")
+
+
+def safe_cell(value: object) -> object:
+    if isinstance(value, str) and value.startswith(_FORMULA_START):
+        return "'" + value
+    return value

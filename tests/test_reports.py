@@ -88,3 +88,20 @@ async def test_csv_export_with_filters_and_snapshot(timed: Proxy, fake: FakeUpst
     status, text = await get(timed, "/stats/snapshot.csv")
     [row] = list(csv.reader(io.StringIO(text)))
     assert row[1:] == ["6", "900", "$0.0300", "100.0%"]
+
+
+@pytest.mark.parametrize("user", ["=HYPERLINK(\"http://x\",\"y\")", "+1+2", "-2+3", "@SUM(A1)"])
+async def test_csv_cells_never_run_as_formulas(proxy: Proxy, fake: FakeUpstream, user: str) -> None:
+    assert await chat(proxy.url, "gpt-4o", {"X-Tollgate-User": user}) == 200
+    await proxy.ledger.flush()
+    status, text = await get(proxy, "/stats/export.csv")
+    [row] = list(csv.DictReader(io.StringIO(text)))
+    assert status == 200 and row["user"] == "'" + user
+    # Numbers stay numbers.
+    assert float(row["ts"]) > 0 and int(row["prompt_tokens"]) > 0 and float(row["cost_usd"]) > 0
+
+
+def test_tab_and_carriage_return_cells_are_neutralised_too() -> None:
+    from proxy.reports import safe_cell
+
+    assert [safe_cell(v) for v in ("\tx", "\rx", "ana", -5, 0.25)] == ["'\tx", "'\rx", "ana", -5, 0.25]
