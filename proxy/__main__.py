@@ -23,7 +23,7 @@ from .accounting import Accounting
 from .app import create_app, replay_ledger
 from .config import Config, ConfigError
 from .limits import Limiter
-from .store import Ledger
+from .store import Ledger, LedgerError
 from .upstream import UpstreamClient, UpstreamError
 
 
@@ -87,9 +87,13 @@ def cmd_serve(config: Config, args: argparse.Namespace) -> int:
     logging.info("tollgate starting: ledger %s", config.db_path)
     # handler_cancellation: a client that hangs up cancels its call at once, so the upstream
     # request is closed and the call is recorded as cancelled without waiting for a write.
-    web.run_app(create_app(config), host=host, port=port, handler_cancellation=True, loop=_new_loop(),
-                shutdown_timeout=config.server.drain_timeout_s, access_log=None,
-                print=lambda _: logging.info("tollgate ready on http://%s:%d", host, port))
+    try:
+        web.run_app(create_app(config), host=host, port=port, handler_cancellation=True, loop=_new_loop(),
+                    shutdown_timeout=config.server.drain_timeout_s, access_log=None,
+                    print=lambda _: logging.info("tollgate ready on http://%s:%d", host, port))
+    except LedgerError as exc:
+        print(f"tollgate: {exc}", file=sys.stderr)
+        return 1
     return 0
 
 

@@ -168,6 +168,10 @@ def make_private_dir(path: Path) -> None:
     os.chmod(path, 0o700)
 
 
+class LedgerError(Exception):
+    """The ledger cannot be opened or written at start; the message is one line for the operator."""
+
+
 @dataclass(frozen=True)
 class LedgerHealth:
     """What the writer is doing now: for /healthz, /stats, /metrics and the alert rule."""
@@ -209,7 +213,19 @@ class Ledger:
     # --- lifecycle -------------------------------------------------------------------
 
     def open(self, now: float) -> None:
-        """Create the file owner-only, set up the schema and start the writer thread."""
+        """Create the file owner-only, set up the schema, prove it can be written, and start the
+        writer thread. A ledger that cannot be opened or written raises LedgerError: one line
+        naming the path and the cause."""
+        try:
+            self._open(now)
+        except (OSError, sqlite3.Error) as exc:
+            cause = exc.strerror if isinstance(exc, OSError) and exc.strerror else str(exc)
+            where = getattr(exc, "filename", None) or self.path
+            raise LedgerError(f"cannot open the ledger at {where}: {cause}") from None
+        self._thread = threading.Thread(target=self._writer, name="tollgate-ledger", daemon=True)
+        self._thread.start()
+
+    def _open(self, now: float) -> None:
         make_private_dir(self.path.parent)
         # SQLite creates its -wal and -shm files with the main file's mode, so 0600 here
         # makes all three private.
@@ -230,10 +246,13 @@ class Ledger:
             conn.execute("CREATE INDEX IF NOT EXISTS calls_admission ON calls(admission)")
             if conn.execute("SELECT COUNT(*) FROM epochs").fetchone()[0] == 0:
                 conn.execute("INSERT INTO epochs (started, after_call) VALUES (?, 0)", (now,))
+            # A write now, so a ledger that opens but cannot take a row (a read-only file or
+            # filesystem, a full disk) stops start-up instead of the first call.
+            conn.execute("BEGIN IMMEDIATE")
+            conn.execute("UPDATE epochs SET started = started WHERE id = (SELECT MAX(id) FROM epochs)")
+            conn.execute("COMMIT")
         finally:
             conn.close()
-        self._thread = threading.Thread(target=self._writer, name="tollgate-ledger", daemon=True)
-        self._thread.start()
 
     def close(self, timeout: float | None = None) -> None:
         """Commit what is queued and stop the writer. Safe to call more than once.

@@ -9,12 +9,9 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import errno
 import logging
-import os
 import signal
 import sqlite3
-import subprocess
 import sys
 from collections.abc import Iterator
 from pathlib import Path
@@ -25,51 +22,17 @@ import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 from .conftest import Proxy, Serve, to_toml
+from .disks import fill, tmpfs
 from .fake_upstream import FakeUpstream
 from .test_failures import closed_port
 
 CHAT = {"model": "gpt-4o", "messages": [{"role": "user", "content": "hola"}]}
 
 
-@contextlib.contextmanager
-def tmpfs(mount: Path) -> Iterator[Path]:
-    """A 4 MiB tmpfs at `mount`: as full as a disk gets, and emptied again by deleting a file."""
-    mount.mkdir()
-    done = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=4m,mode=0700", "tmpfs", str(mount)],
-                          capture_output=True, text=True)
-    if done.returncode != 0:
-        if os.environ.get("CI") == "true":
-            pytest.fail(f"cannot mount a tmpfs for the full-disk test: {done.stderr.strip()}")
-        pytest.skip(f"cannot mount a tmpfs (needs root): {done.stderr.strip()}")
-    try:
-        yield mount
-    finally:
-        subprocess.run(["umount", "-l", str(mount)], check=True)
-
-
 @pytest.fixture
 def tiny_disk(tmp_path: Path) -> Iterator[Path]:
     with tmpfs(tmp_path / "disk") as mount:
         yield mount
-
-
-def fill(disk: Path) -> Path:
-    """Write a file until the disk says it is full; returns it, to delete when the test is done."""
-    filler = disk / "filler"
-    with open(filler, "wb", buffering=0) as fh:
-        try:
-            while True:
-                fh.write(b"\0" * 65536)
-        except OSError as exc:
-            assert exc.errno == errno.ENOSPC
-    # Whatever the kernel still had in single pages goes too.
-    with open(disk / "filler2", "wb", buffering=0) as fh:
-        try:
-            while True:
-                fh.write(b"\0" * 512)
-        except OSError as exc:
-            assert exc.errno == errno.ENOSPC
-    return filler
 
 
 def rows_in(db: Path) -> tuple[int, int]:
