@@ -88,6 +88,8 @@ class Upstream:
     # Ollama's pull, push, create, copy and delete: refused unless this is set or the caller
     # presents the admin token.
     allow_management: bool = False
+    # Request headers forwarded beyond the protocols' own (lower-case names).
+    forward_headers: frozenset[str] = frozenset()
 
     def serves(self, model: str) -> bool:
         return any(fnmatch.fnmatchcase(model, pattern) for pattern in self.models)
@@ -453,6 +455,7 @@ def _upstream(name: str, table: _Table) -> Upstream:
         fallback_model=table.opt("fallback_model", str, "a model name"),
         passthrough=_passthrough(table, cast(Kind, kind)),
         allow_management=table.get("allow_management", bool, False, "true or false"),
+        forward_headers=_header_names(table, "forward_headers"),
     )
     table.done()
     return upstream
@@ -460,6 +463,17 @@ def _upstream(name: str, table: _Table) -> Upstream:
 
 # A local Ollama's read-only endpoints: no key, no tokens spent.
 OLLAMA_PASSTHROUGH = ("/api/tags", "/api/show", "/api/ps", "/api/version")
+
+
+def _header_names(table: _Table, name: str) -> frozenset[str]:
+    expected = 'a list of HTTP header names such as "X-Request-Id"'
+    names = table.get(name, list, [], expected)
+    if not all(isinstance(n, str) and re.fullmatch(r"[A-Za-z0-9!#$%&'*+.^_`|~-]+", n) for n in names):
+        raise table.fail(name, names, expected)
+    lowered = frozenset(n.lower() for n in names)
+    if lowered & {"authorization", "cookie", "host", "api-key", "x-api-key"}:
+        raise table.fail(name, names, "names other than credentials and Host (the upstream key is Tollgate's to send)")
+    return lowered
 
 
 def _passthrough(table: _Table, kind: Kind) -> tuple[str, ...]:

@@ -22,7 +22,7 @@ async def passthrough(request: web.Request, prefix: Prefix, where: routing.PassT
     upstream = where.upstream
     client = app[UPSTREAMS][upstream.name]
     body = await read_body(request, app[CONFIG]) if request.can_read_body else None
-    headers = request_headers(request.headers, upstream.api_key())
+    headers = request_headers(request.headers, upstream)
     response = await client.send(request.method, client.url(prefix, where.rest), headers, body,
                                  request.query_string)
     async with response:
@@ -65,7 +65,7 @@ async def _ollama_models(client: UpstreamClient) -> list[str]:
     """The models an Ollama server has pulled; an unreachable server just lists none."""
     try:
         response = await asyncio.wait_for(
-            client.send("GET", client.url("api", "tags"), request_headers({}, None), None), 5.0)
+            client.send("GET", client.url("api", "tags"), request_headers({}, client.upstream), None), 5.0)
         async with response:
             if response.status != 200:
                 return []

@@ -161,7 +161,7 @@ async def _send(request: web.Request, prefix: Prefix, rest: str, call: Call, inf
             app[LEDGER].admit(Admission(plan.ticket.key, plan.ticket.admitted, plan.upstream.name, plan.model,
                                         call.user, call.key_id, plan.ticket.tokens))
         client = app[UPSTREAMS][plan.upstream.name]
-        headers = request_headers(request.headers, plan.upstream.api_key())
+        headers = request_headers(request.headers, plan.upstream)
         try:
             response = await client.send("POST", client.url(prefix, rest), headers,
                                          _upstream_body(raw, info, plan, strip_usage), request.query_string)

@@ -51,23 +51,30 @@ class ResponseTooLarge(UpstreamError):
     status, code, outcome = 502, "upstream_response_too_large", "response_too_large"
 
 
+# What a client may send on to an upstream: an allow-list, so a credential or a routing hint a
+# client (or a page in a browser) adds never reaches the operator's upstream by default. The
+# protocols' own headers, and the openai SDKs' X-Stainless-* telemetry; per upstream,
+# `forward_headers` adds more.
+_FORWARDED_UP = frozenset({"content-type", "accept", "user-agent", "openai-beta", "openai-organization",
+                           "openai-project", "idempotency-key"})
+_FORWARDED_UP_PREFIXES = ("x-stainless-",)
 # Hop-by-hop headers (RFC 9110 §7.6.1) and those the relay recomputes itself.
 _HOP = {"connection", "keep-alive", "proxy-authenticate", "proxy-authorization", "te", "trailer",
         "transfer-encoding", "upgrade", "proxy-connection"}
-# The body goes up as aiohttp decoded it, so the client's Content-Encoding no longer describes it.
-_NOT_FORWARDED_UP = _HOP | {"host", "content-length", "content-encoding", "authorization", "api-key", "cookie",
-                            "accept-encoding", "x-api-key", "forwarded", "x-forwarded-for"}
 _NOT_RELAYED_DOWN = _HOP | {"content-length", "content-encoding", "set-cookie"}
 
 
-def request_headers(incoming: Mapping[str, str], api_key: str | None) -> CIMultiDict[str]:
-    """The client's headers minus hop-by-hop, credentials and our own; plus the upstream key."""
+def request_headers(incoming: Mapping[str, str], upstream: Upstream) -> CIMultiDict[str]:
+    """The client's headers that the upstream needs, plus the upstream's key. Headers named in
+    the client's Connection header are hop-by-hop (RFC 9110 §7.6.1) and never go on."""
+    hop = {name.strip().lower() for name in incoming.get("Connection", "").split(",")}
+    allowed = _FORWARDED_UP | upstream.forward_headers
     out: CIMultiDict[str] = CIMultiDict()
     for name, value in incoming.items():
         lower = name.lower()
-        if lower in _NOT_FORWARDED_UP or lower.startswith("x-tollgate-"):
-            continue
-        out.add(name, value)
+        if (lower in allowed or lower.startswith(_FORWARDED_UP_PREFIXES)) and lower not in hop:
+            out.add(name, value)
+    api_key = upstream.api_key()
     if api_key:
         out["Authorization"] = f"Bearer {api_key}"
     return out
@@ -160,7 +167,7 @@ class UpstreamClient:
     async def probe(self) -> str:
         """One cheap authenticated GET, for `tollgate check`; raises UpstreamError."""
         url = self.url("v1", "models") if self.upstream.kind == "openai" else self.url("api", "version")
-        response = await self.send("GET", url, request_headers({}, self.upstream.api_key()), None)
+        response = await self.send("GET", url, request_headers({}, self.upstream), None)
         async with response:
             await response.read()
             return f"HTTP {response.status}"

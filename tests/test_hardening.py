@@ -106,9 +106,10 @@ async def test_hop_by_hop_and_client_credentials_are_not_forwarded(proxy: Proxy,
                           headers=headers) as r:
             assert r.status == 200
     sent = {k.lower(): v for k, v in fake.seen[0].headers.items()}
-    for name in ("proxy-authorization", "cookie", "x-forwarded-for", "te", "x-api-key", "api-key", "x-tollgate-type"):
+    for name in ("proxy-authorization", "cookie", "x-forwarded-for", "te", "x-api-key", "api-key", "x-tollgate-type",
+                 "x-custom-trace"):  # the last: not on the allow-list, nor in this upstream's forward_headers
         assert name not in sent, name
-    assert sent["authorization"] == f"Bearer {CLOUD_KEY}" and sent["x-custom-trace"] == "abc123"
+    assert sent["authorization"] == f"Bearer {CLOUD_KEY}"
 
 
 @pytest.mark.parametrize("behavior, outcome, message", [
