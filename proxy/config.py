@@ -455,7 +455,7 @@ def _upstream(name: str, table: _Table) -> Upstream:
         fallback_model=table.opt("fallback_model", str, "a model name"),
         passthrough=_passthrough(table, cast(Kind, kind)),
         allow_management=table.get("allow_management", bool, False, "true or false"),
-        forward_headers=_header_names(table, "forward_headers"),
+        forward_headers=_forward_headers(table),
     )
     table.done()
     return upstream
@@ -465,14 +465,15 @@ def _upstream(name: str, table: _Table) -> Upstream:
 OLLAMA_PASSTHROUGH = ("/api/tags", "/api/show", "/api/ps", "/api/version")
 
 
-def _header_names(table: _Table, name: str) -> frozenset[str]:
+def _forward_headers(table: _Table) -> frozenset[str]:
     expected = 'a list of HTTP header names such as "X-Request-Id"'
-    names = table.get(name, list, [], expected)
+    names = table.get("forward_headers", list, [], expected)
     if not all(isinstance(n, str) and re.fullmatch(r"[A-Za-z0-9!#$%&'*+.^_`|~-]+", n) for n in names):
-        raise table.fail(name, names, expected)
+        raise table.fail("forward_headers", names, expected)
     lowered = frozenset(n.lower() for n in names)
     if lowered & {"authorization", "cookie", "host", "api-key", "x-api-key"}:
-        raise table.fail(name, names, "names other than credentials and Host (the upstream key is Tollgate's to send)")
+        raise table.fail("forward_headers", names,
+                         "names other than credentials and Host (the upstream key is Tollgate's to send)")
     return lowered
 
 
