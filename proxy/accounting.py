@@ -213,6 +213,10 @@ class Accounting:
         self.current = Aggregates(epoch_started=self.process_started)
         self.listeners: list[Callable[[CallRecord], None]] = []
         self.trend = CostTrend()
+        # Requests refused before any model was asked (no key, our own limits, a path not
+        # forwarded, the ledger full), by reason, since this process started. Counted, never
+        # ledger rows: a flood of them must not flood the books, nor count as failed calls.
+        self.refused: dict[str, int] = {}
 
     def start_replay(self, epoch_started: float) -> None:
         """Begin rebuilding from the ledger: fresh aggregates for the epoch."""
@@ -220,6 +224,9 @@ class Accounting:
 
     def replay(self, rec: CallRecord) -> None:
         self.current.add(rec)
+
+    def refuse(self, reason: str) -> None:
+        self.refused[reason] = self.refused.get(reason, 0) + 1
 
     def record(self, rec: CallRecord) -> None:
         self.current.add(rec)

@@ -32,6 +32,16 @@ from .store import Admission, CallRecord
 from .upstream import Unreachable, UpstreamClient, UpstreamTimeout, request_headers
 
 
+# Calls refused before any model was asked, for want of a key or by our own limits: counted by
+# reason (/stats detail.refused, tollgate_refused_requests_total), never a ledger row each.
+_REFUSALS = frozenset({"unauthorized", "rate_limited"})
+
+
+def _refused(app: web.Application, reason: str) -> None:
+    app[ACCOUNTING].refuse(reason)
+    app[METRICS].refused.labels(reason).inc()
+
+
 def _dialect(prefix: Prefix) -> Dialect:
     return "openai" if prefix == "v1" else "ollama"
 
@@ -50,12 +60,16 @@ async def _handle(request: web.Request, prefix: Prefix) -> web.StreamResponse:
     try:
         where = routing.route(config, prefix, request.method, request.match_info["rest"], admin)
     except ProxyError as exc:
-        request.app[METRICS].refused.labels(exc.code).inc()
+        _refused(request.app, exc.code)
         raise
     if isinstance(where, routing.Metered):
         return await metered(request, prefix, where.rest, where.endpoint)
     if not admin:  # the operator, with the admin token, needs no proxy key besides
-        auth.proxy_key(config, request.headers)
+        try:
+            auth.proxy_key(config, request.headers)
+        except ProxyError as exc:
+            _refused(request.app, exc.outcome)
+            raise
     return await passthrough.passthrough(request, prefix, where)
 
 
@@ -63,7 +77,7 @@ async def metered(request: web.Request, prefix: Prefix, rest: str, endpoint: str
     app = request.app
     if app[LEDGER].full and not app[LEDGER].drop_when_full:
         # on_ledger_full = "refuse": a call the books cannot take is not served at all.
-        app[METRICS].refused.labels(LedgerUnavailable.code).inc()
+        _refused(app, LedgerUnavailable.code)
         health = app[LEDGER].health()
         raise LedgerUnavailable(f"Tollgate cannot record calls right now ({health.failing or 'ledger behind'}; "
                                 f"{health.unwritten:,} rows waiting), so it is not forwarding any; try again later.",
@@ -88,7 +102,10 @@ async def metered(request: web.Request, prefix: Prefix, rest: str, endpoint: str
         raise
     finally:
         app[METRICS].in_flight.dec()
-        if not call.command:
+        if call.outcome in _REFUSALS:
+            _finish_ticket(app, call, 0)
+            _refused(app, call.outcome)
+        elif not call.command:
             record = call.record(app[CONFIG], app[ESTIMATOR], app[ACCOUNTING].clock())
             _finish_ticket(app, call, record.total_tokens)
             app[ACCOUNTING].record(record)

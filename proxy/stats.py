@@ -175,7 +175,10 @@ def stats_json(config: Config, acc: Accounting, limiter: Limiter) -> dict[str, A
             "by_type": _tallies(agg.by_type),
             "by_user": _tallies(agg.by_user),
             "distinct_users": len(agg.by_user),
-            "errors_by_kind": {k: v for k, v in agg.outcomes.items() if k != "ok"},
+            "errors_by_kind": {k: v for k, v in agg.outcomes.items() if k not in ("ok", "unauthorized", "rate_limited")},
+            # Refused before any model was asked (no key, our limits, a path not forwarded, the
+            # ledger full): not calls, not errors, not ledger rows; since the process started.
+            "refused": dict(acc.refused),
             "latency_s": agg.latency.summary(),
             "ttft_s": agg.ttft.summary(),
             "cost_usd_by_model": {m: round(t.cost_usd, 6) for m, t in _top(agg.by_model)},

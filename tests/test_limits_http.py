@@ -86,7 +86,11 @@ async def test_exact_under_200_concurrent_callers(raw_config: dict[str, Any], fa
     assert statuses.count(200) == admitted and statuses.count(429) == 200 - admitted
     assert len(fake.seen) == admitted
     stats = await settled(proxy)
-    assert stats["detail"]["errors_by_kind"]["rate_limited"] == 200 - admitted
+    # Refusals are counted by reason, but are neither calls, errors, nor ledger rows.
+    assert stats["detail"]["refused"]["rate_limited"] == 200 - admitted
+    assert stats["total_requests"] == admitted and stats["errores"] == 0 and stats["tasa_exito"] == "100.0%"
+    await proxy.ledger.flush()
+    assert proxy.ledger.count() == admitted
 
 
 async def test_429_shapes_and_headers(raw_config: dict[str, Any], fake: FakeUpstream, make_proxy: Any) -> None:
@@ -136,8 +140,8 @@ async def test_openai_sdk_retries_a_short_wait_and_not_a_daily_one(raw_config: d
     clock.offset = 59.2
     assert await asyncio.to_thread(ask) == "w0 w1 w2 w3 "
     stats = await settled(proxy)
-    assert stats["detail"]["errors_by_kind"]["rate_limited"] >= 1
-    refused_before = stats["detail"]["errors_by_kind"]["rate_limited"]
+    assert stats["detail"]["refused"]["rate_limited"] >= 1
+    refused_before = stats["detail"]["refused"]["rate_limited"]
     # The daily quota (3) is spent: the next wait is hours, so the SDK must not retry at all.
     started = time.monotonic()
     with pytest.raises(openai.RateLimitError) as info:
@@ -146,7 +150,7 @@ async def test_openai_sdk_retries_a_short_wait_and_not_a_daily_one(raw_config: d
     assert info.value.response.headers["x-should-retry"] == "false"
     assert info.value.body["type"] == "requests_per_day"  # type: ignore[index]
     stats = await settled(proxy)
-    assert stats["detail"]["errors_by_kind"]["rate_limited"] == refused_before + 1
+    assert stats["detail"]["refused"]["rate_limited"] == refused_before + 1
     client.close()
 
 
@@ -270,7 +274,7 @@ async def test_upstream_429_passes_through_and_holds_back(raw_config: dict[str, 
     assert len(fake.seen) == 1
     stats = await settled(proxy)
     assert stats["detail"]["errors_by_kind"]["upstream_rate_limited"] == 1
-    assert stats["detail"]["errors_by_kind"]["rate_limited"] == 1
+    assert stats["detail"]["refused"]["rate_limited"] == 1
 
 
 async def test_limits_survive_restart_and_reset(raw_config: dict[str, Any], fake: FakeUpstream,
@@ -366,7 +370,9 @@ async def test_proxy_keys_are_required_and_carry_user_and_limits(keyed: dict[str
     # The upstream sees its own key, never the bot's.
     assert {s.headers["Authorization"] for s in fake.seen} == {"Bearer ghp_fakeCloudKey_0123456789abcdef"}
     stats = await settled(proxy)
-    assert stats["detail"]["by_user"]["raymundo"]["requests"] == 3
+    # Two served; the refusal is counted apart, with the four unauthenticated tries.
+    assert stats["detail"]["by_user"]["raymundo"]["requests"] == 2
+    assert stats["detail"]["refused"] == {"unauthorized": 4, "rate_limited": 1}
     await bot.close()
     await other.close()
     await proxy.restart()  # the key's daily window comes back from the ledger
