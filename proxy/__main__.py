@@ -89,6 +89,8 @@ def cmd_serve(config: Config, args: argparse.Namespace) -> int:
     # caught it). 1 ms keeps the ledger within a few milliseconds of the calls.
     sys.setswitchinterval(0.001)
     logging.info("tollgate starting: ledger %s", config.db_path)
+    for warning in config_mod.missing_secrets(config):
+        logging.warning("%s", warning)
     # handler_cancellation: a client that hangs up cancels its call at once, so the upstream
     # request is closed and the call is recorded as cancelled without waiting for a write.
     try:
@@ -179,9 +181,14 @@ async def _probe_all(config: Config) -> bool:
 
 
 def cmd_check(config: Config, args: argparse.Namespace) -> int:
+    """Valid config, every secret's variable set, every upstream answering: else non-zero."""
     config_mod.check_serve(config)
     print(f"{config.source}: valid ({len(config.upstreams)} upstreams, ledger {config.db_path})")
-    return 0 if asyncio.run(_probe_all(config)) else 2
+    missing = config_mod.missing_secrets(config)
+    for warning in missing:
+        print(f"NOT SET: {warning}")
+    reachable = asyncio.run(_probe_all(config))
+    return 0 if reachable and not missing else 2
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -20,7 +20,8 @@ from . import reports, stats
 from . import auth
 from .auth import require_admin
 from .errors import BadRequest
-from .keys import ACCOUNTING, CONFIG, LEDGER, LIMITER, METRICS
+from . import config as config_mod
+from .keys import ACCOUNTING, CONFIG, LEDGER, LIMITER, METRICS, SESSIONS
 
 
 # Shipped as package data beside this module (pyproject's package-data).
@@ -129,19 +130,37 @@ async def metrics(request: web.Request) -> web.Response:
 _LOGIN = """<!doctype html><html lang="es"><head><meta charset="utf-8"><title>Tollgate</title>
 <link rel="icon" href="data:,"></head>
 <body style="font:16px system-ui;margin:15vh auto;max-width:22em">
-<form method="post" action="/dashboard/login"><h1>Tollgate</h1>
+<form method="post" action="/dashboard/login"><h1>Tollgate</h1>{error}
 <label>Token de administración<br><input name="token" type="password" autofocus style="width:100%"></label>
 <p><button type="submit">Entrar</button></p></form></body></html>"""
+_WRONG = '<p role="alert" style="color:#b00">Token incorrecto. / Wrong token.</p>'
+
+
+def _login(status: int, wrong: bool = False) -> web.Response:
+    return web.Response(text=_LOGIN.format(error=_WRONG if wrong else ""), status=status, content_type="text/html",
+                        headers={"Cache-Control": "no-store"})
 
 
 def _dashboard_session(request: web.Request, token: str) -> web.Response:
-    """A valid token once (query or form) becomes a cookie; the token leaves the URL."""
+    """A valid token once (query or form) starts a session: a random id in an HttpOnly,
+    SameSite=Strict cookie, held server-side until it expires or the operator logs out."""
     configured = request.app[CONFIG].server.admin_token()
     if configured is None or not hmac.compare_digest(token.encode(), configured.encode()):
-        return web.Response(text=_LOGIN, status=401, content_type="text/html")
+        return _login(401, wrong=True)
+    sessions = request.app[SESSIONS]
     response = web.Response(status=303, headers={"Location": "/dashboard"})
-    response.set_cookie(auth.COOKIE, auth.cookie_value(configured), httponly=True, samesite="Strict",
-                        path="/", secure=request.secure)
+    response.set_cookie(auth.COOKIE, sessions.create(), httponly=True, samesite="Strict", path="/",
+                        secure=request.secure, max_age=int(sessions.ttl_s))
+    return response
+
+
+async def dashboard_logout(request: web.Request) -> web.Response:
+    """End this browser's session; its cookie opens nothing afterwards."""
+    cookie = request.cookies.get(auth.COOKIE)
+    if cookie is not None:
+        request.app[SESSIONS].end(cookie)
+    response = web.Response(status=303, headers={"Location": "/dashboard"})
+    response.del_cookie(auth.COOKIE, path="/")
     return response
 
 
@@ -149,7 +168,7 @@ async def dashboard(request: web.Request) -> web.Response:
     if "token" in request.query:
         return _dashboard_session(request, request.query["token"])
     if not auth.is_admin(request):
-        return web.Response(text=_LOGIN, status=401, content_type="text/html")
+        return _login(401)
     return web.Response(text=_DASHBOARD, content_type="text/html",
                         headers={"Cache-Control": "no-store", "Content-Security-Policy":
                                  "default-src 'self'; img-src data:; style-src 'unsafe-inline'; script-src 'unsafe-inline'"})
@@ -159,13 +178,18 @@ async def dashboard_login(request: web.Request) -> web.Response:
     try:
         form = await request.post()
     except ValueError:  # a malformed form body (aiohttp's form parsers raise ValueError)
-        return web.Response(text=_LOGIN, status=400, content_type="text/html")
+        return _login(400)
     return _dashboard_session(request, str(form.get("token", "")))
 
 
 async def healthz(request: web.Request) -> web.Response:
-    """200 while all is well; 503 with the reason while the ledger cannot keep up."""
+    """200 while all is well (with warnings, such as a secret's variable unset); 503 with the
+    reason while the ledger cannot keep up."""
     health = request.app[LEDGER].health()
-    if health.ok:
-        return _json({"status": "ok"})
-    return _json({"status": "degraded", "ledger": health.as_dict()}, status=503)
+    body: dict[str, object] = {"status": "ok" if health.ok else "degraded"}
+    if not health.ok:
+        body["ledger"] = health.as_dict()
+    warnings = config_mod.missing_secrets(request.app[CONFIG])
+    if warnings:
+        body["warnings"] = warnings
+    return _json(body, status=200 if health.ok else 503)

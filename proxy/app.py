@@ -20,10 +20,11 @@ from .dialects import Dialect, error_body
 from .errors import ProxyError
 from .admission import Admission, WaitLines
 from .alerts import Alerts
-from .keys import ACCOUNTING, ADMISSION, ALERTS, CONFIG, ESTIMATOR, LEDGER, LIMITER, METRICS, UPSTREAMS
+from .keys import ACCOUNTING, ADMISSION, ALERTS, CONFIG, ESTIMATOR, LEDGER, LIMITER, METRICS, SESSIONS, UPSTREAMS
 from .limits import Limiter
 from .metrics import Metrics
 from .routes import setup_routes
+from .sessions import Sessions
 from .store import CallRecord, Ledger, make_private_dir
 from .tasks import running
 from .tokens import Estimator
@@ -43,6 +44,7 @@ def create_app(config: Config, clock: Callable[[], float] = time.time) -> web.Ap
     app[ACCOUNTING] = Accounting(ledger, clock)
     app[ESTIMATOR] = Estimator(config.stats.estimate_max_chars)
     app[UPSTREAMS] = {name: UpstreamClient(u) for name, u in config.upstreams.items()}
+    app[SESSIONS] = Sessions(config.server.session_ttl_h * 3600.0, clock)
     app[LIMITER] = Limiter(config, clock)
     app[ADMISSION] = Admission(config, app[LIMITER], WaitLines(), app[ESTIMATOR])
     app[METRICS] = Metrics(app[LIMITER], app[ADMISSION].lines, ledger)

@@ -7,7 +7,6 @@ moment of the check and never stored, logged or echoed.
 
 from __future__ import annotations
 
-import hashlib
 import hmac
 from collections.abc import Mapping
 
@@ -15,7 +14,7 @@ from aiohttp import web
 
 from .config import Config, ProxyKey
 from .errors import Unauthorized
-from .keys import CONFIG
+from .keys import CONFIG, SESSIONS
 
 
 def presented(headers: Mapping[str, str]) -> str | None:
@@ -33,13 +32,8 @@ def _same(a: str, b: str) -> bool:
 COOKIE = "tollgate_admin"
 
 
-def cookie_value(token: str) -> str:
-    """What the dashboard's cookie holds: derived from the token, so the token itself is not
-    stored in the browser."""
-    return hmac.new(token.encode(), b"tollgate dashboard session", hashlib.sha256).hexdigest()
-
-
 def is_admin(request: web.Request) -> bool:
+    """The admin token in the Authorization header, or a live dashboard session's cookie."""
     token = request.app[CONFIG].server.admin_token()
     if token is None:
         return True
@@ -47,7 +41,7 @@ def is_admin(request: web.Request) -> bool:
     if given is not None and _same(given, token):
         return True
     cookie = request.cookies.get(COOKIE)
-    return cookie is not None and _same(cookie, cookie_value(token))
+    return cookie is not None and request.app[SESSIONS].valid(cookie)
 
 
 def presents_admin_token(request: web.Request) -> bool:

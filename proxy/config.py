@@ -223,6 +223,7 @@ class Server:
     ledger_busy_timeout_s: float = 5.0
     ledger_max_backlog: int = 100_000
     on_ledger_full: OnLedgerFull = "refuse"
+    session_ttl_h: float = 12.0   # a dashboard login lasts this long
 
     def admin_token(self) -> str | None:
         if not self.admin_token_env:
@@ -583,6 +584,7 @@ def parse(raw: dict[str, Any], source: Path = Path("<config>")) -> Config:
         ledger_busy_timeout_s=s.positive("ledger_busy_timeout_s", 5.0),
         ledger_max_backlog=s.positive("ledger_max_backlog", 100_000, integer=True),
         on_ledger_full=cast(OnLedgerFull, s.get("on_ledger_full", str, "refuse", "'refuse' or 'serve'")),
+        session_ttl_h=s.positive("session_ttl_h", 12.0),
     )
     if server.on_ledger_full not in ("refuse", "serve"):
         raise s.fail("on_ledger_full", server.on_ledger_full, "'refuse' or 'serve'")
@@ -714,6 +716,24 @@ def parse(raw: dict[str, Any], source: Path = Path("<config>")) -> Config:
     return Config(source=source, server=server, stats=stats, routing=routing,
                   upstreams=upstreams, prices=prices, types=types, rules=tuple(rules), limits=policy,
                   keys=keys, alerts=alerts, commands=commands)
+
+
+def missing_secrets(config: Config) -> list[str]:
+    """Environment variables the config names whose value is unset, each said as a person reads it."""
+    found = []
+    env = config.server.admin_token_env
+    if env and config.server.admin_token() is None:
+        found.append(f"server.admin_token_env names ${env}, which is unset: the admin endpoints (/stats, "
+                     f"/metrics, /dashboard, /metrics/reset) are open to every program on this machine")
+    for upstream in config.upstreams.values():
+        if upstream.api_key_env and upstream.api_key() is None:
+            found.append(f"upstreams.{upstream.name}.api_key_env names ${upstream.api_key_env}, which is unset: "
+                         f"calls to it go without a key and will be refused")
+    for hook in config.alerts.webhooks.values():
+        if hook.url() is None:
+            found.append(f"alerts.webhooks.{hook.name}.url_env names ${hook.url_env}, which is unset: "
+                         f"its alerts cannot be delivered")
+    return found
 
 
 def check_serve(config: Config) -> None:

@@ -10,6 +10,7 @@ from .alerts import Alerts
 from .config import Config
 from .limits import Limiter
 from .metrics import Metrics
+from .sessions import Sessions
 from .store import Ledger
 from .tokens import Estimator
 from .upstream import UpstreamClient
@@ -23,3 +24,4 @@ ADMISSION = web.AppKey("admission", Admission)
 METRICS = web.AppKey("metrics", Metrics)
 ALERTS = web.AppKey("alerts", Alerts)
 UPSTREAMS = web.AppKey("upstreams", dict[str, UpstreamClient])
+SESSIONS = web.AppKey("sessions", Sessions)

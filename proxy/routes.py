@@ -17,6 +17,7 @@ def setup_routes(app: web.Application) -> None:
     app.router.add_get("/metrics", admin.metrics)
     app.router.add_get("/dashboard", admin.dashboard)
     app.router.add_post("/dashboard/login", admin.dashboard_login)
+    app.router.add_post("/dashboard/logout", admin.dashboard_logout)
     # OpenAI dialect; /t/<type>/ lets a client that can only set a base URL tag its calls.
     for prefix in ("", "/t/{type}"):
         app.router.add_get(prefix + "/v1/models", passthrough.list_models)

@@ -13,7 +13,7 @@ from typing import Any
 import aiohttp
 import pytest
 
-from .conftest import to_toml
+from .conftest import Proxy, to_toml
 from .fake_upstream import Behavior, FakeUpstream
 from .test_failures import closed_port
 
@@ -110,3 +110,26 @@ async def test_check_probes_each_upstream(config_file: Path, raw_config: dict[st
     broken.write_text(to_toml(raw_config))
     code, out, _ = await tollgate("-c", str(broken), "check")
     assert code == 2 and "ollama_local" in out and "FAILED" in out and "unreachable" in out
+
+
+async def test_unset_secrets_are_loud(config_file: Path, raw_config: dict[str, Any], fake: FakeUpstream,
+                                      tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """An admin token variable that is unset never silently opens the admin endpoints unnoticed:
+    check fails and names it, /healthz warns; the same for an upstream's key."""
+    raw_config["server"]["admin_token_env"] = "TG_TEST_UNSET_ADMIN"
+    monkeypatch.delenv("TG_TEST_UNSET_ADMIN", raising=False)
+    monkeypatch.delenv("TOLLGATE_TEST_CLOUD_KEY", raising=False)
+    path = tmp_path / "unset.toml"
+    path.write_text(to_toml(raw_config))
+    code, out, _ = await tollgate("-c", str(path), "check")
+    assert code == 2
+    assert "$TG_TEST_UNSET_ADMIN, which is unset" in out and "$TOLLGATE_TEST_CLOUD_KEY, which is unset" in out
+    proxy = Proxy(raw_config)
+    await proxy.start()
+    try:
+        async with aiohttp.ClientSession() as s:
+            async with s.get(proxy.url + "/healthz") as r:
+                body = await r.json()
+    finally:
+        await proxy.stop()
+    assert r.status == 200 and len(body["warnings"]) == 2 and "open to every program" in body["warnings"][0]

@@ -9,7 +9,7 @@ import aiohttp
 import pytest
 from playwright.async_api import async_playwright
 
-from .conftest import Proxy
+from .conftest import Clock, Proxy
 from .fake_upstream import Behavior, FakeUpstream
 from .test_stats import workload
 
@@ -88,7 +88,8 @@ async def test_dashboard_login_form_and_wrong_token(guarded: Proxy) -> None:
     # unsafe=True: aiohttp's jar otherwise ignores cookies from an IP address like 127.0.0.1.
     async with aiohttp.ClientSession(cookie_jar=aiohttp.CookieJar(unsafe=True)) as s:
         async with s.post(guarded.url + "/dashboard/login", data={"token": "wrong"}, allow_redirects=False) as r:
-            assert r.status == 401
+            # Not the same blank form: it says the token was wrong.
+            assert r.status == 401 and "Token incorrecto" in await r.text() and "tollgate_admin" not in r.cookies
         async with s.post(guarded.url + "/dashboard/login", data={"token": ADMIN}, allow_redirects=False) as r:
             assert r.status == 303 and "tollgate_admin" in r.cookies
             assert ADMIN not in r.headers.get("Set-Cookie", "")
@@ -97,3 +98,44 @@ async def test_dashboard_login_form_and_wrong_token(guarded: Proxy) -> None:
     async with aiohttp.ClientSession() as s:
         async with s.get(guarded.url + "/stats") as r:
             assert r.status == 401
+
+
+async def test_sessions_are_random_expire_and_end_at_logout(raw_config: dict[str, Any], clock: Clock,
+                                                            monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("TG_TEST_ADMIN", ADMIN)
+    raw_config["server"].update(admin_token_env="TG_TEST_ADMIN", session_ttl_h=12)
+    proxy = Proxy(raw_config, clock)
+    await proxy.start()
+
+    async def login() -> tuple[str, aiohttp.ClientSession]:
+        s = aiohttp.ClientSession(cookie_jar=aiohttp.CookieJar(unsafe=True))
+        async with s.post(proxy.url + "/dashboard/login", data={"token": ADMIN}, allow_redirects=False) as r:
+            assert r.status == 303
+            morsel = r.cookies["tollgate_admin"]
+            assert morsel["httponly"] and morsel["samesite"] == "Strict" and morsel["path"] == "/"
+            assert not morsel["secure"]  # plain HTTP here; over TLS it is Secure
+            assert int(morsel["max-age"]) == 12 * 3600
+            return morsel.value, s
+
+    try:
+        first, s1 = await login()
+        second, s2 = await login()
+        # Random ids, nothing derived from the token: two logins, two sessions.
+        assert first != second and ADMIN not in first and len(first) >= 32
+        async with s1.get(proxy.url + "/stats") as r:
+            assert r.status == 200
+        # Logout ends that session, even for a copy of its cookie replayed later.
+        async with s1.post(proxy.url + "/dashboard/logout", allow_redirects=False) as r:
+            assert r.status == 303
+        async with aiohttp.ClientSession(cookies={"tollgate_admin": first}) as replay:
+            async with replay.get(proxy.url + "/stats") as r:
+                assert r.status == 401
+        async with s2.get(proxy.url + "/stats") as r:
+            assert r.status == 200  # the other session lives on...
+        clock.advance(12 * 3600 + 1)
+        async with s2.get(proxy.url + "/stats") as r:
+            assert r.status == 401  # ...until it expires
+        await s1.close()
+        await s2.close()
+    finally:
+        await proxy.stop()
