@@ -10,7 +10,7 @@ import logging.handlers
 import os
 import sys
 import time
-from dataclasses import replace
+
 from datetime import datetime
 
 import aiohttp
@@ -73,7 +73,7 @@ def cmd_serve(config: Config, args: argparse.Namespace) -> int:
     # Command-line overrides first, so the bind check judges the address actually bound.
     host = args.host or config.server.host
     port = args.port if args.port is not None else config.server.port
-    config = replace(config, server=replace(config.server, host=host, port=port))
+    config = config_mod.with_bind(config, host, port)
     config_mod.check_serve(config)
     # The logging HOWTO's optimisations: no caller lookup, thread or process names per record.
     # With a line per call, building log records was a twentieth of the proxy's CPU.

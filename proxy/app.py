@@ -20,6 +20,7 @@ from .dialects import Dialect, error_body
 from .errors import ProxyError
 from .admission import Admission, WaitLines
 from .alerts import Alerts
+from .guard import guard
 from .keys import ACCOUNTING, ADMISSION, ALERTS, CONFIG, ESTIMATOR, LEDGER, LIMITER, METRICS, SESSIONS, UPSTREAMS
 from .limits import Limiter
 from .metrics import Metrics
@@ -35,7 +36,7 @@ access = logging.getLogger("tollgate.access")
 
 
 def create_app(config: Config, clock: Callable[[], float] = time.time) -> web.Application:
-    app = web.Application(middlewares=[error_middleware], client_max_size=config.server.max_body_bytes)
+    app = web.Application(middlewares=[error_middleware, guard], client_max_size=config.server.max_body_bytes)
 
     ledger = Ledger(config.db_path, config.server.ledger_busy_timeout_s, config.server.ledger_max_backlog,
                     drop_when_full=config.server.on_ledger_full == "serve")

@@ -17,7 +17,7 @@ import os
 import re
 import tomllib
 from collections.abc import Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from functools import cached_property
 from pathlib import Path
 from typing import Any, Literal, TypeVar, cast
@@ -224,6 +224,10 @@ class Server:
     ledger_max_backlog: int = 100_000
     on_ledger_full: OnLedgerFull = "refuse"
     session_ttl_h: float = 12.0   # a dashboard login lasts this long
+    # Host names this proxy answers for (421 otherwise: DNS rebinding), "*" for any; and the
+    # browser origins whose pages may call the LLM endpoints (CORS).
+    allowed_hosts: frozenset[str] = frozenset()
+    cors_origins: frozenset[str] = frozenset()
 
     def admin_token(self) -> str | None:
         if not self.admin_token_env:
@@ -376,6 +380,11 @@ class _Table:
 def _show(value: Any) -> str:
     text = repr(value)
     return text if len(text) <= 80 else text[:77] + "..."
+
+
+def _bracketed(host: str) -> str:
+    """A bind address as a Host header names it: IPv6 in brackets."""
+    return f"[{host}]" if ":" in host and not host.startswith("[") else host.lower()
 
 
 def local_zone() -> ZoneInfo:
@@ -586,6 +595,15 @@ def parse(raw: dict[str, Any], source: Path = Path("<config>")) -> Config:
         on_ledger_full=cast(OnLedgerFull, s.get("on_ledger_full", str, "refuse", "'refuse' or 'serve'")),
         session_ttl_h=s.positive("session_ttl_h", 12.0),
     )
+    hosts = s.get("allowed_hosts", list, [], 'a list of host names such as "bot.example.org", or ["*"]')
+    origins = s.get("cors_origins", list, [], 'a list of origins such as "https://app.example.org"')
+    if not all(isinstance(h, str) and h and "/" not in h for h in hosts):
+        raise s.fail("allowed_hosts", hosts, 'a list of host names such as "bot.example.org", or ["*"]')
+    if not all(isinstance(o, str) and o.startswith(("http://", "https://")) and o.count("/") == 2 for o in origins):
+        raise s.fail("cors_origins", origins, 'a list of origins such as "https://app.example.org" (no path)')
+    default_hosts = {"localhost", "127.0.0.1", "[::1]", _bracketed(server.host)}
+    server = replace(server, allowed_hosts=frozenset({h.lower() for h in hosts} | default_hosts),
+                     cors_origins=frozenset(o.lower().rstrip("/") for o in origins))
     if server.on_ledger_full not in ("refuse", "serve"):
         raise s.fail("on_ledger_full", server.on_ledger_full, "'refuse' or 'serve'")
     if not 0 <= server.port <= 65535:
@@ -734,6 +752,13 @@ def missing_secrets(config: Config) -> list[str]:
             found.append(f"alerts.webhooks.{hook.name}.url_env names ${hook.url_env}, which is unset: "
                          f"its alerts cannot be delivered")
     return found
+
+
+def with_bind(config: Config, host: str, port: int) -> Config:
+    """`config` serving on `host`:`port` (command-line overrides), answering for that host too."""
+    server = replace(config.server, host=host, port=port,
+                     allowed_hosts=config.server.allowed_hosts | {_bracketed(host)})
+    return replace(config, server=server)
 
 
 def check_serve(config: Config) -> None:

@@ -41,6 +41,10 @@ class Unauthorized(ProxyError):
     status, type, code, outcome = 401, "authentication_error", "invalid_api_key", "unauthorized"
 
 
+class UnsupportedMediaType(ProxyError):
+    status, type, code, outcome = 415, "invalid_request_error", "unsupported_media_type", "bad_request"
+
+
 class NotForwarded(ProxyError):
     """A path Tollgate cannot meter and is not configured to pass through."""
 

@@ -23,7 +23,7 @@ from .admission import Plan, parse_retry_after
 from .call import Call
 from .config import Config, Upstream
 from .dialects import CallInfo, Dialect
-from .errors import BadRequest, LedgerUnavailable, ProxyError, RateLimited, UnknownModel
+from .errors import BadRequest, LedgerUnavailable, ProxyError, RateLimited, UnknownModel, UnsupportedMediaType
 from .inbound import read_body
 from .keys import ACCOUNTING, ADMISSION, CONFIG, ESTIMATOR, LEDGER, LIMITER, METRICS, UPSTREAMS
 from .reply import relay_reply
@@ -75,6 +75,12 @@ async def _handle(request: web.Request, prefix: Prefix) -> web.StreamResponse:
 
 async def metered(request: web.Request, prefix: Prefix, rest: str, endpoint: str) -> web.StreamResponse:
     app = request.app
+    if request.content_type != "application/json":
+        # Every SDK sends JSON as JSON; a browser page can only send text/plain or a form without
+        # asking first (a "simple" request), so nothing else is taken.
+        _refused(app, UnsupportedMediaType.code)
+        raise UnsupportedMediaType(f"Send the body as JSON, with 'Content-Type: application/json' (this request "
+                                   f"said '{request.content_type[:100]}'); every OpenAI and Ollama SDK does.")
     if app[LEDGER].full and not app[LEDGER].drop_when_full:
         # on_ledger_full = "refuse": a call the books cannot take is not served at all.
         _refused(app, LedgerUnavailable.code)

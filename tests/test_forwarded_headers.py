@@ -12,7 +12,7 @@ from .conftest import CLOUD_KEY, Proxy
 from .fake_upstream import FakeUpstream
 
 HOSTILE = {"X-Goog-Api-Key": "goog-secret", "X-Auth-Token": "auth-secret", "X-Amz-Security-Token": "amz-secret",
-           "Origin": "https://evil.example", "Referer": "https://evil.example/page", "X-Real-IP": "10.9.9.9",
+           "Referer": "https://evil.example/page", "X-Real-IP": "10.9.9.9",
            "X-Forwarded-Host": "evil.example", "X-Forwarded-For": "10.9.9.9", "Forwarded": "for=10.9.9.9",
            "Cookie": "session=abc", "X-Api-Key": "client-secret", "Api-Key": "client-secret",
            "X-Custom": "named-in-connection", "Connection": "keep-alive, X-Custom, OpenAI-Beta",

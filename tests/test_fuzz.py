@@ -160,7 +160,8 @@ def test_after_the_storm_it_serves_and_its_books_agree(background: Background) -
     status, _ = background.request("GET", "/healthz", b"", {})
     assert status == 200
     status, reply = background.request("POST", "/v1/chat/completions",
-                                       orjson.dumps({"model": "gpt-4o", "messages": []}), {})
+                                       orjson.dumps({"model": "gpt-4o", "messages": []}),
+                                       {"Content-Type": "application/json"})
     assert status == 200 and orjson.loads(reply)["choices"]
     background.run(_flush(background))
     _, reply = background.request("GET", "/stats", b"", {})
@@ -187,7 +188,7 @@ async def _flush(bg: Background) -> None:
 
 def test_a_body_that_never_arrives_gets_408(background: Background) -> None:
     with socket.create_connection(("127.0.0.1", background.port), timeout=30) as sock:
-        sock.sendall(b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+        sock.sendall(b"POST /v1/chat/completions HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\n"
                      b"Content-Length: 100\r\n\r\n{\"model\": ")
         reply = sock.recv(4096)
     assert reply.startswith(b"HTTP/1.1 408") and b"did not arrive within 2 s" in reply

@@ -65,7 +65,7 @@ async def test_no_secret_appears_anywhere(locked: Proxy, fake: FakeUpstream, raw
         await call("POST", "/v1/chat/completions", bot, json={"model": "gpt-4o", "messages": []})
         await call("POST", "/v1/chat/completions", bot, json={"model": "gpt-4o", "messages": [], "stream": True})
         await call("POST", "/v1/chat/completions", {"Authorization": f"Bearer {BOT_KEY}x"}, json={"model": "gpt-4o"})
-        await call("POST", "/v1/chat/completions", bot, data=b"{broken")
+        await call("POST", "/v1/chat/completions", {**bot, "Content-Type": "application/json"}, data=b"{broken")
         fake.behavior = Behavior(status=401)  # the upstream rejects: its error body comes back
         await call("POST", "/v1/chat/completions", bot, json={"model": "gpt-4o", "messages": []})
         fake.behavior = Behavior(raw_body=b"<html>oops</html>", content_type="text/html")

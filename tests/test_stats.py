@@ -43,7 +43,8 @@ async def workload(proxy: Proxy, fake: FakeUpstream) -> None:
     assert await chat(proxy.url, "gpt-4o", {"X-Tollgate-Type": "presentacion"}) == 200
     assert await chat(proxy.url, "llama3.2") == 200
     async with aiohttp.ClientSession() as s:
-        async with s.post(proxy.url + "/v1/chat/completions", data=b"{bad") as r:
+        async with s.post(proxy.url + "/v1/chat/completions", data=b"{bad",
+                          headers={"Content-Type": "application/json"}) as r:
             assert r.status == 400
 
 
