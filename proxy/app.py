@@ -13,7 +13,7 @@ from pathlib import Path
 import orjson
 from aiohttp import web
 
-from . import reports, stats, tokens
+from . import logs, reports, stats, tokens
 from .accounting import DAY, Accounting, CostTrend
 from .config import Config
 from .dialects import Dialect, error_body
@@ -36,6 +36,7 @@ access = logging.getLogger("tollgate.access")
 
 
 def create_app(config: Config, clock: Callable[[], float] = time.time) -> web.Application:
+    logs.install()  # aiohttp's own logging of malformed requests: one short, redacted line
     app = web.Application(middlewares=[error_middleware, guard], client_max_size=config.server.max_body_bytes)
 
     ledger = Ledger(config.db_path, config.server.ledger_busy_timeout_s, config.server.ledger_max_backlog,
