@@ -58,9 +58,12 @@ class WaitLines:
         event.set()
 
     async def changed(self, timeout: float) -> None:
+        # asyncio.timeout, not wait_for: on 3.11 wait_for can swallow a cancellation that comes
+        # as the event is set, and a caller who hung up would go on to be forwarded.
         try:
-            await asyncio.wait_for(self._released.wait(), timeout)
-        except asyncio.TimeoutError:
+            async with asyncio.timeout(timeout):
+                await self._released.wait()
+        except TimeoutError:
             pass
 
 
@@ -75,6 +78,7 @@ class Plan:
     fallback_from: str | None
     # The upstreams whose limits refused the call on its way here, with why.
     refused: tuple[tuple[Upstream, str, Denial], ...] = ()
+    waited: bool = False          # it queued in a wait line (its caller may have left meanwhile)
 
 
 @dataclass
@@ -118,7 +122,7 @@ class Admission:
             while True:
                 scopes = self.limiter.scopes(upstream.name, model, user, key)
                 if not scopes:
-                    return Plan(upstream, model, None, None, fallback_from, tuple(refused))
+                    return Plan(upstream, model, None, None, fallback_from, tuple(refused), held is not None)
                 if prompt is None and self.limiter.needs_estimate(scopes):
                     prompt = info.estimate_prompt(self.estimator)
                 tokens, clamp = self._caps(info, scopes, prompt)
@@ -129,7 +133,7 @@ class Admission:
                         continue
                 decision = self.limiter.admit(scopes, tokens)
                 if isinstance(decision, Ticket):
-                    return Plan(upstream, model, decision, clamp, fallback_from, tuple(refused))
+                    return Plan(upstream, model, decision, clamp, fallback_from, tuple(refused), held is not None)
                 fallback = self.fallback_for(upstream, tried, info.dialect)
                 if fallback is not None:
                     refused.append((upstream, model, decision))
@@ -152,8 +156,9 @@ class Admission:
         remaining = deadline - asyncio.get_running_loop().time()
         await self.lines.count_waiting(+1)
         try:
-            await asyncio.wait_for(line.acquire(), max(remaining, 0.0))
-        except asyncio.TimeoutError:
+            async with asyncio.timeout(max(remaining, 0.0)):  # not wait_for: see `changed`
+                await line.acquire()
+        except TimeoutError:
             raise RateLimited(f"Waited {self.config.limits.max_wait_s:g} s in line for a place; none freed.",
                               "wait_timeout", {"Retry-After": "1"}) from None
         finally:

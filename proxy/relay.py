@@ -173,6 +173,13 @@ async def _send(request: web.Request, prefix: Prefix, rest: str, call: Call, inf
     tried: set[str] = set()
     while True:
         plan = await admission.admit(info, upstream, model, call.user, call.key_id, tried, fallback_from)
+        if plan.waited:
+            # A caller who hung up while it waited is not forwarded. Its hang-up may be read but
+            # not yet delivered: one turn of the loop lets it cancel this handler first.
+            call.ticket = plan.ticket
+            await asyncio.sleep(0)
+            if request.transport is None or request.transport.is_closing():
+                raise ConnectionResetError("the client left while waiting for a place")
         for refused_by, refused_model, denial in plan.refused:
             _attempt(app, call, refused_by, refused_model, RateLimited.outcome, RateLimited.status, None)
         call.upstream, call.model, call.ticket = plan.upstream, plan.model, plan.ticket

@@ -535,3 +535,41 @@ async def test_every_view_of_usage_is_the_limiters(raw_config: dict[str, Any], f
             await r.read()
         await recorded.wait_for(1)
         await views(s)
+
+
+async def test_waiting_callers_who_leave_are_never_forwarded(raw_config: dict[str, Any], fake: FakeUpstream,
+                                                             make_proxy: Any) -> None:
+    """200 callers queue behind a held place, then hang up; when the place frees, none of them
+    reaches the upstream (on 3.11, wait_for could swallow the cancellation of one of them)."""
+    set_limits(raw_config, concurrency=1)
+    raw_config["limits"] = {"on_limit": "wait", "max_wait_s": 60}
+    proxy = await make_proxy()
+    gate = asyncio.Event()
+    fake.behavior = Behavior(chunks=2, gate_before_last=gate)
+    url = proxy.url + "/v1/chat/completions"
+
+    async def call(s: aiohttp.ClientSession, name: str) -> int:
+        body = {"model": "gpt-4o", "stream": True, "messages": [{"role": "user", "content": name}]}
+        async with s.post(url, json=body) as r:
+            await r.read()
+            return r.status
+
+    recorded = proxy.records()
+    async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=0)) as s:
+        holder = asyncio.create_task(call(s, "A"))
+        await fake.first_chunk_sent.wait()
+        leavers = [asyncio.create_task(call(s, f"L{i}")) for i in range(200)]
+        lines = proxy.server.app[ADMISSION].lines  # type: ignore[union-attr]
+        async with lines.waiting_changed:  # one leads the line, 199 queue behind it
+            await asyncio.wait_for(lines.waiting_changed.wait_for(lambda: lines.waiting == 199), 30)
+        # They all hang up as the place frees: the race in which one slipped through.
+        for task in leavers:
+            task.cancel()
+        gate.set()
+        await asyncio.gather(*leavers, return_exceptions=True)
+        assert await holder == 200
+        rows = await recorded.wait_for(201)       # A, and every leaver on record as cancelled
+        assert sorted(r.outcome for r in rows) == ["cancelled"] * 200 + ["ok"]
+        assert await call(s, "D") == 200          # D gets the place no leaver took
+    contents = [seen.body["messages"][0]["content"] for seen in fake.seen]
+    assert contents == ["A", "D"]
