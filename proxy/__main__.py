@@ -15,10 +15,9 @@ from datetime import datetime
 
 import aiohttp
 import orjson
-from aiohttp import web
 
 from . import config as config_mod
-from . import reports, stats
+from . import reports, serving, stats
 from .accounting import Accounting
 from .app import create_app, replay_ledger
 from .config import Config, ConfigError
@@ -91,15 +90,20 @@ def cmd_serve(config: Config, args: argparse.Namespace) -> int:
     logging.info("tollgate starting: ledger %s", config.db_path)
     for warning in config_mod.missing_secrets(config):
         logging.warning("%s", warning)
-    # handler_cancellation: a client that hangs up cancels its call at once, so the upstream
-    # request is closed and the call is recorded as cancelled without waiting for a write.
+    loop = _new_loop()
     try:
-        web.run_app(create_app(config), host=host, port=port, handler_cancellation=True, loop=_new_loop(),
-                    shutdown_timeout=config.server.drain_timeout_s, access_log=None,
-                    print=lambda _: logging.info("tollgate ready on http://%s:%d", host, port))
+        # handler_cancellation: a client that hangs up cancels its call at once, so the upstream
+        # request is closed and the call is recorded as cancelled without waiting for a write.
+        loop.run_until_complete(serving.serve(create_app(config), config,
+                                              lambda name: logging.info("tollgate ready on %s", name)))
     except LedgerError as exc:
         print(f"tollgate: {exc}", file=sys.stderr)
         return 1
+    except OSError as exc:  # the address is taken, or not ours to bind
+        print(f"tollgate: cannot listen on {host}:{port}: {exc.strerror or exc}", file=sys.stderr)
+        return 1
+    finally:
+        loop.close()
     return 0
 
 

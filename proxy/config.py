@@ -224,6 +224,10 @@ class Server:
     ledger_max_backlog: int = 100_000
     on_ledger_full: OnLedgerFull = "refuse"
     session_ttl_h: float = 12.0   # a dashboard login lasts this long
+    # Connections: at most this many open (more wait in the kernel's backlog); an idle one, or
+    # one whose request headers have not all arrived, is closed after idle_timeout_s.
+    max_connections: int = 1024
+    idle_timeout_s: float = 15.0
     # Host names this proxy answers for (421 otherwise: DNS rebinding), "*" for any; and the
     # browser origins whose pages may call the LLM endpoints (CORS).
     allowed_hosts: frozenset[str] = frozenset()
@@ -594,6 +598,8 @@ def parse(raw: dict[str, Any], source: Path = Path("<config>")) -> Config:
         ledger_max_backlog=s.positive("ledger_max_backlog", 100_000, integer=True),
         on_ledger_full=cast(OnLedgerFull, s.get("on_ledger_full", str, "refuse", "'refuse' or 'serve'")),
         session_ttl_h=s.positive("session_ttl_h", 12.0),
+        max_connections=s.positive("max_connections", 1024, integer=True),
+        idle_timeout_s=s.positive("idle_timeout_s", 15.0),
     )
     hosts = s.get("allowed_hosts", list, [], 'a list of host names such as "bot.example.org", or ["*"]')
     origins = s.get("cors_origins", list, [], 'a list of origins such as "https://app.example.org"')
