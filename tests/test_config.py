@@ -126,3 +126,13 @@ def test_config_repr_holds_no_secret(monkeypatch: pytest.MonkeyPatch) -> None:
     config = config_mod.load(ROOT / "config.toml")
     assert config.upstreams["gpt4o_cloud"].api_key() == "ghp_should_never_show"
     assert "ghp_should_never_show" not in repr(config)
+
+
+def test_the_readme_security_table_names_real_tests() -> None:
+    text = (ROOT / "README.md").read_text()
+    section = text[text.index("## Security"):text.index("## Command line")]
+    named = re.findall(r"`(test_[a-z_]+\.py)(?:::(test_[a-z0-9_]+))?`", section)
+    assert len(named) >= 15
+    for module, test in named:
+        source = (ROOT / "tests" / module).read_text()
+        assert not test or re.search(rf"def {test}\(", source), f"{module}::{test}"
