@@ -26,6 +26,7 @@ sys.path.insert(0, str(ROOT))
 
 from bench.harness import reset_peak, rss_kib, start_proxy, stop  # noqa: E402
 from proxy import reports  # noqa: E402
+from proxy.config import local_zone  # noqa: E402
 from proxy.store import COLUMNS, Ledger  # noqa: E402
 
 DAY = 86400.0
@@ -47,7 +48,7 @@ def fill(path: Path, rows: int, now: float) -> None:
                       "openai", "chat", rng.choice(["chat", "documento", "presentacion"]), f"user{rng.randint(1, 500)}",
                       rng.random() < 0.5, 200, "ok" if rng.random() < 0.98 else "timeout", prompt, completion, 0,
                       False, rng.uniform(0.2, 3.0), None, (prompt * 0.03 + completion * 0.06) / 1000 if cloud else 0.0,
-                      None, None, ts - 1.0))
+                      None, None, ts - 1.0, True))
         if len(batch) == 50_000:
             conn.executemany(insert, batch)
             batch.clear()
@@ -104,10 +105,11 @@ def main() -> None:
     now = time.time()
     timed(f"write {args.rows:,} rows", fill, path, args.rows, now)
     last_day = reports.Filters(since=now - DAY)
-    timed("history: hour buckets, last day", reports.history, path, "hour", last_day, None, None, now)
+    zone = local_zone()
+    timed("history: hour buckets, last day", reports.history, path, "hour", last_day, None, zone, now)
     timed("history: day buckets by upstream, 30 days", reports.history, path, "day", reports.Filters(), "upstream",
-          None, now)
-    timed("history: day buckets by user, 30 days", reports.history, path, "day", reports.Filters(), "user", None, now)
+          zone, now)
+    timed("history: day buckets by user, 30 days", reports.history, path, "day", reports.Filters(), "user", zone, now)
     asyncio.run(serve_and_export(tmp, args.rows))
 
 

@@ -71,6 +71,8 @@ class SseFramer:
     def feed(self, data: bytes) -> list[bytes]:
         buffer = self._buffer
         buffer += data
+        if b"\r" not in buffer:
+            return self._feed_lf()
         frames: list[bytes] = []
         start, line, last = 0, self._line, len(buffer) - 1
         for match in _EOL.finditer(buffer, line):
@@ -83,6 +85,26 @@ class SseFramer:
             line = end
         del buffer[:start]
         self._line = line - start
+        return frames
+
+    def _feed_lf(self) -> list[bytes]:
+        """The common case, LF endings only: an empty line is exactly a "\n\n", or a "\n" where a
+        line starts; found with bytes.find rather than line by line (streams are mostly this)."""
+        buffer = self._buffer
+        frames: list[bytes] = []
+        start, search = 0, max(self._line - 1, 0)
+        while True:
+            if start == self._line and buffer.startswith(b"\n", start):
+                frames.append(b"\n")  # an empty line right where a line starts
+                start = search = self._line = start + 1
+                continue
+            at = buffer.find(b"\n\n", max(search, start))
+            if at == -1:
+                break
+            frames.append(bytes(buffer[start:at + 2]))
+            start = search = self._line = at + 2
+        del buffer[:start]
+        self._line = buffer.rfind(b"\n") + 1  # where the unfinished line starts (0: none ended)
         return frames
 
     def rest(self) -> bytes:

@@ -147,3 +147,20 @@ def test_stripping_injected_usage_keeps_every_other_byte(frame: bytes) -> None:
     assert len(frame) - len(out) in range(len(b'"usage":null'), len(b' , "usage" : null ') + 1)
     _, data = framing.sse_data(out)
     assert data is not None and orjson.loads(data)["choices"][0]["delta"]["content"]
+
+
+@given(st.lists(st.lists(st.sampled_from([b"data: {\"a\":1}", b": ping", b"id: 7", b"", b"data: [DONE]"]),
+                         min_size=1, max_size=5), min_size=1, max_size=6),
+       st.lists(st.integers(min_value=1, max_value=9), min_size=1, max_size=30))
+def test_sse_framer_lf_only_streams_frame_as_the_line_rule_says(events: list[list[bytes]], cuts: list[int]) -> None:
+    """LF-only streams take a faster path; it must cut exactly where the general rule cuts
+    (every empty line ends an event, including empty lines of their own)."""
+    stream = b"".join(b"".join(line + b"\n" for line in lines) + b"\n" for lines in events)
+    expected = framing.sse_framer().feed(stream.replace(b"\n", b"\r\n"))  # the line-by-line path
+    framer, frames, at, i = framing.sse_framer(), [], 0, 0
+    while at < len(stream):
+        size = cuts[i % len(cuts)]
+        frames += framer.feed(stream[at:at + size])
+        at, i = at + size, i + 1
+    frames.append(framer.rest())
+    assert [f for f in frames if f] == [f.replace(b"\r\n", b"\n") for f in expected]
