@@ -103,6 +103,17 @@ def test_error_bodies_per_dialect() -> None:
 _ENDINGS = [b"\n", b"\r\n", b"\r"]
 
 
+def fed_in_pieces(stream: bytes, cuts: list[int]) -> list[bytes]:
+    """The frames an SSE framer finds in `stream` fed in pieces of the sizes in `cuts`, in turn."""
+    framer, frames, at, i = framing.sse_framer(), [], 0, 0
+    while at < len(stream):
+        size = cuts[i % len(cuts)]
+        frames += framer.feed(stream[at:at + size])
+        at, i = at + size, i + 1
+    frames.append(framer.rest())
+    return [f for f in frames if f]
+
+
 @given(st.lists(st.tuples(st.lists(st.sampled_from([b"data: {\"a\":1}", b": ping", b"id: 7", b"event: x",
                                                       b"retry: 3000", b"data: [DONE]"]), min_size=1, max_size=4),
                           st.lists(st.sampled_from(_ENDINGS), min_size=5, max_size=5)), min_size=1, max_size=6),
@@ -119,14 +130,8 @@ def test_sse_framer_finds_every_event_whatever_the_line_endings_and_chunking(
 
     expected = [event(lines, ends) for lines, ends in events]
     stream = b"".join(expected)
-    framer, frames, at, i = framing.sse_framer(), [], 0, 0
-    while at < len(stream):
-        size = cuts[i % len(cuts)]
-        frames += framer.feed(stream[at:at + size])
-        at, i = at + size, i + 1
-    # A stream ending in a lone CR is only known to be complete at its end.
-    frames.append(framer.rest())
-    assert [f for f in frames if f] == expected
+    # A stream ending in a lone CR is only known to be complete at its end: rest() included.
+    assert fed_in_pieces(stream, cuts) == expected
 
 
 def test_sse_framer_waits_to_see_whether_a_cr_is_half_a_crlf() -> None:
@@ -157,10 +162,4 @@ def test_sse_framer_lf_only_streams_frame_as_the_line_rule_says(events: list[lis
     (every empty line ends an event, including empty lines of their own)."""
     stream = b"".join(b"".join(line + b"\n" for line in lines) + b"\n" for lines in events)
     expected = framing.sse_framer().feed(stream.replace(b"\n", b"\r\n"))  # the line-by-line path
-    framer, frames, at, i = framing.sse_framer(), [], 0, 0
-    while at < len(stream):
-        size = cuts[i % len(cuts)]
-        frames += framer.feed(stream[at:at + size])
-        at, i = at + size, i + 1
-    frames.append(framer.rest())
-    assert [f for f in frames if f] == [f.replace(b"\r\n", b"\n") for f in expected]
+    assert fed_in_pieces(stream, cuts) == [f.replace(b"\r\n", b"\n") for f in expected]
