@@ -155,14 +155,23 @@ class Admission:
     async def _join(self, line: asyncio.Lock, deadline: float) -> asyncio.Lock:
         remaining = deadline - asyncio.get_running_loop().time()
         await self.lines.count_waiting(+1)
+        acquired = False
         try:
             async with asyncio.timeout(max(remaining, 0.0)):  # not wait_for: see `changed`
                 await line.acquire()
+            acquired = True
         except TimeoutError:
             raise RateLimited(f"Waited {self.config.limits.max_wait_s:g} s in line for a place; none freed.",
                               "wait_timeout", {"Retry-After": "1"}) from None
         finally:
-            await asyncio.shield(self.lines.count_waiting(-1))
+            try:
+                await asyncio.shield(self.lines.count_waiting(-1))
+            except asyncio.CancelledError:
+                # Cancelled (its caller left) just as it got the line: hand the line on, or
+                # everyone behind it would wait for a holder that is gone.
+                if acquired:
+                    line.release()
+                raise
         return line
 
     def _caps(self, info: CallInfo, scopes: list[Scope], prompt: int | None) -> tuple[int, int | None]:
