@@ -195,3 +195,36 @@ def test_daily_figures_are_the_limiters_own(clock: Clock) -> None:
     assert rate_limits(config, lim)["requests_dia"] == "0 / 10 RPD"
     assert alerts.figures() == {"day": 0.0}
     assert isinstance(admit(lim), Ticket)
+
+
+async def test_a_caller_cancelled_as_it_gets_the_line_hands_it_on(clock: Clock) -> None:
+    """Its hang-up arrives in the same turn as the line reaches it: the line must not stay held
+    by a caller that is gone (everyone behind would wait max_wait_s)."""
+    import asyncio
+
+    from proxy.admission import Admission, WaitLines
+    from proxy.tokens import Estimator
+
+    raw = {"upstreams": {"cloud": {"kind": "openai", "base_url": "http://127.0.0.1:1", "models": ["*"],
+                                   "limits": {"concurrency": 1}}}, "limits": {"on_limit": "wait"}}
+    config = config_mod.parse(raw)
+    admission = Admission(config, Limiter(config, clock), WaitLines(), Estimator())
+    line = admission.lines.lock("upstream:cloud")
+    await line.acquire()                                    # someone holds the line
+    loop = asyncio.get_running_loop()
+    joining = asyncio.create_task(admission._join(line, loop.time() + 30))
+    async with admission.lines.waiting_changed:
+        await admission.lines.waiting_changed.wait_for(lambda: admission.lines.waiting == 1)
+    # The waiter gets the line, then stops to count itself out of the queue (held up here by
+    # the count's lock), and its caller hangs up right then.
+    async with admission.lines.waiting_changed:
+        line.release()
+        for _ in range(100):                                # a bounded number of loop turns
+            if line.locked():
+                break
+            await asyncio.sleep(0)
+        assert line.locked()                                # the waiter holds the line now
+        joining.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await joining
+    assert not line.locked()
