@@ -197,23 +197,27 @@ def cmd_check(config: Config, args: argparse.Namespace) -> int:
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="tollgate", description="Metering proxy for LLM APIs.")
-    parser.add_argument("-c", "--config", default=os.environ.get("TOLLGATE_CONFIG", "config.toml"),
-                        help="path to config.toml (default: $TOLLGATE_CONFIG or ./config.toml)")
+    config_help = "path to config.toml (default: $TOLLGATE_CONFIG or ./config.toml)"
+    parser.add_argument("-c", "--config", default=os.environ.get("TOLLGATE_CONFIG", "config.toml"), help=config_help)
+    # -c also after the subcommand (`tollgate serve -c FILE`); SUPPRESS keeps the one before it
+    # when it is not given again.
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument("-c", "--config", default=argparse.SUPPRESS, help=config_help)
     sub = parser.add_subparsers(dest="command")
-    serve = sub.add_parser("serve", help="run the proxy (the default command)")
+    serve = sub.add_parser("serve", parents=[common], help="run the proxy (the default command)")
     serve.add_argument("--host")
     serve.add_argument("--port", type=int)
-    st = sub.add_parser("stats", help="print /stats from the ledger (server may be stopped)")
+    st = sub.add_parser("stats", parents=[common], help="print /stats from the ledger (server may be stopped)")
     st.add_argument("--text", action="store_true", help="the WhatsApp text instead of JSON")
     st.add_argument("--lang", default="es", choices=stats.LANGS)
-    ex = sub.add_parser("export", help="write ledger rows as CSV")
+    ex = sub.add_parser("export", parents=[common], help="write ledger rows as CSV")
     what = ex.add_mutually_exclusive_group(required=True)
     what.add_argument("--csv", metavar="FILE", help="every ledger row (filtered) to FILE, - for stdout")
     what.add_argument("--snapshot", metavar="FILE", help="append the seed's one-line snapshot to FILE")
     ex.add_argument("--since", help="an ISO date or time (in the stats zone) or a unix time")
     ex.add_argument("--until", help="an ISO date or time (in the stats zone) or a unix time")
-    sub.add_parser("reset", help="start a new stats epoch (no ledger row is deleted)")
-    sub.add_parser("check", help="validate the config and probe each upstream")
+    sub.add_parser("reset", parents=[common], help="start a new stats epoch (no ledger row is deleted)")
+    sub.add_parser("check", parents=[common], help="validate the config and probe each upstream")
     return parser
 
 
@@ -229,10 +233,19 @@ def main(argv: list[str] | None = None) -> int:
         command = args.command or "serve"
         if command == "serve" and args.command is None:
             args.host, args.port = None, None
-        return COMMANDS[command](config, args)
+        code = COMMANDS[command](config, args)
+        sys.stdout.flush()
+        return code
     except ConfigError as exc:
         print(f"tollgate: config error: {exc}", file=sys.stderr)
         return 1
+    except BrokenPipeError:
+        # `tollgate stats --text | head -1`: the reader has what it wanted. Point stdout at
+        # /dev/null so the interpreter's own flush at exit does not fail again.
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 0
+    except KeyboardInterrupt:
+        return 130  # Ctrl-C: the shell's own convention, and no traceback
 
 
 if __name__ == "__main__":

@@ -133,3 +133,36 @@ async def test_unset_secrets_are_loud(config_file: Path, raw_config: dict[str, A
     finally:
         await proxy.stop()
     assert r.status == 200 and len(body["warnings"]) == 2 and "open to every program" in body["warnings"][0]
+
+
+async def test_config_after_the_subcommand(config_file: Path) -> None:
+    for args in (("stats", "-c", str(config_file), "--text"), ("stats", "--config", str(config_file), "--text"),
+                 ("-c", "/nonexistent.toml", "stats", "-c", str(config_file), "--text")):
+        code, out, err = await tollgate(*args)
+        assert code == 0 and "ESTADÍSTICAS" in out, (args, err)
+    code, out, _ = await tollgate("serve", "--help")
+    assert code == 0 and "--config" in out
+
+
+async def test_a_reader_that_stops_early_gets_no_traceback(config_file: Path, raw_config: dict[str, Any]) -> None:
+    """`tollgate export --csv - | head -1`: the reader leaves long before the rows are written."""
+    from proxy.store import CallRecord, Ledger
+
+    ledger = Ledger(Path(raw_config["server"]["data_dir"]) / "ledger.sqlite3")
+    ledger.open(1_700_000_000.0)
+    for i in range(5000):
+        ledger.append(CallRecord(ts=1_700_000_000.0 + i, upstream="gpt4o_cloud", model="gpt-4o", dialect="openai",
+                                 endpoint="chat", type="chat", user=f"user-{i}", stream=False, status=200,
+                                 outcome="ok", prompt_tokens=3, completion_tokens=2, cached_tokens=0,
+                                 estimated=False, latency_s=0.01, ttft_s=None, cost_usd=0.0))
+    ledger.close()
+    for _ in range(3):
+        proc = await asyncio.create_subprocess_exec(
+            sys.executable, "-m", "proxy", "-c", str(config_file), "export", "--csv", "-",
+            stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE)
+        assert proc.stdout is not None and proc.stderr is not None
+        assert (await proc.stdout.readline()).startswith(b"ts,time,")  # like head -1
+        proc._transport.get_pipe_transport(1).close()  # type: ignore[attr-defined]
+        err = await proc.stderr.read()
+        assert await proc.wait() == 0
+        assert b"Traceback" not in err and b"BrokenPipe" not in err, err[-500:]
