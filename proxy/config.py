@@ -601,12 +601,14 @@ def parse(raw: dict[str, Any], source: Path = Path("<config>")) -> Config:
         max_connections=s.positive("max_connections", 1024, integer=True),
         idle_timeout_s=s.positive("idle_timeout_s", 15.0),
     )
-    hosts = s.get("allowed_hosts", list, [], 'a list of host names such as "bot.example.org", or ["*"]')
-    origins = s.get("cors_origins", list, [], 'a list of origins such as "https://app.example.org"')
+    expected_hosts = 'a list of host names such as "bot.example.org", or ["*"]'
+    expected_origins = 'a list of origins such as "https://app.example.org" (no path)'
+    hosts = s.get("allowed_hosts", list, [], expected_hosts)
+    origins = s.get("cors_origins", list, [], expected_origins)
     if not all(isinstance(h, str) and h and "/" not in h for h in hosts):
-        raise s.fail("allowed_hosts", hosts, 'a list of host names such as "bot.example.org", or ["*"]')
+        raise s.fail("allowed_hosts", hosts, expected_hosts)
     if not all(isinstance(o, str) and o.startswith(("http://", "https://")) and o.count("/") == 2 for o in origins):
-        raise s.fail("cors_origins", origins, 'a list of origins such as "https://app.example.org" (no path)')
+        raise s.fail("cors_origins", origins, expected_origins)
     default_hosts = {"localhost", "127.0.0.1", "[::1]", _bracketed(server.host)}
     server = replace(server, allowed_hosts=frozenset({h.lower() for h in hosts} | default_hosts),
                      cors_origins=frozenset(o.lower().rstrip("/") for o in origins))

@@ -77,3 +77,7 @@ OUTCOMES = (
     "stream_error", "bad_upstream_response", "response_too_large", "bad_request", "too_large", "unknown_model", "unauthorized", "rate_limited",
     "cancelled", "internal",
 )
+# Outcomes of calls refused before any model was asked, for want of a key or by our own limits:
+# counted by reason (/stats detail.refused, tollgate_refused_requests_total), never a ledger row
+# each, never an error of the calls that were served.
+REFUSED_OUTCOMES = frozenset({"unauthorized", "rate_limited"})

@@ -32,7 +32,6 @@ from .store import Admission
 MINUTE, DAY = 60.0, 86_400.0
 
 
-
 def _midnight(ts: float, tz: ZoneInfo, days_later: int = 0) -> float:
     """Local midnight in `tz` starting the day of `ts` (or `days_later` days after it)."""
     local = datetime.fromtimestamp(ts, tz).replace(hour=0, minute=0, second=0, microsecond=0)
@@ -337,14 +336,14 @@ class Limiter:
         if upstream not in self._upstreams:
             return 0, None
         now = self.clock()
-        found = [self._upstreams[upstream], *(s for p, s in self._models.items() if fnmatch.fnmatchcase(model, p))]
-        limited = [w for s in found for w, k in s.windows() if k == kind]
+        limited = [w for s in self.scopes(upstream, model, None) for w, k in s.windows() if k == kind]
         for window in limited:
             window.prune(now)
         if limited:
             window = _tightest(limited)
             return int(window.used), window.limit
-        tracked = {"requests_per_day": found[0].rpd, "tokens_per_minute": found[0].tpm}.get(kind)
+        scope = self._upstreams[upstream]
+        tracked = {"requests_per_day": scope.rpd, "tokens_per_minute": scope.tpm}.get(kind)
         if tracked is None:
             return 0, None
         tracked.prune(now)

@@ -23,18 +23,14 @@ from .admission import Plan, parse_retry_after
 from .call import Call
 from .config import Config, Upstream
 from .dialects import CallInfo, Dialect
-from .errors import BadRequest, LedgerUnavailable, ProxyError, RateLimited, UnknownModel, UnsupportedMediaType
+from .errors import (REFUSED_OUTCOMES, BadRequest, LedgerUnavailable, ProxyError, RateLimited, UnknownModel,
+                     UnsupportedMediaType)
 from .inbound import read_body
 from .keys import ACCOUNTING, ADMISSION, CONFIG, ESTIMATOR, LEDGER, LIMITER, METRICS, UPSTREAMS
 from .reply import relay_reply
 from .routing import Prefix
 from .store import Admission, CallRecord
 from .upstream import Unreachable, UpstreamClient, UpstreamTimeout, request_headers
-
-
-# Calls refused before any model was asked, for want of a key or by our own limits: counted by
-# reason (/stats detail.refused, tollgate_refused_requests_total), never a ledger row each.
-_REFUSALS = frozenset({"unauthorized", "rate_limited"})
 
 
 def _refused(app: web.Application, reason: str) -> None:
@@ -108,7 +104,7 @@ async def metered(request: web.Request, prefix: Prefix, rest: str, endpoint: str
         raise
     finally:
         app[METRICS].in_flight.dec()
-        if call.outcome in _REFUSALS:
+        if call.outcome in REFUSED_OUTCOMES:
             _finish_ticket(app, call, 0)
             _refused(app, call.outcome)
         elif not call.command:

@@ -30,7 +30,7 @@ _TAIL_BYTES = 64 << 10
 
 
 async def relay_reply(request: web.Request, call: Call, response: aiohttp.ClientResponse, plan: Plan,
-                 client: UpstreamClient, strip_usage: bool) -> web.StreamResponse:
+                      client: UpstreamClient, strip_usage: bool) -> web.StreamResponse:
     """Pass the upstream's answer on as it arrives, learning its usage on the way."""
     call.status = response.status
     if response.status == 429:

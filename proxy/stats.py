@@ -12,6 +12,7 @@ from typing import Any
 
 from .accounting import OTHERS, Accounting, Aggregates, Tally
 from .config import Config, Upstream
+from .errors import REFUSED_OUTCOMES
 from .limits import Limiter
 
 _TEXT = {
@@ -175,7 +176,7 @@ def stats_json(config: Config, acc: Accounting, limiter: Limiter) -> dict[str, A
             "by_type": _tallies(agg.by_type),
             "by_user": _tallies(agg.by_user),
             "distinct_users": len(agg.by_user),
-            "errors_by_kind": {k: v for k, v in agg.outcomes.items() if k not in ("ok", "unauthorized", "rate_limited")},
+            "errors_by_kind": {k: v for k, v in agg.outcomes.items() if k != "ok" and k not in REFUSED_OUTCOMES},
             # Refused before any model was asked (no key, our limits, a path not forwarded, the
             # ledger full): not calls, not errors, not ledger rows; since the process started.
             "refused": dict(acc.refused),
