@@ -17,7 +17,7 @@ import aiohttp
 import orjson
 
 from . import config as config_mod
-from . import reports, serving, stats
+from . import instance, reports, serving, stats
 from .accounting import Accounting
 from .app import create_app, replay_ledger
 from .config import Config, ConfigError
@@ -107,12 +107,41 @@ def cmd_serve(config: Config, args: argparse.Namespace) -> int:
     return 0
 
 
+def _admin_headers(config: Config) -> dict[str, str]:
+    token = config.server.admin_token()
+    return {"Authorization": f"Bearer {token}"} if token else {}
+
+
+async def _ask(config: Config, server: instance.Running, method: str, path: str) -> bytes:
+    """One admin request to the running server; SystemExit naming it if it does not answer 200."""
+    try:
+        async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=10)) as session:
+            async with session.request(method, server.url + path, headers=_admin_headers(config)) as response:
+                body = await response.read()
+    except (aiohttp.ClientError, asyncio.TimeoutError) as exc:
+        raise SystemExit(f"tollgate: {server} did not answer ({type(exc).__name__}); "
+                         f"nothing was done") from None
+    if response.status != 200:
+        raise SystemExit(f"tollgate: {server} answered HTTP {response.status} to {method} {path}")
+    return body
+
+
 def cmd_stats(config: Config, args: argparse.Namespace) -> int:
+    server = instance.find(config.server.data_dir)
+    if server is not None:
+        path = f"/stats?format=text&lang={args.lang}" if args.text else "/stats"
+        body = asyncio.run(_ask(config, server, "GET", path))
+        print(f"tollgate stats: from {server}", file=sys.stderr)
+        if not args.text:
+            body = orjson.dumps(orjson.loads(body), option=orjson.OPT_INDENT_2)
+        sys.stdout.buffer.write(body.rstrip(b"\n") + b"\n")
+        return 0
+    print(f"tollgate stats: no server is running; figures from the ledger {config.db_path}", file=sys.stderr)
     acc, limiter = _offline_state(config)
     if args.text:
-        print(stats.stats_text(config, acc, limiter, args.lang))
+        print(stats.stats_text(config, acc, limiter, args.lang, running=False))
     else:
-        data = stats.stats_json(config, acc, limiter)
+        data = stats.stats_json(config, acc, limiter, running=False)
         sys.stdout.buffer.write(orjson.dumps(data, option=orjson.OPT_INDENT_2) + b"\n")
     return 0
 
@@ -137,30 +166,20 @@ def cmd_export(config: Config, args: argparse.Namespace) -> int:
     return 0
 
 
-async def _reset_running(config: Config) -> dict[str, object] | None:
-    """Ask a running server to reset, so its live aggregates follow; None if none answers."""
-    url = f"http://{config.server.host}:{config.server.port}/metrics/reset"
-    token = config.server.admin_token()
-    headers = {"Authorization": f"Bearer {token}"} if token else {}
-    try:
-        async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=5)) as session:
-            async with session.post(url, headers=headers) as response:
-                if response.status != 200:
-                    raise SystemExit(f"tollgate reset: the running server answered HTTP {response.status}")
-                body = await response.json()
-                return body if isinstance(body, dict) else None
-    except (aiohttp.ClientConnectionError, asyncio.TimeoutError):
-        return None
-
-
 def cmd_reset(config: Config, args: argparse.Namespace) -> int:
-    answer = asyncio.run(_reset_running(config))
-    if answer is None:
+    server = instance.find(config.server.data_dir)
+    if server is not None:
+        # The server holds the live aggregates: it writes the epoch and starts from it.
+        answer = orjson.loads(asyncio.run(_ask(config, server, "POST", "/metrics/reset")))
+        print(f"tollgate reset: reset {server}", file=sys.stderr)
+    else:
         ledger = Ledger(config.db_path)
         now = time.time()
         ledger.open(now)
         ledger.new_epoch(now)
         ledger.close()
+        print(f"tollgate reset: no server is running; wrote a new epoch to the ledger {config.db_path}, "
+              f"where the next start begins", file=sys.stderr)
         answer = {"message": "Métricas reiniciadas exitosamente", "nuevo_inicio": stats.fmt_time(config, now)}
     print(orjson.dumps(answer).decode())
     return 0

@@ -98,7 +98,8 @@ class Admission:
             return None
         return fallback
 
-    def refusal(self, denial: Denial, scopes: list[Scope]) -> RateLimited:
+    def refusal(self, denial: Denial, scopes: list[Scope],
+                refused: list[tuple[Upstream, str, Denial]] | None = None) -> RateLimited:
         headers = self.limiter.headers(scopes)
         if denial.retry_after is not None:
             headers["Retry-After"] = str(max(1, math.ceil(denial.retry_after)))
@@ -106,7 +107,12 @@ class Admission:
         if denial.retry_after is None or denial.retry_after > self.config.limits.no_retry_over_s:
             # Longer than a client's SDK would wait: retrying now only burns its retries.
             headers["x-should-retry"] = "false"
-        return RateLimited(denial.message, denial.limit, headers)
+        message = denial.message
+        if refused:
+            # The caller learns every upstream that was tried, not only the last.
+            first, _, first_denial = refused[0]
+            message = f"Upstream '{first.name}' refused the call: {first_denial.message} Its fallback: {message}"
+        return RateLimited(message, denial.limit, headers)
 
     async def admit(self, info: CallInfo, upstream: Upstream, model: str, user: str | None,
                     key: str | None, tried: set[str], fallback_from: str | None) -> Plan:
@@ -143,7 +149,7 @@ class Admission:
                     continue
                 remaining = deadline - loop.time()
                 if policy.on_limit != "wait" or decision.retry_after is None or decision.retry_after > remaining:
-                    raise self.refusal(decision, scopes)
+                    raise self.refusal(decision, scopes, refused)
                 if held is None:
                     held = await self._join(self.lines.lock(decision.scope), deadline)
                     continue

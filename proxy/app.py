@@ -4,16 +4,14 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import os
 import time
 from collections.abc import AsyncIterator, Callable
 from datetime import datetime, timezone
-from pathlib import Path
 
 import orjson
 from aiohttp import web
 
-from . import logs, reports, stats, tokens
+from . import logs, reports, stats, store, tokens
 from .accounting import DAY, Accounting, CostTrend
 from .config import Config
 from .dialects import Dialect, error_body
@@ -26,7 +24,7 @@ from .limits import Limiter
 from .metrics import Metrics
 from .routes import setup_routes
 from .sessions import Sessions
-from .store import CallRecord, Ledger, make_private_dir
+from .store import CallRecord, Ledger
 from .tasks import running
 from .tokens import Estimator
 from .upstream import UpstreamClient
@@ -127,7 +125,7 @@ async def snapshot_ctx(app: web.Application) -> AsyncIterator[None]:
         nonlocal failing
         data = orjson.dumps(stats.snapshot(config, acc), option=orjson.OPT_INDENT_2)
         try:
-            await loop.run_in_executor(None, write_private_atomic, config.snapshot_path, data)
+            await loop.run_in_executor(None, store.write_private_atomic, config.snapshot_path, data)
         except OSError as exc:
             if not failing:
                 log.error("cannot write %s (%s); will retry", config.snapshot_path, exc.strerror or exc)
@@ -147,22 +145,6 @@ async def snapshot_ctx(app: web.Application) -> AsyncIterator[None]:
     async with running(every_interval()):
         yield
     await write()
-
-
-def write_private_atomic(path: Path, data: bytes) -> None:
-    """Write a file owner-only and atomically: readers see the old or the new, never half."""
-    make_private_dir(path.parent)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-    try:
-        os.write(fd, data)
-        os.fsync(fd)
-    except OSError:
-        os.unlink(tmp)
-        raise
-    finally:
-        os.close(fd)
-    os.replace(tmp, path)
 
 
 async def access_log_flush_ctx(app: web.Application) -> AsyncIterator[None]:

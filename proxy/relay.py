@@ -167,6 +167,7 @@ async def _send(request: web.Request, prefix: Prefix, rest: str, call: Call, inf
     assert call.upstream is not None
     upstream, model, fallback_from = call.upstream, call.model, None
     tried: set[str] = set()
+    earlier: list[str] = []  # why the upstreams before this one did not serve it
     while True:
         plan = await admission.admit(info, upstream, model, call.user, call.key_id, tried, fallback_from)
         if plan.waited:
@@ -178,6 +179,7 @@ async def _send(request: web.Request, prefix: Prefix, rest: str, call: Call, inf
                 raise ConnectionResetError("the client left while waiting for a place")
         for refused_by, refused_model, denial in plan.refused:
             _attempt(app, call, refused_by, refused_model, RateLimited.outcome, RateLimited.status, None)
+            earlier.append(f"Upstream '{refused_by.name}' refused the call: {denial.message}")
         call.upstream, call.model, call.ticket = plan.upstream, plan.model, plan.ticket
         call.fallback_from = fallback_from = plan.fallback_from
         call.admission = None
@@ -194,8 +196,11 @@ async def _send(request: web.Request, prefix: Prefix, rest: str, call: Call, inf
         except (Unreachable, UpstreamTimeout) as exc:
             nxt = admission.fallback_for(plan.upstream, tried, call.dialect)
             if nxt is None:
+                if earlier:  # a fallback that failed too: the caller hears of both
+                    raise type(exc)(f"{earlier[0]} Its fallback: {exc.message}") from None
                 raise
             failed = (exc.outcome, exc.status)
+            earlier.append(exc.message)
         else:
             if response.status == 429:
                 wait = parse_retry_after(response.headers, app[CONFIG].limits.max_upstream_retry_after_s, time.time())
@@ -207,6 +212,7 @@ async def _send(request: web.Request, prefix: Prefix, rest: str, call: Call, inf
                 return response, plan, client
             response.release()
             failed = ("upstream_rate_limited" if response.status == 429 else "upstream_status", response.status)
+            earlier.append(f"Upstream '{plan.upstream.name}' answered HTTP {response.status}.")
         # Falling back: the failed attempt holds no tokens, and the fallback gets its own admission.
         _attempt(app, call, plan.upstream, plan.model, *failed, call.admission)
         _finish_ticket(app, call, 0)

@@ -20,6 +20,7 @@ from collections.abc import Callable
 from aiohttp import web
 from aiohttp.web_protocol import RequestHandler
 
+from . import instance
 from .config import Config
 
 log = logging.getLogger("tollgate")
@@ -40,6 +41,11 @@ class BoundedSite(web.BaseSite):
     @property
     def name(self) -> str:
         return f"http://{self._host}:{self._port}"
+
+    @property
+    def port(self) -> int:
+        """The port bound (the one the kernel chose, for port 0)."""
+        return self._port
 
     async def start(self) -> None:
         await super().start()
@@ -96,7 +102,9 @@ async def serve(app: web.Application, config: Config, ready: Callable[[str], Non
     try:
         site = BoundedSite(runner, server.host, server.port, server.max_connections)
         await site.start()
+        instance.record(server.data_dir, server.host, site.port)
         ready(site.name)
         await stop.wait()
     finally:
+        instance.forget(server.data_dir)
         await runner.cleanup()

@@ -19,6 +19,7 @@ _TEXT = {
     "es": {
         "title": "📊 **ESTADÍSTICAS DE {title}**",
         "state": "🟢 **Estado:** ✅ Operativo",
+        "stopped": "🔴 **Estado:** ⏹️ Detenido (datos del registro)",
         "uptime": "⏰ **Uptime:** {uptime}",
         "plan": "🆓 **Plan:** {plan}",
         "usage": "📈 **Uso General:**",
@@ -40,6 +41,7 @@ _TEXT = {
     "en": {
         "title": "📊 **{title} STATISTICS**",
         "state": "🟢 **Status:** ✅ Operational",
+        "stopped": "🔴 **Status:** ⏹️ Stopped (figures from the ledger)",
         "uptime": "⏰ **Uptime:** {uptime}",
         "plan": "🆓 **Plan:** {plan}",
         "usage": "📈 **Overall Usage:**",
@@ -131,7 +133,8 @@ def _tallies(table: dict[str, Tally], limit: int = TOP) -> dict[str, Any]:
     return {k: v.as_dict() for k, v in _top(table, limit)}
 
 
-def stats_json(config: Config, acc: Accounting, limiter: Limiter) -> dict[str, Any]:
+def stats_json(config: Config, acc: Accounting, limiter: Limiter, running: bool = True) -> dict[str, Any]:
+    """The seed's /stats; `running` is False when `tollgate stats` reads the ledger of a stopped server."""
     now = acc.clock()
     agg = acc.current
     totals = agg.totals
@@ -143,7 +146,7 @@ def stats_json(config: Config, acc: Accounting, limiter: Limiter) -> dict[str, A
     # The most recent users first, as many as /stats shows of any table.
     users = sorted(agg.user_last_seen, key=lambda u: -agg.user_last_seen[u])[:TOP]
     return {
-        "estado": "✅ Operativo",
+        "estado": "✅ Operativo" if running else "⏹️ Detenido",
         "inicio": fmt_time(config, agg.epoch_started),
         "uptime": fmt_uptime(now - agg.epoch_started),
         "total_requests": totals.requests,
@@ -194,14 +197,14 @@ def stats_json(config: Config, acc: Accounting, limiter: Limiter) -> dict[str, A
     }
 
 
-def stats_text(config: Config, acc: Accounting, limiter: Limiter, lang: str = "es") -> str:
+def stats_text(config: Config, acc: Accounting, limiter: Limiter, lang: str = "es", running: bool = True) -> str:
     words = _TEXT.get(lang, _TEXT["es"])
     data = stats_json(config, acc, limiter)
     agg = acc.current
     label_key = "label_en" if lang == "en" else "label"
     lines = [
         words["title"].format(title=config.stats.title.upper()), "",
-        words["state"],
+        words["state"] if running else words["stopped"],
         words["uptime"].format(uptime=data["uptime"]),
         words["plan"].format(plan=config.stats.plan or config.stats.tier), "",
         words["usage"],

@@ -168,6 +168,22 @@ def make_private_dir(path: Path) -> None:
     os.chmod(path, 0o700)
 
 
+def write_private_atomic(path: Path, data: bytes) -> None:
+    """Write a file owner-only and atomically: readers see the old or the new, never half."""
+    make_private_dir(path.parent)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    try:
+        os.write(fd, data)
+        os.fsync(fd)
+    except OSError:
+        os.unlink(tmp)
+        raise
+    finally:
+        os.close(fd)
+    os.replace(tmp, path)
+
+
 class LedgerError(Exception):
     """The ledger cannot be opened or written at start; the message is one line for the operator."""
 

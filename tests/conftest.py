@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import asyncio
 import copy
+import re
+import socket
 import sys
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -39,7 +41,8 @@ class Clock:
 
 def base_config(fake_url: str, data_dir: Path) -> dict[str, Any]:
     return {
-        "server": {"data_dir": str(data_dir), "max_body_bytes": 64 * 1024, "snapshot_interval_s": 3600},
+        # Port 0: a `tollgate serve` child binds a free port and says which (see Serve).
+        "server": {"data_dir": str(data_dir), "port": 0, "max_body_bytes": 64 * 1024, "snapshot_interval_s": 3600},
         "stats": {"title": "Raymundo", "plan": "GitHub Models Free + Ollama Local",
                   "timezone": "UTC", "limits_upstream": "gpt4o_cloud", "limits_label": "GitHub Models Free"},
         "upstreams": {
@@ -154,6 +157,15 @@ def raw_config(fake: FakeUpstream, tmp_path: Path, cloud_key: str) -> dict[str, 
 
 
 @pytest.fixture
+def refused_port() -> Iterator[int]:
+    """A loopback port that refuses connections for the whole test: bound but never listening,
+    so no other process can start listening on it meanwhile (a port closed and handed on can)."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        yield int(sock.getsockname()[1])
+
+
+@pytest.fixture
 def clock() -> Clock:
     return Clock()
 
@@ -176,10 +188,11 @@ async def proxy(raw_config: dict[str, Any]) -> AsyncIterator[Proxy]:
 
 
 class Serve:
-    """`tollgate serve` as a child process, ready when it says so."""
+    """`tollgate serve` as a child process, ready when it says so, on the port it says (the
+    configs given it name port 0, so the kernel picks a free one and nothing races for it)."""
 
-    def __init__(self, config: Path, port: int) -> None:
-        self.config, self.port = config, port
+    def __init__(self, config: Path) -> None:
+        self.config, self.port = config, 0
         self.proc: asyncio.subprocess.Process | None = None
         self.log: list[str] = []  # what it wrote to stderr, line by line
         self._logged = asyncio.Event()
@@ -197,7 +210,8 @@ class Serve:
             line = await asyncio.wait_for(self.proc.stderr.readline(), 60)
             assert line, "tollgate serve exited before it was ready"
             self.log.append(line.decode(errors="replace"))
-            if b"tollgate ready on" in line:
+            if ready := re.search(rb"tollgate ready on http://[^ ]+:(\d+)", line):
+                self.port = int(ready.group(1))
                 break
         asyncio.get_running_loop().create_task(self._drain())
 

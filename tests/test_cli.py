@@ -13,9 +13,8 @@ from typing import Any
 import aiohttp
 import pytest
 
-from .conftest import Proxy, to_toml
+from .conftest import Proxy, Serve, to_toml
 from .fake_upstream import Behavior, FakeUpstream
-from .test_failures import closed_port
 
 
 async def tollgate(*args: str, env_ok: bool = True) -> tuple[int, str, str]:
@@ -29,52 +28,58 @@ async def tollgate(*args: str, env_ok: bool = True) -> tuple[int, str, str]:
 
 @pytest.fixture
 def config_file(raw_config: dict[str, Any], tmp_path: Path) -> Path:
-    raw_config["server"]["port"] = closed_port()
     path = tmp_path / "config.toml"
     path.write_text(to_toml(raw_config))
     return path
 
 
-async def test_serve_then_stats_export_reset_offline(config_file: Path, raw_config: dict[str, Any],
-                                                     fake: FakeUpstream, tmp_path: Path) -> None:
-    port = raw_config["server"]["port"]
-    proc = await asyncio.create_subprocess_exec(
-        sys.executable, "-m", "proxy", "-c", str(config_file), "serve",
-        stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE)
+async def test_stats_and_reset_reach_the_server_where_it_really_listens(
+        config_file: Path, raw_config: dict[str, Any], fake: FakeUpstream, tmp_path: Path) -> None:
+    """The config names port 0; the server binds whatever port the kernel gives it. `stats` and
+    `reset` still reach it there and say so; once it stops, they say no server is running."""
+    fake.behavior = Behavior(prompt_tokens=10, chunks=2, completion_per_chunk=5)
+    server = Serve(config_file)
+    await server.start()
     try:
-        assert proc.stderr is not None
-        while True:  # the server says when it is listening; no guessing with sleeps
-            line = await asyncio.wait_for(proc.stderr.readline(), 60)
-            assert line, "tollgate serve exited before it was ready"
-            if b"tollgate ready on" in line:
-                break
-        fake.behavior = Behavior(prompt_tokens=10, chunks=2, completion_per_chunk=5)
         async with aiohttp.ClientSession() as s:
             for model, path in (("gpt-4o", "/v1/chat/completions"), ("llama3.2", "/api/generate")):
-                async with s.post(f"http://127.0.0.1:{port}{path}",
+                async with s.post(server.url + path,
                                   json={"model": model, "prompt": "x", "messages": [], "stream": False}) as r:
                     assert r.status == 200
                     await r.read()
-            async with s.get(f"http://127.0.0.1:{port}/stats") as r:
-                live = await r.json()
-    finally:
-        proc.send_signal(signal.SIGTERM)
-        await asyncio.wait_for(proc.wait(), 60)
-    assert proc.returncode == 0
-    assert live["tokens"]["total"] == 40
+            code, out, err = await tollgate("-c", str(config_file), "stats")
+            assert code == 0 and json.loads(out)["tokens"]["total"] == 40
+            assert json.loads(out)["estado"] == "✅ Operativo"
+            assert f"from the server at {server.url} (pid {server.proc.pid})" in err  # type: ignore[union-attr]
+            code, out, err = await tollgate("-c", str(config_file), "stats", "--text", "--lang", "en")
+            assert code == 0 and "• **Total**: 40" in out and "Operational" in out
 
-    code, out, _ = await tollgate("-c", str(config_file), "stats")
-    offline = json.loads(out)
-    assert code == 0 and offline["tokens"] == live["tokens"] and offline["total_requests"] == 2
+            code, out, err = await tollgate("-c", str(config_file), "reset")
+            assert code == 0 and json.loads(out)["message"] == "Métricas reiniciadas exitosamente"
+            assert f"reset the server at {server.url}" in err
+            async with s.get(server.url + "/stats") as r:
+                assert (await r.json())["total_requests"] == 0  # the running server's own figures
+            async with s.post(server.url + "/v1/chat/completions",
+                              json={"model": "gpt-4o", "messages": [], "stream": False}) as r:
+                assert r.status == 200
+    finally:
+        assert await server.signal(signal.SIGTERM) == 0
+    assert not (Path(raw_config["server"]["data_dir"]) / "server.json").exists()
+
+    code, out, err = await tollgate("-c", str(config_file), "stats")
+    stopped = json.loads(out)
+    assert code == 0 and stopped["estado"] == "⏹️ Detenido" and stopped["total_requests"] == 1
+    assert "no server is running" in err
     code, out, _ = await tollgate("-c", str(config_file), "stats", "--text")
-    assert "• **Total**: 40" in out and out.startswith("📊 **ESTADÍSTICAS DE RAYMUNDO**")
+    assert "• **Total**: 20" in out and out.startswith("📊 **ESTADÍSTICAS DE RAYMUNDO**")
+    assert "Detenido" in out and "Operativo" not in out
 
     csv_path = tmp_path / "out.csv"
     code, _, _ = await tollgate("-c", str(config_file), "export", "--csv", str(csv_path))
     with open(csv_path, newline="") as fh:
         rows = list(csv.DictReader(fh))
-    assert code == 0 and [r["upstream"] for r in rows] == ["gpt4o_cloud", "ollama_local"]
-    assert sum(int(r["prompt_tokens"]) + int(r["completion_tokens"]) for r in rows) == 40
+    assert code == 0 and [r["upstream"] for r in rows] == ["gpt4o_cloud", "ollama_local", "gpt4o_cloud"]
+    assert sum(int(r["prompt_tokens"]) + int(r["completion_tokens"]) for r in rows) == 60
     code, out, _ = await tollgate("-c", str(config_file), "export", "--csv", "-", "--since", "2999-01-01")
     assert out.strip().count("\n") == 0  # header only
 
@@ -84,14 +89,27 @@ async def test_serve_then_stats_export_reset_offline(config_file: Path, raw_conf
         assert code == 0
     with open(snapshot, newline="") as fh:
         lines = list(csv.reader(fh))
-    assert [line[1:] for line in lines] == [["2", "40", "$0.0009", "100.0%"]] * 2
+    assert [line[1:3] for line in lines] == [["1", "20"]] * 2
 
-    code, out, _ = await tollgate("-c", str(config_file), "reset")
+    code, out, err = await tollgate("-c", str(config_file), "reset")
     assert code == 0 and json.loads(out)["message"] == "Métricas reiniciadas exitosamente"
+    assert "no server is running; wrote a new epoch" in err
     code, out, _ = await tollgate("-c", str(config_file), "stats")
     assert json.loads(out)["total_requests"] == 0
     code, out, _ = await tollgate("-c", str(config_file), "export", "--csv", "-")
-    assert len(out.strip().splitlines()) == 3  # the reset deleted no row
+    assert len(out.strip().splitlines()) == 4  # no reset deleted a row
+
+
+async def test_a_server_that_died_without_a_word_is_not_running(config_file: Path, raw_config: dict[str, Any]) -> None:
+    """SIGKILL leaves server.json behind; its process is gone, so the commands work offline."""
+    server = Serve(config_file)
+    await server.start()
+    record = Path(raw_config["server"]["data_dir"]) / "server.json"
+    assert record.stat().st_mode & 0o777 == 0o600
+    assert await server.signal(signal.SIGKILL) == -signal.SIGKILL
+    assert record.exists()
+    code, out, err = await tollgate("-c", str(config_file), "stats")
+    assert code == 0 and json.loads(out)["estado"] == "⏹️ Detenido" and "no server is running" in err
 
 
 async def test_serve_refuses_a_public_address_without_an_admin_token(config_file: Path) -> None:
@@ -101,11 +119,11 @@ async def test_serve_refuses_a_public_address_without_an_admin_token(config_file
 
 
 async def test_check_probes_each_upstream(config_file: Path, raw_config: dict[str, Any], fake: FakeUpstream,
-                                          tmp_path: Path) -> None:
+                                          tmp_path: Path, refused_port: int) -> None:
     code, out, _ = await tollgate("-c", str(config_file), "check")
     assert code == 0, out
     assert "gpt4o_cloud: openai" in out and "HTTP 200" in out and "(set)" in out
-    raw_config["upstreams"]["ollama_local"]["base_url"] = f"http://127.0.0.1:{closed_port()}"
+    raw_config["upstreams"]["ollama_local"]["base_url"] = f"http://127.0.0.1:{refused_port}"
     broken = tmp_path / "broken.toml"
     broken.write_text(to_toml(raw_config))
     code, out, _ = await tollgate("-c", str(broken), "check")

@@ -13,15 +13,14 @@ import pytest
 
 from .conftest import Serve, to_toml
 from .fake_upstream import FakeUpstream
-from .test_failures import closed_port
 
 
 @pytest.fixture
 async def serve(raw_config: dict[str, Any], tmp_path: Path, fake: FakeUpstream) -> AsyncIterator[Serve]:
-    raw_config["server"].update(port=closed_port(), max_connections=20, idle_timeout_s=1)
+    raw_config["server"].update(max_connections=20, idle_timeout_s=1)
     config = tmp_path / "config.toml"
     config.write_text(to_toml(raw_config))
-    server = Serve(config, raw_config["server"]["port"])
+    server = Serve(config)
     await server.start()
     yield server
     if server.proc is not None and server.proc.returncode is None:

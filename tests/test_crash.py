@@ -15,17 +15,15 @@ import pytest
 
 from .conftest import Serve, to_toml
 from .fake_upstream import Behavior, FakeUpstream
-from .test_failures import closed_port
 
 
 @pytest.fixture
 async def serve(raw_config: dict[str, Any], tmp_path: Path) -> AsyncIterator[Serve]:
-    port = closed_port()
-    raw_config["server"].update(port=port, drain_timeout_s=20)
+    raw_config["server"].update(drain_timeout_s=20)
     raw_config["upstreams"]["gpt4o_cloud"]["limits"] = {"rpd": 100_000}
     path = tmp_path / "config.toml"
     path.write_text(to_toml(raw_config))
-    server = Serve(path, port)
+    server = Serve(path)
     await server.start()
     yield server
     if server.proc is not None and server.proc.returncode is None:

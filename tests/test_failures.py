@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import socket
 from collections.abc import AsyncIterator
 from typing import Any
 
@@ -44,16 +43,10 @@ async def post(url: str, body: Any = None, raw: bytes | None = None) -> tuple[in
             return r.status, await r.json(content_type=None)
 
 
-def closed_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
-
-
 @pytest.fixture
-async def dead_proxy(raw_config: dict[str, Any]) -> AsyncIterator[Proxy]:
+async def dead_proxy(raw_config: dict[str, Any], refused_port: int) -> AsyncIterator[Proxy]:
     for upstream in raw_config["upstreams"].values():
-        upstream["base_url"] = f"http://127.0.0.1:{closed_port()}"
+        upstream["base_url"] = f"http://127.0.0.1:{refused_port}"
     p = Proxy(raw_config)
     await p.start()
     yield p

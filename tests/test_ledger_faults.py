@@ -24,7 +24,6 @@ from prometheus_client.parser import text_string_to_metric_families
 from .conftest import Proxy, Serve, to_toml
 from .disks import fill, tmpfs
 from .fake_upstream import FakeUpstream
-from .test_failures import closed_port
 
 CHAT = {"model": "gpt-4o", "messages": [{"role": "user", "content": "hola"}]}
 
@@ -178,10 +177,10 @@ async def test_sigterm_ends_in_time_while_the_ledger_fails(raw_config: dict[str,
     with contextlib.ExitStack() as stack:
         if fault == "full":
             raw_config["server"]["data_dir"] = str(stack.enter_context(tmpfs(tmp_path / "disk")) / "data")
-        raw_config["server"].update(port=closed_port(), drain_timeout_s=2, ledger_busy_timeout_s=0.05)
+        raw_config["server"].update(drain_timeout_s=2, ledger_busy_timeout_s=0.05)
         path = tmp_path / "config.toml"
         path.write_text(to_toml(raw_config))
-        serve = Serve(path, raw_config["server"]["port"])
+        serve = Serve(path)
         await serve.start()
         db = Path(raw_config["server"]["data_dir"]) / "ledger.sqlite3"
         locker = None

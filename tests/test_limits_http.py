@@ -259,6 +259,28 @@ async def test_fallback_when_cloud_answers_429_or_5xx(raw_config: dict[str, Any]
                                           "/chat/completions", "/v1/chat/completions", "/v1/chat/completions"]
 
 
+async def test_a_fallback_that_fails_too_names_both_upstreams(raw_config: dict[str, Any], fake: FakeUpstream,
+                                                              make_proxy: Any, refused_port: int) -> None:
+    raw_config["upstreams"]["gpt4o_cloud"].update(fallback="ollama_local", fallback_model="llama3.2")
+    raw_config["upstreams"]["ollama_local"]["base_url"] = f"http://127.0.0.1:{refused_port}"
+    set_limits(raw_config, rpm=1)
+    raw_config["upstreams"]["ollama_local"]["limits"] = {"rpm": 1}
+    proxy = await make_proxy()
+    fake.by_model["openai/gpt-4o"] = Behavior(status=503)
+    async with aiohttp.ClientSession() as s:
+        async with s.post(proxy.url + "/v1/chat/completions", json=CHAT) as r:
+            message = (await r.json())["error"]["message"]
+            assert r.status == 502
+            assert message.startswith("Upstream 'gpt4o_cloud' answered HTTP 503. Its fallback: "
+                                      "Upstream 'ollama_local' is unreachable"), message
+        # Both are out of quota now: the 429 says why each refused.
+        async with s.post(proxy.url + "/v1/chat/completions", json=CHAT) as r:
+            message = (await r.json())["error"]["message"]
+            assert r.status == 429
+            assert message.startswith("Upstream 'gpt4o_cloud' refused the call: ") and "Its fallback: " in message
+            assert message.count("requests per minute") == 2, message
+
+
 async def test_upstream_429_passes_through_and_holds_back(raw_config: dict[str, Any], fake: FakeUpstream,
                                                           make_proxy: Any) -> None:
     proxy = await make_proxy()

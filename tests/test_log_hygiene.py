@@ -14,7 +14,6 @@ from proxy.logs import MalformedRequests
 
 from .conftest import Serve, to_toml
 from .fake_upstream import FakeUpstream
-from .test_failures import closed_port
 
 SECRETS = ("sk-leak-header-0123", "tok-leak-query-4567", "sk-leak-long-89ab", "Bearer-raw-cdef")
 HOSTILE = [
@@ -28,15 +27,14 @@ HOSTILE = [
 
 async def test_a_hostile_run_leaves_no_secret_and_no_flood_in_the_log(raw_config: dict[str, Any], tmp_path: Path,
                                                                      fake: FakeUpstream) -> None:
-    raw_config["server"]["port"] = port = closed_port()
     config = tmp_path / "config.toml"
     config.write_text(to_toml(raw_config))
-    serve = Serve(config, port)
+    serve = Serve(config)
     await serve.start()
     sent = 0
     for _ in range(40):
         for raw in HOSTILE:
-            reader, writer = await asyncio.open_connection("127.0.0.1", port)
+            reader, writer = await asyncio.open_connection("127.0.0.1", serve.port)
             writer.write(raw)
             await writer.drain()
             reply = await reader.read(4096)
