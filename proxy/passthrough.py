@@ -9,14 +9,14 @@ import aiohttp
 import orjson
 from aiohttp import web
 
-from . import auth, routing
+from . import auth, endpoints
 from .inbound import read_body
 from .keys import CONFIG, UPSTREAMS
-from .routing import Prefix
+from .endpoints import Prefix
 from .upstream import UpstreamClient, UpstreamError, request_headers, response_headers
 
 
-async def passthrough(request: web.Request, prefix: Prefix, where: routing.PassThrough) -> web.StreamResponse:
+async def passthrough(request: web.Request, prefix: Prefix, where: endpoints.PassThrough) -> web.StreamResponse:
     """Relay a call the config lets through unmetered (model lists, version, files...)."""
     app = request.app
     upstream = where.upstream

@@ -3,7 +3,7 @@
 Metered endpoints (chat, completions, embeddings, responses; Ollama's chat, generate, embed,
 embeddings) end in exactly one ledger row whatever happens: success, a bad body, an upstream
 error, a stream cut short, a client that hung up (plus one row for each attempt a fallback took
-over). Which paths are metered is routing.py's decision; the reply is relayed by reply.py;
+over). Which paths are metered is endpoints.py's decision; the reply is relayed by reply.py;
 everything else goes through passthrough.py or is refused.
 
 Errors are raised, not formatted: the middleware in app.py renders them in the dialect's shape.
@@ -18,7 +18,7 @@ import aiohttp
 import orjson
 from aiohttp import web
 
-from . import auth, dialects, passthrough, routing, stats, tagging
+from . import auth, dialects, endpoints, passthrough, stats, tagging
 from .admission import Plan, parse_retry_after
 from .call import Call
 from .config import Config, Upstream
@@ -28,7 +28,7 @@ from .errors import (REFUSED_OUTCOMES, BadRequest, LedgerUnavailable, ProxyError
 from .inbound import read_body
 from .keys import ACCOUNTING, ADMISSION, CONFIG, ESTIMATOR, LEDGER, LIMITER, METRICS, UPSTREAMS
 from .reply import relay_reply
-from .routing import Prefix
+from .endpoints import Prefix
 from .store import Admission, CallRecord
 from .upstream import Unreachable, UpstreamClient, UpstreamTimeout, request_headers
 
@@ -54,11 +54,11 @@ async def _handle(request: web.Request, prefix: Prefix) -> web.StreamResponse:
     config = request.app[CONFIG]
     admin = auth.presents_admin_token(request)
     try:
-        where = routing.route(config, prefix, request.method, request.match_info["rest"], admin)
+        where = endpoints.route(config, prefix, request.method, request.match_info["rest"], admin)
     except ProxyError as exc:
         _refused(request.app, exc.code)
         raise
-    if isinstance(where, routing.Metered):
+    if isinstance(where, endpoints.Metered):
         return await metered(request, prefix, where.rest, where.endpoint)
     if not admin:  # the operator, with the admin token, needs no proxy key besides
         try:
