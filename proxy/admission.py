@@ -13,8 +13,9 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from email.utils import parsedate_to_datetime
 
+from . import routing
 from .config import Config, Upstream
-from .dialects import CallInfo, Dialect
+from .dialects import CallInfo
 from .errors import BadRequest, PayloadTooLarge, RateLimited
 from .limits import Denial, Limiter, Scope, Ticket
 from .tokens import Estimator
@@ -88,16 +89,6 @@ class Admission:
     lines: WaitLines
     estimator: Estimator
 
-    def fallback_for(self, upstream: Upstream, tried: set[str], dialect: Dialect) -> Upstream | None:
-        name = upstream.fallback
-        if name is None or name in tried:
-            return None
-        fallback = self.config.upstreams[name]
-        # The Ollama dialect (/api/...) can only be served by another Ollama server.
-        if dialect == "ollama" and fallback.kind != "ollama":
-            return None
-        return fallback
-
     def refusal(self, denial: Denial, scopes: list[Scope],
                 refused: list[tuple[Upstream, str, Denial]] | None = None) -> RateLimited:
         headers = self.limiter.headers(scopes)
@@ -140,12 +131,12 @@ class Admission:
                 decision = self.limiter.admit(scopes, tokens)
                 if isinstance(decision, Ticket):
                     return Plan(upstream, model, decision, clamp, fallback_from, tuple(refused), held is not None)
-                fallback = self.fallback_for(upstream, tried, info.dialect)
+                fallback = routing.fallback_for(self.config, upstream, tried, info.dialect)
                 if fallback is not None:
                     refused.append((upstream, model, decision))
                     tried.add(upstream.name)
                     fallback_from = fallback_from or upstream.name
-                    upstream, model, prompt = fallback, upstream.fallback_model or model, None
+                    upstream, model, prompt = fallback, routing.fallback_model(upstream, model), None
                     continue
                 remaining = deadline - loop.time()
                 if policy.on_limit != "wait" or decision.retry_after is None or decision.retry_after > remaining:

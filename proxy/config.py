@@ -1,8 +1,11 @@
-"""`config.toml` into frozen dataclasses, validated once.
+"""`config.toml`: its schema, declared once, and the checks that span keys.
 
-Every problem is reported as one `ConfigError` line naming the file, the key, the bad value
-and what was expected, so a typo stops start-up with a message a person can act on.
-Unknown keys are errors too: a misspelt limit silently ignored is a limit not enforced.
+The schema is a tree of frozen msgspec Structs that reject unknown fields. Each key is declared
+once, with its type, its constraint, its meaning (the README's reference is generated from it,
+`tools/config_reference.py`) and, through the value types below, what an error says it expected.
+msgspec does the reading; `explain` turns its errors into one line naming the file, the key, the
+bad value and what was expected, with "did you mean" for a misspelt key. What no single key can
+say (a fallback naming another upstream, a zone that exists) is checked in `_finish`.
 
 Secrets never enter these objects: the config names the environment variable that holds a
 key, and the key is read from the environment at the moment it is sent upstream. So no repr,
@@ -11,18 +14,23 @@ log line or traceback of a config object can carry one.
 
 from __future__ import annotations
 
+import difflib
 import fnmatch
 import ipaddress
 import os
 import re
 import tomllib
-from collections.abc import Mapping
-from dataclasses import dataclass, field, replace
+import types
+import typing
 from functools import cached_property
 from pathlib import Path
-from typing import Any, Literal, TypeVar, cast
+from typing import Annotated, Any, Literal
 from urllib.parse import urlsplit
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
+
+import msgspec
+from msgspec import Meta, field
+from msgspec.structs import replace
 
 Kind = Literal["openai", "ollama"]
 DayMode = Literal["rolling", "calendar"]
@@ -31,30 +39,65 @@ OnLimit = Literal["reject", "wait"]
 AlertMetric = Literal["cost_usd", "error_rate_pct", "daily_requests_pct", "tpm_pct", "total_tokens",
                       "ledger_unwritten_rows"]
 WebhookFormat = Literal["slack", "discord", "json"]
-ALERT_METRICS = ("cost_usd", "error_rate_pct", "daily_requests_pct", "tpm_pct", "total_tokens",
-                 "ledger_unwritten_rows")
 OnLedgerFull = Literal["refuse", "serve"]
 OutputCap = Literal["clamp", "reject"]
-
-T = TypeVar("T")
+Lang = Literal["es", "en"]
 
 
 class ConfigError(Exception):
     """A config problem, worded as one line: file, key, value, what was expected."""
 
 
-@dataclass(frozen=True)
-class Limits:
-    """Free-tier style limits of one scope; None means unlimited."""
+# --- what a value may be: its type, its constraint and the words an error uses -------------
 
-    rpm: int | None = None
-    rpd: int | None = None
-    tpm: int | None = None
-    concurrency: int | None = None
-    max_input_tokens: int | None = None
-    max_output_tokens: int | None = None
-    day: DayMode = "rolling"
-    timezone: str | None = None  # a calendar day's zone; None: the stats zone, like every "today"
+
+def expects(words: str) -> Meta:
+    return Meta(extra={"expected": words})
+
+
+def doc(meaning: str, default: str | None = None) -> Meta:
+    """A key's meaning, and its default where words say it better than the value."""
+    return Meta(description=meaning, extra={"default": default} if default else None)
+
+
+# The key comes from the table's own name ([upstreams.<name>]); the file may not set it.
+FROM_TABLE_NAME = Meta(extra={"derived": True})
+
+Positive = Annotated[float, Meta(gt=0), expects("a positive number")]
+Count = Annotated[int, Meta(gt=0), expects("a positive whole number")]
+Limit = Annotated[int, Meta(gt=0), expects("a positive whole number (omit the key for no limit)")]
+Usd = Annotated[float, Meta(ge=0), expects("USD per 1,000 tokens, zero or more")]
+EnvName = Annotated[str, Meta(pattern=r"^[A-Za-z_][A-Za-z0-9_]*$"), expects("the name of an environment variable")]
+Port = Annotated[int, Meta(ge=0, le=65535), expects("a port number from 0 to 65535")]
+ZoneName = Annotated[str, expects("an IANA time zone such as 'America/Mexico_City', or 'local'")]
+UpstreamName = Annotated[str, expects("the name of an upstream")]
+NonEmpty = Annotated[str, Meta(min_length=1)]
+Header = Annotated[str, Meta(pattern=r"^[A-Za-z0-9!#$%&'*+.^_`|~-]+$")]
+PathGlob = Annotated[str, Meta(pattern=r"^/(v1|api)/")]
+HostName = Annotated[str, Meta(min_length=1, pattern=r"^[^/]+$")]
+Origin = Annotated[str, Meta(pattern=r"(?i)^https?://[^/]+/?$")]
+Phrase = Annotated[str, Meta(pattern=r"\S")]
+
+
+class Table(msgspec.Struct, frozen=True, forbid_unknown_fields=True, kw_only=True, dict=True):
+    """A config table: unknown keys are errors (a misspelt limit ignored is a limit not enforced)."""
+
+
+class Limits(Table, frozen=True, kw_only=True):
+    """Limits of one scope: an upstream, the models matching a glob, one named user, or every user
+    separately (`per_user`, which a named user's own table replaces). All keys optional; an absent
+    key is no limit. A call must fit every scope it is in; `/stats` shows each scope's usage
+    (`detail.limits`)."""
+
+    rpm: Annotated[Limit | None, doc("requests per minute", "no limit")] = None
+    rpd: Annotated[Limit | None, doc("requests per day", "no limit")] = None
+    tpm: Annotated[Limit | None, doc("tokens per minute", "no limit")] = None
+    concurrency: Annotated[Limit | None, doc("calls in flight at once", "no limit")] = None
+    max_input_tokens: Annotated[Limit | None, doc("largest prompt of one call", "no limit")] = None
+    max_output_tokens: Annotated[Limit | None, doc("largest requested output of one call", "no limit")] = None
+    day: Annotated[DayMode, doc('`"rolling"` (the last 24 h) or `"calendar"` (since midnight in `timezone`)')] \
+        = "rolling"
+    timezone: Annotated[ZoneName | None, doc("zone of a calendar day", "the stats zone (`stats.timezone`)")] = None
 
     @cached_property
     def any(self) -> bool:
@@ -65,173 +108,261 @@ class Limits:
         )
 
 
-@dataclass(frozen=True)
-class Upstream:
-    name: str
-    kind: Kind
-    base_url: str
-    label: str
-    short_name: str
-    models: tuple[str, ...]
-    aliases: Mapping[str, str]
-    free: bool
-    api_key_env: str | None
-    connect_timeout_s: float
-    read_timeout_s: float
-    limits: Limits
-    max_response_bytes: int = 64 << 20
-    fallback: str | None = None        # upstream that takes calls this one cannot
-    fallback_model: str | None = None  # the model to ask the fallback for
-    # Paths (globs such as "/v1/files*") forwarded without metering: an explicit choice, since
-    # whatever goes this way spends the upstream's key past every limit and the ledger.
-    passthrough: tuple[str, ...] = ()
-    # Ollama's pull, push, create, copy and delete: refused unless this is set or the caller
-    # presents the admin token.
-    allow_management: bool = False
-    # Request headers forwarded beyond the protocols' own (lower-case names).
-    forward_headers: frozenset[str] = frozenset()
+# A local Ollama's read-only endpoints: no key, no tokens spent.
+OLLAMA_PASSTHROUGH = ("/api/tags", "/api/show", "/api/ps", "/api/version")
 
-    def serves(self, model: str) -> bool:
-        return any(fnmatch.fnmatchcase(model, pattern) for pattern in self.models)
 
-    def upstream_model(self, model: str) -> str:
-        """The name the upstream wants for the model the client named."""
-        return self.aliases.get(model, model)
+class Upstream(Table, frozen=True, kw_only=True):
+    """Upstreams are tried in file order; the first whose `models` match the body's `model` serves
+    it (`proxy/routing.py`)."""
+
+    name: Annotated[str, FROM_TABLE_NAME] = ""
+    kind: Annotated[Kind, doc('`"openai"` (receives `base_url + /<path>`) or `"ollama"` (receives '
+                              '`base_url + /v1/<path>` and `/api/<path>`)')]
+    base_url: Annotated[str, expects("an http:// or https:// URL with a host"),
+                        doc("e.g. `https://models.github.ai/inference`, `https://api.openai.com/v1`, "
+                            "`http://127.0.0.1:11434`")]
+    api_key_env: Annotated[EnvName | None, doc(
+        "environment variable with the upstream key, sent as `Authorization: Bearer`; the client's own "
+        "`Authorization` is never forwarded", "unset")] = None
+    label: Annotated[str, doc("display name in the text (`GPT-4o (cloud)`)", "the name")] = ""
+    short_name: Annotated[str, doc("key suffix in `metrics.json` (`total_tokens_<short_name>`)", "the name")] = ""
+    models: Annotated[tuple[NonEmpty, ...], expects("a list of model names or glob patterns"),
+                      doc('model names or glob patterns this upstream serves (`"gpt-4o*"`, `"*"`)')] = ()
+    aliases: Annotated[dict[str, str], expects("a table of model names"),
+                       doc('table renaming models on the way: `"gpt-4o" = "openai/gpt-4o"`; stats keep the '
+                           "client's name")] = {}
+    free: Annotated[bool, doc("a free upstream costs nothing whatever the prices say", "`true` for ollama")] = False
+    connect_timeout_s: Annotated[Positive, doc("connect timeout; failing gives 502")] = 10.0
+    read_timeout_s: Annotated[Positive, doc("longest wait for headers or between two chunks; failing gives 504")] \
+        = 300.0
+    max_response_bytes: Annotated[Count, doc(
+        "a reply larger than this is cut off (502, or an error event once streaming)")] = 64 << 20
+    limits: Annotated[Limits, doc("this upstream's limits (a limits table, below)", "none")] = field(
+        default_factory=Limits)
+    fallback: Annotated[UpstreamName | None, doc(
+        "another upstream that takes the call when this one is out of quota here, answers 429 or 5xx, or "
+        "cannot be reached (an Ollama upstream serves OpenAI-dialect calls on its `/v1` endpoint); when it "
+        "fails too, the error names both", "unset")] = None
+    fallback_model: Annotated[str | None, doc('the model to ask the fallback for (`"llama3.2"`)',
+                                              "the client's model")] = None
+    # Paths forwarded without metering: an explicit choice, since whatever goes this way spends
+    # the upstream's key past every limit and the ledger.
+    passthrough: Annotated[tuple[PathGlob, ...], expects('a list of path patterns such as "/v1/files*" or "/api/tags"'),
+                           doc("paths (globs on the lower-cased path, e.g. `\"/v1/files*\"`) forwarded to this "
+                               "upstream **without metering**, with its key. Anything Tollgate does not meter "
+                               "and no upstream lists is refused with 403, so nothing reaches an upstream "
+                               "around the ledger and the limits by default",
+                               "`[]`; an `ollama` upstream: `" + str(list(OLLAMA_PASSTHROUGH)).replace("'", '"')
+                               + "`")] = ()
+    forward_headers: Annotated[frozenset[Header], expects('a list of HTTP header names such as "X-Request-Id"'),
+                               doc("request headers forwarded to this upstream beyond the protocols' own. Headers "
+                                   "go up from an allow-list: `Content-Type`, `Accept`, `User-Agent`, "
+                                   "`OpenAI-Beta`, `OpenAI-Organization`, `OpenAI-Project`, `Idempotency-Key` "
+                                   "and the SDKs' `X-Stainless-*`, plus these; never a credential (the "
+                                   "upstream's key is Tollgate's to send), never one the client named in "
+                                   "`Connection`", "`[]`")] = frozenset()
+    allow_management: Annotated[bool, doc(
+        "forward Ollama's `pull`, `push`, `create`, `copy`, `delete` and `blobs` without the admin token")] = False
 
     def api_key(self) -> str | None:
         if not self.api_key_env:
             return None
         return os.environ.get(self.api_key_env) or None
 
-    @property
-    def listed_models(self) -> tuple[str, ...]:
-        """Model names given literally (not as globs), for GET /v1/models."""
-        return tuple(m for m in self.models if not any(c in m for c in "*?["))
 
-
-@dataclass(frozen=True)
-class LimitPolicy:
+class LimitPolicy(Table, frozen=True, kw_only=True):
     """How limits are applied, and the scopes beyond upstreams."""
 
-    on_limit: OnLimit = "reject"
-    max_wait_s: float = 30.0
-    count_output_tokens: bool = True
-    output_cap: OutputCap = "clamp"
-    # Beyond this wait, a 429 says x-should-retry: false (the openai SDK honours up to 120 s).
-    no_retry_over_s: float = 120.0
-    concurrency_retry_s: float = 1.0
-    # An upstream's own Retry-After holds calls back at most this long (a broken or hostile
-    # upstream must not park the proxy for a year).
-    max_upstream_retry_after_s: float = 3600.0
-    models: Mapping[str, Limits] = field(default_factory=dict)
-    users: Mapping[str, Limits] = field(default_factory=dict)
-    per_user: Limits = field(default_factory=Limits)
+    on_limit: Annotated[OnLimit, doc('`"reject"` answers 429 at once; `"wait"` holds the call, first come first '
+                                     "served, when a place frees within `max_wait_s`")] = "reject"
+    max_wait_s: Annotated[Positive, doc("longest a call waits in `wait` mode")] = 30.0
+    count_output_tokens: Annotated[bool, doc(
+        "TPM admission counts the requested output (`max_tokens`, or the scope's `max_output_tokens`) besides "
+        "the estimated input")] = True
+    output_cap: Annotated[OutputCap, doc('a request asking for more than `max_output_tokens`: `"clamp"` lowers it, '
+                                         '`"reject"` answers 400')] = "clamp"
+    no_retry_over_s: Annotated[Positive, doc(
+        "a 429 whose wait is longer says `x-should-retry: false` (the openai SDK honours waits up to 120 s)")] = 120.0
+    concurrency_retry_s: Annotated[Positive, doc(
+        "the `Retry-After` of a refusal for concurrency, where no exact time exists")] = 1.0
+    # A broken or hostile upstream must not park the proxy for a year.
+    max_upstream_retry_after_s: Annotated[Positive, doc(
+        "the longest an upstream's own 429 `Retry-After` (or `retry-after-ms`) holds calls back; non-numeric, "
+        "negative, infinite or NaN values are ignored")] = 3600.0
+    models: Annotated[dict[str, Limits], doc("limits tables per model glob (`[limits.models.\"gpt-4o\"]`)",
+                                             "`{}`")] = {}
+    users: Annotated[dict[str, Limits], doc("limits tables per named user (`[limits.users.\"5215512345678\"]`)",
+                                            "`{}`")] = {}
+    per_user: Annotated[Limits, doc("limits applied to each user separately", "none")] = field(default_factory=Limits)
 
 
-@dataclass(frozen=True)
-class Webhook:
-    name: str
-    url_env: str
-    format: WebhookFormat
-    timeout_s: float
+class Webhook(Table, frozen=True, kw_only=True):
+    """A webhook alerts are posted to, by name."""
+
+    name: Annotated[str, FROM_TABLE_NAME] = ""
+    url_env: Annotated[EnvName, doc(
+        "environment variable holding the webhook URL (Slack and Discord URLs are secrets)")]
+    format: Annotated[WebhookFormat, doc('`"slack"` (`{"text"}`), `"discord"` (`{"content"}`) or `"json"` (alert, '
+                                         "metric, value, threshold, time, message)")] = "json"
+    timeout_s: Annotated[Positive, doc(
+        "a webhook slower than this is abandoned; delivery runs apart from calls and never delays them")] = 5.0
 
     def url(self) -> str | None:
         return os.environ.get(self.url_env) or None
 
 
-@dataclass(frozen=True)
-class AlertRule:
-    name: str
-    metric: AlertMetric
-    above: float
-    window_min: float          # error_rate_pct: over how many minutes
-    upstream: str              # daily_requests_pct / tpm_pct: whose limits
-    webhooks: tuple[str, ...]
+class AlertRule(Table, frozen=True, kw_only=True):
+    """Each rule fires once when its figure goes above `above`, logs a warning and posts to its
+    webhooks; it re-arms when the figure falls back to or below the threshold."""
+
+    metric: Annotated[AlertMetric, doc(
+        "`cost_usd` (this epoch), `error_rate_pct` (over `window_min`), `daily_requests_pct` / `tpm_pct` (of "
+        "`upstream`'s limits), `total_tokens` (this epoch), `ledger_unwritten_rows` (rows the ledger could not "
+        "write yet)")]
+    above: Annotated[float, expects("the threshold, a number"), doc("the threshold")]
+    name: Annotated[str, doc("the rule's name in the message", "the metric")] = ""
+    window_min: Annotated[Positive, doc("minutes an error rate is measured over")] = 5.0
+    upstream: Annotated[UpstreamName, doc(
+        "whose limits the `_pct` metrics read (the limiter's windows; for `stats.limits_upstream`, the tightest "
+        "window of `stats.limits_model`)", "`stats.limits_upstream`, else the first upstream")] = ""
+    webhooks: Annotated[tuple[str, ...], expects("a list of webhook names"),
+                        doc("names of webhooks to post to", "`[]`")] = ()
 
 
-@dataclass(frozen=True)
-class AlertPolicy:
-    rules: tuple[AlertRule, ...] = ()
-    webhooks: Mapping[str, Webhook] = field(default_factory=dict)
-    check_interval_s: float = 15.0
+class AlertPolicy(Table, frozen=True, kw_only=True):
+    """Alert rules over live figures, and where they are posted."""
+
+    rules: Annotated[tuple[AlertRule, ...], doc("alert rules (`[[alerts.rules]]`, below)", "`[]`")] = ()
+    webhooks: Annotated[dict[str, Webhook], doc("webhooks by name (`[alerts.webhooks.<name>]`, below)",
+                                                "`{}`")] = {}
+    check_interval_s: Annotated[Positive, doc(
+        "how often rules are checked besides after every call (figures that fall with time)")] = 15.0
 
 
-@dataclass(frozen=True)
-class Commands:
-    """Chat messages the proxy answers itself, with the /stats text."""
+class Commands(Table, frozen=True, kw_only=True):
+    """A chat call (OpenAI or Ollama dialect, streaming or not) whose last user message is one of
+    these is answered by Tollgate itself with the `/stats` text, in the exact shape the client
+    asked for; it is not forwarded and counts against no limit. Anyone who can chat with the bot
+    can read the stats this way; set `stats = []` to turn it off."""
 
-    stats: tuple[str, ...] = ("/raymundo stats", "/raymundo estadisticas", "/raymundo estado")
-    lang: str = "es"
+    stats: Annotated[tuple[Phrase, ...], expects("a list of chat messages"), doc(
+        "the messages (compared trimmed and case-insensitively)")] = (
+        "/raymundo stats", "/raymundo estadisticas", "/raymundo estado")
+    lang: Annotated[Lang, doc('language of the reply: `"es"` or `"en"`')] = "es"
 
 
-@dataclass(frozen=True)
-class Price:
-    """USD per 1,000 tokens."""
+class Price(Table, frozen=True, kw_only=True):
+    """USD per 1,000 tokens, matched against the model name the client used, first match wins."""
 
-    input: float
-    output: float
-    cached_input: float
+    input: Annotated[Usd, doc("prompt tokens")] = 0.0
+    output: Annotated[Usd, doc("completion tokens")] = 0.0
+    cached_input: Annotated[Usd | None, doc("prompt tokens the upstream reports as cached", "`input`")] = None
 
     def cost(self, prompt: int, completion: int, cached: int) -> float:
         cached = min(cached, prompt)
-        return ((prompt - cached) * self.input + cached * self.cached_input
-                + completion * self.output) / 1000.0
+        cached_price = self.input if self.cached_input is None else self.cached_input
+        return ((prompt - cached) * self.input + cached * cached_price + completion * self.output) / 1000.0
 
 
-FREE = Price(0.0, 0.0, 0.0)
+FREE = Price()
 
 
-@dataclass(frozen=True)
-class RequestType:
-    name: str
-    label: str
-    label_en: str
+class RequestType(Table, frozen=True, kw_only=True):
+    """The request types and their labels in the text; `chat` and `vision` always exist."""
+
+    name: Annotated[str, FROM_TABLE_NAME] = ""
+    label: Annotated[str, doc("Spanish label (`Presentaciones`)", "the name")] = ""
+    label_en: Annotated[str, doc("English label, for `lang=en`", "`label`")] = ""
 
 
-@dataclass(frozen=True)
-class TagRule:
-    type: str
-    on: RuleScope
-    pattern: re.Pattern[str]
+class TagRule(Table, frozen=True, kw_only=True):
+    """A rule of `[[tagging.rules]]`: the first that matches tags the call."""
+
+    type: Annotated[str, expects("the name of a request type"), doc("the request type it gives (one of `[types]`)")]
+    pattern: Annotated[re.Pattern[str], expects("a valid regular expression"),
+                       doc("a Python regular expression, searched in that text")]
+    on: Annotated[RuleScope, doc('what it reads: `"system"` (the system prompt), `"last_user"` (the last user '
+                                 'message) or `"any"`')] = "any"
 
 
-@dataclass(frozen=True)
-class ProxyKey:
-    """A key the bot presents to Tollgate (never the upstream's), read from the environment."""
+class Tagging(Table, frozen=True, kw_only=True):
+    """Request types from the text of a call, when neither the path nor a header names one."""
 
-    name: str
-    key_env: str
-    user: str | None
-    limits: Limits
+    rules: Annotated[tuple[TagRule, ...], doc("rules, tried in order (`[[tagging.rules]]`, below)", "`[]`")] = ()
+
+
+class ProxyKey(Table, frozen=True, kw_only=True):
+    """Proxy keys (virtual keys). When any is configured, every `/v1` and `/api` call must present
+    one (`Authorization: Bearer <key>`, or `api-key` / `x-api-key`), else 401 in the dialect's
+    shape. The bot holds only its proxy key; the upstream key is added by Tollgate from
+    `api_key_env`. Keys are compared in constant time and never logged or stored; the ledger keeps
+    the key's name."""
+
+    name: Annotated[str, FROM_TABLE_NAME] = ""
+    key_env: Annotated[EnvName, doc("environment variable holding the key (`tollgate serve` refuses to start if it "
+                                    "is unset)")]
+    user: Annotated[str | None, doc("the user of calls made with this key, when the body and headers name none",
+                                    "unset")] = None
+    limits: Annotated[Limits, doc("a limits table for everything this key sends", "none")] = field(
+        default_factory=Limits)
 
     def secret(self) -> str | None:
         return os.environ.get(self.key_env) or None
 
 
-@dataclass(frozen=True)
-class Server:
-    host: str
-    port: int
-    admin_token_env: str | None
-    max_body_bytes: int
-    body_timeout_s: float
-    data_dir: Path
-    snapshot_interval_s: float
-    drain_timeout_s: float
-    # The ledger: how long a write waits on a lock held by another process before it counts as
-    # failed and is retried; how many unwritten rows may wait in memory; what happens past that.
-    ledger_busy_timeout_s: float = 5.0
-    ledger_max_backlog: int = 100_000
-    on_ledger_full: OnLedgerFull = "refuse"
-    session_ttl_h: float = 12.0   # a dashboard login lasts this long
-    # Connections: at most this many open (more wait in the kernel's backlog); an idle one, or
-    # one whose request headers have not all arrived, is closed after idle_timeout_s.
-    max_connections: int = 1024
-    idle_timeout_s: float = 15.0
-    # Host names this proxy answers for (421 otherwise: DNS rebinding), "*" for any; and the
-    # browser origins whose pages may call the LLM endpoints (CORS).
-    allowed_hosts: frozenset[str] = frozenset()
-    cors_origins: frozenset[str] = frozenset()
+class Server(Table, frozen=True, kw_only=True):
+    """Where and how Tollgate listens, and where it keeps its data."""
+
+    host: Annotated[str, doc("address to bind; anything but loopback requires an admin token")] = "127.0.0.1"
+    port: Annotated[Port, doc("port to bind (the seed's scripts call `localhost:5000`); 0 lets the system pick "
+                              "one, which `tollgate stats` and `reset` still find")] = 5000
+    admin_token_env: Annotated[EnvName | None, doc(
+        "environment variable holding the admin token; when it is set, the admin endpoints (`/stats`, "
+        "`/stats/history`, `/stats/export.csv`, `/stats/snapshot.csv`, `/metrics`, `/metrics/reset`, "
+        "`/dashboard`) need `Authorization: Bearer <token>` or a dashboard session, and so do Ollama's "
+        "management endpoints unless `allow_management` is set", "unset")] = None
+    max_body_bytes: Annotated[Count, doc("largest request body accepted; larger gets 413")] = 10 * 1024 * 1024
+    body_timeout_s: Annotated[Positive, doc("longest a client may take to send its body; slower gets 408")] = 30.0
+    data_dir: Annotated[Path, expects("a directory path"), doc(
+        "where the ledger, `metrics.json` and `server.json` (where the running server listens) live, "
+        "relative to the config file", '`"data"`')] = Path("data")
+    snapshot_interval_s: Annotated[Positive, doc(
+        "how often `metrics.json` is rewritten while traffic changes it")] = 5.0
+    drain_timeout_s: Annotated[Positive, doc(
+        "on SIGTERM/SIGINT, how long in-flight calls may finish (and a failing ledger may recover before the "
+        "rows it still holds are given up, with a log line counting them)")] = 10.0
+    ledger_busy_timeout_s: Annotated[Positive, doc(
+        "how long a ledger write waits on a lock another process holds before it counts as failed and is "
+        "retried")] = 5.0
+    ledger_max_backlog: Annotated[Count, doc(
+        "most rows kept in memory while the ledger cannot write (full disk, lock, I/O error); about 0.5 KB "
+        "each")] = 100_000
+    on_ledger_full: Annotated[OnLedgerFull, doc(
+        'when that backlog is full: `"refuse"` answers metered calls 503 in the dialect\'s shape (nothing is '
+        'served unmetered); `"serve"` keeps serving and counts each dropped row (`/stats` '
+        "`detail.ledger.dropped_rows`, `tollgate_ledger_dropped_rows_total`)")] = "refuse"
+    session_ttl_h: Annotated[Positive, doc(
+        "how long a dashboard login lasts; `POST /dashboard/logout` ends it sooner. The cookie holds a random "
+        "session id (HttpOnly, SameSite=Strict, Path=/, Secure over TLS), never the token")] = 12.0
+    max_connections: Annotated[Count, doc(
+        "most client connections open at once; more wait in the kernel's listen backlog and cost the process "
+        "no file descriptor until one closes")] = 1024
+    idle_timeout_s: Annotated[Positive, doc(
+        "an idle keep-alive connection, or one whose request headers have not all arrived, is closed this long "
+        "after it opened or after its last response (slow bodies: `body_timeout_s`)")] = 15.0
+    # Host names this proxy answers for (421 otherwise: DNS rebinding), and the browser origins
+    # whose pages may call the LLM endpoints (CORS).
+    allowed_hosts: Annotated[frozenset[HostName], expects('a list of host names such as "bot.example.org", or ["*"]'),
+                             doc("host names this proxy answers for besides the bind address, `localhost`, "
+                                 "`127.0.0.1` and `[::1]` (a `Host` header naming any other gets 421, which "
+                                 'closes DNS rebinding); `["*"]` for any, behind a proxy that checks it',
+                                 "`[]`")] = frozenset()
+    cors_origins: Annotated[frozenset[Origin], expects('a list of origins such as "https://app.example.org" (no path)'),
+                            doc('browser origins (`"https://app.example.org"`) whose pages may call the LLM '
+                                "endpoints; preflights from them are answered. A page from any other origin gets "
+                                "403, and state-changing admin requests (reset, login, logout) never come from "
+                                "another origin, another port of this host included", "`[]`")] = frozenset()
 
     def admin_token(self) -> str | None:
         if not self.admin_token_env:
@@ -239,20 +370,35 @@ class Server:
         return os.environ.get(self.admin_token_env) or None
 
 
-@dataclass(frozen=True)
-class Stats:
-    title: str
-    plan: str
-    tier: str
-    timezone: str
-    active_window_s: float
-    limits_upstream: str | None
-    limits_label: str | None
-    # The model the bot uses: the seed's rate_limits strings describe the tightest window of a
-    # call to it (its model scope, else its upstream's), not always the upstream's.
-    limits_model: str | None
-    # How many characters of a call's text the estimator may read; bounds CPU per call.
-    estimate_max_chars: int
+class Stats(Table, frozen=True, kw_only=True):
+    """What `/stats` and its WhatsApp text say, and in which zone."""
+
+    title: Annotated[str, doc("the name in the WhatsApp text's title (`ESTADÍSTICAS DE <TITLE>`)")] = "TOLLGATE"
+    plan: Annotated[str, doc("the plan line of the text (falls back to `tier`)")] = ""
+    tier: Annotated[str, doc("the `tier` value of `/stats`")] = "🆓 Gratuito"
+    timezone: Annotated[ZoneName, doc(
+        'the one zone of "today" and of every local time: the times shown (`inicio`, `ultimo_request`), '
+        "calendar-day limits that name no zone, `/stats/history` buckets (local hours and days, right across "
+        "DST changes), `since`/`until` without an offset, and the CSV export's `time` column. An IANA name, or "
+        "`local` (the machine's zone: `$TZ`, else `/etc/localtime`)")] = "local"
+    active_window_min: Annotated[Positive, doc('a user is "active" if seen within this many minutes')] = 30.0
+    limits_upstream: Annotated[UpstreamName | None, doc(
+        "whose limits the seed's `rate_limits` strings describe; its requests per day and tokens per minute "
+        "are counted even where no limit is set (then shown as `N / ∞`)", "first upstream with limits")] = None
+    limits_label: Annotated[str | None, doc('the name in "Rate Limits (...)"', "that upstream's `label`")] = None
+    # The seed's rate_limits strings describe the tightest window of a call to this model (its
+    # model scope, else its upstream's), not always the upstream's.
+    limits_model: Annotated[str | None, doc(
+        'the model the bot uses (`"gpt-4o"`): the strings then describe the tightest window of a call to it, '
+        "its model's limits (`[limits.models]`) or its upstream's. Every figure is read from the limiter's own "
+        "windows, the same ones that refuse calls, send the `x-ratelimit-*` headers, feed the alerts and "
+        "`/metrics`", "unset")] = None
+    estimate_max_chars: Annotated[Count, doc(
+        "most characters of a call the estimator reads (bounds CPU per call)")] = 200_000
+
+    @property
+    def active_window_s(self) -> float:
+        return 60.0 * self.active_window_min
 
     @cached_property
     def tz(self) -> ZoneInfo:
@@ -261,52 +407,37 @@ class Stats:
         return local_zone() if self.timezone == "local" else ZoneInfo(self.timezone)
 
 
-@dataclass(frozen=True)
-class Routing:
-    default_upstream: str | None
-    ollama_upstream: str | None
-    default_type: str
+class Routing(Table, frozen=True, kw_only=True):
+    """Where a call goes when no upstream's `models` match it."""
+
+    default_upstream: Annotated[UpstreamName | None, doc(
+        "where a `/v1` call goes when no upstream's `models` match; unset means 404", "unset")] = None
+    ollama_upstream: Annotated[UpstreamName | None, doc(
+        "where `/api` calls go when no ollama upstream matches the model", "first `ollama` upstream")] = None
+    default_type: Annotated[str, expects("the name of a request type"),
+                            doc("request type when nothing else tags the call")] = "chat"
 
 
-@dataclass(frozen=True)
-class Config:
-    source: Path
-    server: Server
-    stats: Stats
-    routing: Routing
-    upstreams: Mapping[str, Upstream]
-    prices: tuple[tuple[str, Price], ...]
-    types: Mapping[str, RequestType]
-    rules: tuple[TagRule, ...] = field(default=())
+class Config(Table, frozen=True, kw_only=True):
+    """The whole file."""
+
+    source: Annotated[Path, FROM_TABLE_NAME] = Path("<config>")
+    server: Server = field(default_factory=Server)
+    stats: Stats = field(default_factory=Stats)
+    routing: Routing = field(default_factory=Routing)
+    upstreams: Annotated[dict[str, Upstream], expects("at least one [upstreams.<name>] table")]
+    prices: dict[str, Price] = {}
+    types: dict[str, RequestType] = {}
+    tagging: Tagging = field(default_factory=Tagging)
     limits: LimitPolicy = field(default_factory=LimitPolicy)
-    keys: Mapping[str, ProxyKey] = field(default_factory=dict)
+    keys: dict[str, ProxyKey] = {}
     alerts: AlertPolicy = field(default_factory=AlertPolicy)
     commands: Commands = field(default_factory=Commands)
-
-    def upstream_for(self, model: str | None) -> Upstream | None:
-        """The upstream that serves `model`: first match in file order, else the default."""
-        if model:
-            for upstream in self.upstreams.values():
-                if upstream.serves(model):
-                    return upstream
-        if self.routing.default_upstream:
-            return self.upstreams[self.routing.default_upstream]
-        return None
-
-    def ollama_upstream(self, model: str | None) -> Upstream | None:
-        """Where an /api/ call goes: the Ollama upstream serving the model, else the default one."""
-        if model:
-            for upstream in self.upstreams.values():
-                if upstream.kind == "ollama" and upstream.serves(model):
-                    return upstream
-        if self.routing.ollama_upstream:
-            return self.upstreams[self.routing.ollama_upstream]
-        return None
 
     def price(self, upstream: Upstream, model: str) -> Price:
         if upstream.free:
             return FREE
-        for pattern, price in self.prices:
+        for pattern, price in self.prices.items():
             if fnmatch.fnmatchcase(model, pattern):
                 return price
         return FREE
@@ -323,67 +454,282 @@ class Config:
 # --- reading -----------------------------------------------------------------------------
 
 
-class _Table:
-    """One TOML table being read: remembers its dotted path and which keys were used."""
+def load(path: str | Path) -> Config:
+    """Read and validate `path`; raise ConfigError with a one-line reason."""
+    source = Path(path)
+    try:
+        with source.open("rb") as fh:
+            raw = tomllib.load(fh)
+    except FileNotFoundError:
+        raise ConfigError(f"{source}: no such file")
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError(f"{source}: not valid TOML: {exc}")
+    return parse(raw, source)
 
-    def __init__(self, source: Path, path: str, data: Any) -> None:
-        if not isinstance(data, dict):
-            raise ConfigError(f"{source}: {path or '<top>'} = {_show(data)}: expected a table")
-        self.source, self.path, self.data = source, path, data
-        self.used: set[str] = set()
 
-    def key(self, name: str) -> str:
-        return f"{self.path}.{name}" if self.path else name
+def _decode(kind: type, value: Any) -> Any:
+    """The two values TOML has no type for: a path and a regular expression."""
+    if kind is Path and isinstance(value, str):
+        return Path(value)
+    if (typing.get_origin(kind) or kind) is re.Pattern and isinstance(value, str):
+        try:
+            return re.compile(value)
+        except re.error as exc:
+            raise ValueError(str(exc)) from None
+    raise TypeError(f"expected {kind}")
 
-    def fail(self, name: str, value: Any, expected: str) -> ConfigError:
-        return ConfigError(f"{self.source}: {self.key(name)} = {_show(value)}: expected {expected}")
 
-    def get(self, name: str, kind: type[T], default: T, expected: str) -> T:
-        self.used.add(name)
-        if name not in self.data:
-            return default
-        value = self.data[name]
-        # bool is an int in Python; a limit of `true` is a mistake, not 1.
-        ok = isinstance(value, kind) and not (kind is int and isinstance(value, bool))
-        if kind is float and isinstance(value, int) and not isinstance(value, bool):
-            value, ok = float(value), True
-        if not ok:
-            raise self.fail(name, value, expected)
-        return cast(T, value)
+def parse(raw: dict[str, Any], source: Path = Path("<config>")) -> Config:
+    try:
+        config = msgspec.convert(raw, Config, dec_hook=_decode)
+    except msgspec.ValidationError as exc:
+        raise explain(exc, raw, source) from None
+    for section, table in (("upstreams", config.upstreams), ("alerts.webhooks", config.alerts.webhooks),
+                           ("keys", config.keys), ("types", config.types)):
+        for name in table:
+            entry = _at(raw, section.split("."))[name]
+            if "name" in entry:
+                raise ConfigError(f"{source}: {section}.{_key(name)}.name = {_show(entry['name'])}: no such key "
+                                  f"(the name is the table's own, [{section}.{_key(name)}])")
+    return _finish(replace(config, source=source), raw, source)
 
-    def opt(self, name: str, kind: type[T], expected: str) -> T | None:
-        self.used.add(name)
-        if name not in self.data:
-            return None
-        return self.get(name, kind, cast(T, None), expected)
 
-    def positive(self, name: str, default: float, integer: bool = False) -> Any:
-        kind: type = int if integer else float
-        expected = "a positive whole number" if integer else "a positive number"
-        value = self.get(name, kind, default, expected)
-        if value <= 0:
-            raise self.fail(name, value, expected)
-        return value
+def _at(raw: dict[str, Any], path: list[str]) -> Any:
+    for part in path:
+        raw = raw.get(part, {})
+    return raw
 
-    def limit(self, name: str) -> int | None:
-        value = self.opt(name, int, "a positive whole number (omit the key for no limit)")
-        if value is not None and value <= 0:
-            raise self.fail(name, value, "a positive whole number (omit the key for no limit)")
-        return value
 
-    def sub(self, name: str) -> _Table:
-        self.used.add(name)
-        return _Table(self.source, self.key(name), self.data.get(name, {}))
+def _finish(config: Config, raw: dict[str, Any], source: Path) -> Config:
+    """What the schema cannot say: values worked out from others, and names that must exist."""
 
-    def done(self) -> None:
-        for name in self.data:
-            if name not in self.used:
-                raise self.fail(name, self.data[name], "no such key (see the README's config reference)")
+    def fail(key: str, value: Any, expected: str) -> ConfigError:
+        return ConfigError(f"{source}: {key} = {_show(value)}: expected {expected}")
+
+    server = config.server
+    data_dir = server.data_dir if server.data_dir.is_absolute() else (source.parent / server.data_dir).resolve()
+    server = replace(server, data_dir=data_dir,
+                     allowed_hosts=frozenset({h.lower() for h in server.allowed_hosts}
+                                             | {"localhost", "127.0.0.1", "[::1]", _bracketed(server.host)}),
+                     cors_origins=frozenset(o.lower().rstrip("/") for o in server.cors_origins))
+
+    if not config.upstreams:
+        raise fail("upstreams", {}, "at least one [upstreams.<name>] table")
+    names = sorted(config.upstreams)
+    upstreams: dict[str, Upstream] = {}
+    for name, upstream in config.upstreams.items():
+        key, given = f"upstreams.{_key(name)}", raw["upstreams"][name]
+        parts = urlsplit(upstream.base_url)
+        if parts.scheme not in ("http", "https") or not parts.hostname or parts.query or parts.fragment:
+            raise fail(f"{key}.base_url", upstream.base_url, "an http:// or https:// URL with a host")
+        if upstream.fallback is not None and (upstream.fallback not in config.upstreams or upstream.fallback == name):
+            raise fail(f"{key}.fallback", upstream.fallback, f"another configured upstream, one of {names}")
+        credentials = {"authorization", "cookie", "host", "api-key", "x-api-key"}
+        forward = frozenset(h.lower() for h in upstream.forward_headers)
+        if forward & credentials:
+            raise fail(f"{key}.forward_headers", sorted(upstream.forward_headers),
+                       "names other than credentials and Host (the upstream key is Tollgate's to send)")
+        ollama = upstream.kind == "ollama"
+        upstreams[name] = replace(
+            upstream, name=name, base_url=upstream.base_url.rstrip("/"),
+            label=upstream.label or name, short_name=upstream.short_name or name,
+            free=upstream.free if "free" in given else ollama,
+            passthrough=tuple(p.lower().rstrip("/") for p in upstream.passthrough) if "passthrough" in given
+            else (OLLAMA_PASSTHROUGH if ollama else ()),
+            forward_headers=forward, limits=_zoned(upstream.limits, f"{key}.limits", fail))
+
+    request_types = {name: replace(t, name=name, label=t.label or name, label_en=t.label_en or t.label or name)
+                     for name, t in config.types.items()}
+    for required in ("chat", "vision"):
+        request_types.setdefault(required, RequestType(name=required, label=required.capitalize(),
+                                                       label_en=required.capitalize()))
+
+    routing = config.routing
+    if routing.default_upstream is not None and routing.default_upstream not in upstreams:
+        raise fail("routing.default_upstream", routing.default_upstream, f"one of the configured upstreams {names}")
+    ollamas = [u.name for u in upstreams.values() if u.kind == "ollama"]
+    if routing.ollama_upstream is None and ollamas:
+        routing = replace(routing, ollama_upstream=ollamas[0])
+    elif routing.ollama_upstream is not None and routing.ollama_upstream not in ollamas:
+        raise fail("routing.ollama_upstream", routing.ollama_upstream, f"one of the ollama upstreams {ollamas}")
+    if routing.default_type not in request_types:
+        raise fail("routing.default_type", routing.default_type, f"one of the request types {sorted(request_types)}")
+
+    stats = config.stats
+    _zone(stats.timezone, "stats.timezone", fail)
+    if stats.limits_upstream is not None and stats.limits_upstream not in upstreams:
+        raise fail("stats.limits_upstream", stats.limits_upstream, f"one of {names}")
+
+    policy = config.limits
+    policy = replace(policy, per_user=_zoned(policy.per_user, "limits.per_user", fail),
+                     models={k: _zoned(v, f"limits.models.{_key(k)}", fail) for k, v in policy.models.items()},
+                     users={k: _zoned(v, f"limits.users.{_key(k)}", fail) for k, v in policy.users.items()})
+    keys = {name: replace(k, name=name, limits=_zoned(k.limits, f"keys.{_key(name)}.limits", fail))
+            for name, k in config.keys.items()}
+
+    alerts = config.alerts
+    hooks = {name: replace(hook, name=name) for name, hook in alerts.webhooks.items()}
+    rules = []
+    default_upstream = stats.limits_upstream or next(iter(upstreams))
+    for i, rule in enumerate(alerts.rules):
+        if not all(h in hooks for h in rule.webhooks):
+            raise fail(f"alerts.rules[{i}].webhooks", list(rule.webhooks), f"names from [alerts.webhooks]: {sorted(hooks)}")
+        whose = rule.upstream or default_upstream
+        if whose not in upstreams:
+            raise fail(f"alerts.rules[{i}].upstream", whose, f"one of {names}")
+        rules.append(replace(rule, name=rule.name or rule.metric, upstream=whose))
+    alerts = replace(alerts, rules=tuple(rules), webhooks=hooks)
+
+    for i, tag in enumerate(config.tagging.rules):
+        if tag.type not in request_types:
+            raise fail(f"tagging.rules[{i}].type", tag.type, f"one of the request types {sorted(request_types)}")
+    commands = replace(config.commands, stats=tuple(p.strip().lower() for p in config.commands.stats))
+
+    return replace(config, server=server, upstreams=upstreams, types=request_types, routing=routing,
+                   limits=policy, keys=keys, alerts=alerts, commands=commands)
+
+
+def _zone(name: str, key: str, fail: typing.Callable[[str, Any, str], ConfigError]) -> None:
+    if name == "local":
+        return
+    try:
+        ZoneInfo(name)
+    except (ZoneInfoNotFoundError, ValueError):
+        raise fail(key, name, "an IANA time zone such as 'America/Mexico_City', or 'local'") from None
+
+
+def _zoned(limits: Limits, key: str, fail: typing.Callable[[str, Any, str], ConfigError]) -> Limits:
+    if limits.timezone is not None:
+        _zone(limits.timezone, f"{key}.timezone", fail)
+    return limits
+
+
+# --- one line per error ------------------------------------------------------------------
+
+_AT = re.compile(r"^(?P<what>.*?)(?: - at `\$(?P<path>.*)`)?$", re.S)
+_STEP = re.compile(r"\.([A-Za-z_][A-Za-z0-9_]*)|\[(\d+)\]|\[\.\.\.\]")
+
+
+def explain(error: msgspec.ValidationError, raw: Any, source: Path) -> ConfigError:
+    """msgspec's "Expected `int` >= 1 - at `$.upstreams[...].limits.rpm`" as a person reads it:
+    `config.toml: upstreams.github.limits.rpm = 0: expected a positive whole number`."""
+    found = _AT.match(str(error))
+    assert found is not None
+    what, path = found["what"], found["path"] or ""
+    kind: Any = Config
+    value: Any = raw
+    keys: list[str] = []
+    meta: list[Meta] = []
+    for step in _STEP.finditer(path):
+        name, index = step.group(1), step.group(2)
+        if name is not None:
+            kind, meta = _field(kind, name)
+            value = value.get(name) if isinstance(value, dict) else None
+            keys.append(name)
+        elif index is not None:
+            item = _unwrap(kind)[0]
+            item_kind = typing.get_args(item)[0] if typing.get_args(item) else Any
+            if not _is_struct(_unwrap(item_kind)[0]):
+                break  # a list of plain values: the whole list is the value in question
+            kind, meta = item_kind, []
+            value = value[int(index)] if isinstance(value, list) else None
+            keys[-1] += f"[{index}]"
+        else:  # a table of tables: msgspec does not say which entry, so find the one that fails
+            entry_kind = typing.get_args(_unwrap(kind)[0])[1]
+            name = next((k for k, v in value.items() if _fails(v, entry_kind)), "?") if isinstance(value, dict) else "?"
+            kind, meta = entry_kind, []
+            value = value.get(name) if isinstance(value, dict) else None
+            keys.append(_key(name))
+    where = ".".join(keys)
+    if unknown := re.match(r"Object contains unknown field `(.+)`", what):
+        name = unknown[1]
+        known = [n for n in _fields(kind) if not _derived(kind, n)]
+        # A close spelling here, else the same key one table down (`rpm` belongs in `limits`).
+        near = difflib.get_close_matches(name, known, n=1, cutoff=0.6) or [
+            f"{k}.{name}" for k in known if name in _fields(_field(kind, k)[0])][:1]
+        full = f"{where}.{_key(name)}" if where else _key(name)
+        bad = value.get(name) if isinstance(value, dict) else None
+        hint = f"; did you mean `{near[0]}`?" if near else " (see the README's config reference)"
+        if isinstance(bad, dict):  # a whole table under a wrong name: say so, do not dump it
+            return ConfigError(f"{source}: [{full}]: no such table{hint}")
+        return ConfigError(f"{source}: {full} = {_show(bad)}: no such key{hint}")
+    if missing := re.match(r"Object missing required field `(.+)`", what):
+        kind, meta = _field(kind, missing[1])
+        full = f"{where}.{missing[1]}" if where else missing[1]
+        return ConfigError(f"{source}: {full}: missing; expected {_expected(kind, meta, what)}")
+    return ConfigError(f"{source}: {where or '<top>'} = {_show(value)}: expected {_expected(kind, meta, what)}")
+
+
+def _fails(value: Any, kind: Any) -> bool:
+    try:
+        msgspec.convert(value, kind, dec_hook=_decode)
+    except msgspec.ValidationError:
+        return True
+    return False
+
+
+def _unwrap(kind: Any) -> tuple[Any, list[Meta]]:
+    """The type under Annotated and Optional, with the Metas met on the way, outermost first."""
+    metas: list[Meta] = []
+    while True:
+        if typing.get_origin(kind) is Annotated:
+            kind, *extra = typing.get_args(kind)
+            metas += [m for m in extra if isinstance(m, Meta)]
+        elif typing.get_origin(kind) in (typing.Union, types.UnionType):
+            options = [a for a in typing.get_args(kind) if a is not type(None)]
+            if len(options) != 1:
+                return kind, metas
+            kind = options[0]
+        else:
+            return kind, metas
+
+
+def _is_struct(kind: Any) -> bool:
+    return isinstance(kind, type) and issubclass(kind, msgspec.Struct)
+
+
+def _fields(kind: Any) -> dict[str, Any]:
+    bare = _unwrap(kind)[0]
+    return typing.get_type_hints(bare, include_extras=True) if _is_struct(bare) else {}
+
+
+def _field(kind: Any, name: str) -> tuple[Any, list[Meta]]:
+    hint = _fields(kind).get(name, Any)
+    return hint, _unwrap(hint)[1]
+
+
+def _derived(kind: Any, name: str) -> bool:
+    return any(m.extra and m.extra.get("derived") for m in _field(kind, name)[1])
+
+
+def _expected(kind: Any, meta: list[Meta], fallback: str) -> str:
+    """What a key takes, in words: its own, its value type's, or said from its type."""
+    for m in meta:
+        if m.extra and m.extra.get("expected"):
+            return str(m.extra["expected"])
+    bare = _unwrap(kind)[0]
+    if typing.get_origin(bare) is Literal:
+        options = [repr(v) for v in typing.get_args(bare)]
+        return ", ".join(options[:-1]) + " or " + options[-1]
+    words = {bool: "true or false", int: "a whole number", float: "a number", str: "text"}
+    if bare in words:
+        return words[bare]
+    if _is_struct(bare) or typing.get_origin(bare) is dict:
+        return "a table"
+    return fallback[0].lower() + fallback[1:]
+
+
+def _key(name: str) -> str:
+    """A key as TOML writes it: bare when it can be, else quoted."""
+    return name if re.fullmatch(r"[A-Za-z0-9_-]+", name) else '"' + name.replace('"', '\\"') + '"'
 
 
 def _show(value: Any) -> str:
-    text = repr(value)
+    text = ("true" if value else "false") if isinstance(value, bool) else repr(value)
     return text if len(text) <= 80 else text[:77] + "..."
+
+
+# --- the machine and the environment -----------------------------------------------------
 
 
 def _bracketed(host: str) -> str:
@@ -406,156 +752,6 @@ def local_zone() -> ZoneInfo:
         return ZoneInfo("UTC")
 
 
-def _check_tz(table: _Table, name: str, value: str) -> str:
-    if value == "local":
-        return value
-    try:
-        ZoneInfo(value)
-    except (ZoneInfoNotFoundError, ValueError):
-        raise table.fail(name, value, "an IANA time zone such as 'America/Mexico_City', or 'local'")
-    return value
-
-
-def _limits(table: _Table) -> Limits:
-    day = table.get("day", str, "rolling", "'rolling' or 'calendar'")
-    if day not in ("rolling", "calendar"):
-        raise table.fail("day", day, "'rolling' or 'calendar'")
-    named = table.opt("timezone", str, "a time zone name")
-    tz = _check_tz(table, "timezone", named) if named is not None else None
-    limits = Limits(
-        rpm=table.limit("rpm"), rpd=table.limit("rpd"), tpm=table.limit("tpm"),
-        concurrency=table.limit("concurrency"),
-        max_input_tokens=table.limit("max_input_tokens"),
-        max_output_tokens=table.limit("max_output_tokens"),
-        day=cast(DayMode, day), timezone=tz,
-    )
-    table.done()
-    return limits
-
-
-def _upstream(name: str, table: _Table) -> Upstream:
-    kind = table.get("kind", str, "", "'openai' or 'ollama'")
-    if kind not in ("openai", "ollama"):
-        raise table.fail("kind", kind or None, "'openai' or 'ollama'")
-    base_url = table.get("base_url", str, "", "an http:// or https:// URL")
-    parts = urlsplit(base_url)
-    if parts.scheme not in ("http", "https") or not parts.hostname or parts.query or parts.fragment:
-        raise table.fail("base_url", base_url or None, "an http:// or https:// URL with a host")
-    models = table.get("models", list, [], "a list of model names or glob patterns")
-    if not all(isinstance(m, str) and m for m in models):
-        raise table.fail("models", models, "a list of model names or glob patterns")
-    aliases_t = table.sub("aliases")
-    aliases: dict[str, str] = {}
-    for alias in list(aliases_t.data):
-        aliases[alias] = aliases_t.get(alias, str, "", "the model name the upstream expects")
-    api_key_env = table.opt("api_key_env", str, "the name of an environment variable")
-    if api_key_env is not None and not re.fullmatch(r"[A-Za-z_][A-Za-z0-9_]*", api_key_env):
-        raise table.fail("api_key_env", api_key_env, "the name of an environment variable")
-    upstream = Upstream(
-        name=name,
-        kind=cast(Kind, kind),
-        base_url=base_url.rstrip("/"),
-        label=table.get("label", str, name, "a display name"),
-        short_name=table.get("short_name", str, name, "a short identifier"),
-        models=tuple(models),
-        aliases=aliases,
-        free=table.get("free", bool, kind == "ollama", "true or false"),
-        api_key_env=api_key_env,
-        connect_timeout_s=table.positive("connect_timeout_s", 10.0),
-        read_timeout_s=table.positive("read_timeout_s", 300.0),
-        max_response_bytes=table.positive("max_response_bytes", 64 << 20, integer=True),
-        limits=_limits(table.sub("limits")),
-        fallback=table.opt("fallback", str, "the name of another upstream"),
-        fallback_model=table.opt("fallback_model", str, "a model name"),
-        passthrough=_passthrough(table, cast(Kind, kind)),
-        allow_management=table.get("allow_management", bool, False, "true or false"),
-        forward_headers=_forward_headers(table),
-    )
-    table.done()
-    return upstream
-
-
-# A local Ollama's read-only endpoints: no key, no tokens spent.
-OLLAMA_PASSTHROUGH = ("/api/tags", "/api/show", "/api/ps", "/api/version")
-
-
-def _forward_headers(table: _Table) -> frozenset[str]:
-    expected = 'a list of HTTP header names such as "X-Request-Id"'
-    names = table.get("forward_headers", list, [], expected)
-    if not all(isinstance(n, str) and re.fullmatch(r"[A-Za-z0-9!#$%&'*+.^_`|~-]+", n) for n in names):
-        raise table.fail("forward_headers", names, expected)
-    lowered = frozenset(n.lower() for n in names)
-    if lowered & {"authorization", "cookie", "host", "api-key", "x-api-key"}:
-        raise table.fail("forward_headers", names,
-                         "names other than credentials and Host (the upstream key is Tollgate's to send)")
-    return lowered
-
-
-def _passthrough(table: _Table, kind: Kind) -> tuple[str, ...]:
-    default = list(OLLAMA_PASSTHROUGH) if kind == "ollama" else []
-    expected = 'a list of path patterns such as "/v1/files*" or "/api/tags"'
-    patterns = table.get("passthrough", list, default, expected)
-    if not all(isinstance(p, str) and p.startswith(("/v1/", "/api/")) for p in patterns):
-        raise table.fail("passthrough", patterns, expected)
-    return tuple(p.lower().rstrip("/") for p in patterns)
-
-
-def _price(table: _Table) -> Price:
-    expected = "USD per 1,000 tokens, zero or more"
-    input_ = table.get("input", float, 0.0, expected)
-    price = Price(input=input_, output=table.get("output", float, 0.0, expected),
-                  cached_input=table.get("cached_input", float, input_, expected))
-    for name, value in (("input", price.input), ("output", price.output),
-                        ("cached_input", price.cached_input)):
-        if value < 0:
-            raise table.fail(name, value, expected)
-    table.done()
-    return price
-
-
-def _env_name(table: _Table, name: str) -> str:
-    value = table.get(name, str, "", "the name of an environment variable")
-    if not re.fullmatch(r"[A-Za-z_][A-Za-z0-9_]*", value):
-        raise table.fail(name, value or None, "the name of an environment variable")
-    return value
-
-
-def _alerts(table: _Table, upstreams: Mapping[str, Upstream], limits_upstream: str | None) -> AlertPolicy:
-    hooks_t = table.sub("webhooks")
-    webhooks: dict[str, Webhook] = {}
-    for name in list(hooks_t.data):
-        hook_t = hooks_t.sub(name)
-        fmt = hook_t.get("format", str, "json", "'slack', 'discord' or 'json'")
-        if fmt not in ("slack", "discord", "json"):
-            raise hook_t.fail("format", fmt, "'slack', 'discord' or 'json'")
-        webhooks[name] = Webhook(name, _env_name(hook_t, "url_env"), cast(WebhookFormat, fmt),
-                                 hook_t.positive("timeout_s", 5.0))
-        hook_t.done()
-    default_upstream = limits_upstream or next(iter(upstreams))
-    rules = []
-    for i, raw in enumerate(table.get("rules", list, [], "a list of alert rules")):
-        rule_t = _Table(table.source, f"{table.key('rules')}[{i}]", raw)
-        metric = rule_t.get("metric", str, "", "one of " + ", ".join(ALERT_METRICS))
-        if metric not in ALERT_METRICS:
-            raise rule_t.fail("metric", metric or None, "one of " + ", ".join(ALERT_METRICS))
-        hooks = rule_t.get("webhooks", list, [], "a list of webhook names")
-        if not all(h in webhooks for h in hooks):
-            raise rule_t.fail("webhooks", hooks, f"names from [alerts.webhooks]: {sorted(webhooks)}")
-        upstream = rule_t.get("upstream", str, default_upstream, "the name of an upstream")
-        if upstream not in upstreams:
-            raise rule_t.fail("upstream", upstream, f"one of {sorted(upstreams)}")
-        above = rule_t.get("above", float, -1.0, "the threshold, a number")
-        if "above" not in raw:
-            raise rule_t.fail("above", None, "the threshold, a number")
-        rules.append(AlertRule(
-            name=rule_t.get("name", str, metric, "a name"), metric=cast(AlertMetric, metric), above=above,
-            window_min=rule_t.positive("window_min", 5.0), upstream=upstream, webhooks=tuple(hooks)))
-        rule_t.done()
-    policy = AlertPolicy(tuple(rules), webhooks, table.positive("check_interval_s", 15.0))
-    table.done()
-    return policy
-
-
 def _is_loopback(host: str) -> bool:
     if host == "localhost":
         return True
@@ -565,192 +761,14 @@ def _is_loopback(host: str) -> bool:
         return False
 
 
-def load(path: str | Path) -> Config:
-    """Read and validate `path`; raise ConfigError with a one-line reason."""
-    source = Path(path)
-    try:
-        with source.open("rb") as fh:
-            raw = tomllib.load(fh)
-    except FileNotFoundError:
-        raise ConfigError(f"{source}: no such file")
-    except tomllib.TOMLDecodeError as exc:
-        raise ConfigError(f"{source}: not valid TOML: {exc}")
-    return parse(raw, source)
-
-
-def parse(raw: dict[str, Any], source: Path = Path("<config>")) -> Config:
-    top = _Table(source, "", raw)
-
-    s = top.sub("server")
-    data_dir = Path(s.get("data_dir", str, "data", "a directory path"))
-    if not data_dir.is_absolute():
-        data_dir = (source.parent / data_dir).resolve()
-    server = Server(
-        host=s.get("host", str, "127.0.0.1", "an address to bind"),
-        port=s.get("port", int, 5000, "a port number"),
-        admin_token_env=s.opt("admin_token_env", str, "the name of an environment variable"),
-        max_body_bytes=s.positive("max_body_bytes", 10 * 1024 * 1024, integer=True),
-        body_timeout_s=s.positive("body_timeout_s", 30.0),
-        data_dir=data_dir,
-        snapshot_interval_s=s.positive("snapshot_interval_s", 5.0),
-        drain_timeout_s=s.positive("drain_timeout_s", 10.0),
-        ledger_busy_timeout_s=s.positive("ledger_busy_timeout_s", 5.0),
-        ledger_max_backlog=s.positive("ledger_max_backlog", 100_000, integer=True),
-        on_ledger_full=cast(OnLedgerFull, s.get("on_ledger_full", str, "refuse", "'refuse' or 'serve'")),
-        session_ttl_h=s.positive("session_ttl_h", 12.0),
-        max_connections=s.positive("max_connections", 1024, integer=True),
-        idle_timeout_s=s.positive("idle_timeout_s", 15.0),
-    )
-    expected_hosts = 'a list of host names such as "bot.example.org", or ["*"]'
-    expected_origins = 'a list of origins such as "https://app.example.org" (no path)'
-    hosts = s.get("allowed_hosts", list, [], expected_hosts)
-    origins = s.get("cors_origins", list, [], expected_origins)
-    if not all(isinstance(h, str) and h and "/" not in h for h in hosts):
-        raise s.fail("allowed_hosts", hosts, expected_hosts)
-    if not all(isinstance(o, str) and o.startswith(("http://", "https://")) and o.count("/") == 2 for o in origins):
-        raise s.fail("cors_origins", origins, expected_origins)
-    default_hosts = {"localhost", "127.0.0.1", "[::1]", _bracketed(server.host)}
-    server = replace(server, allowed_hosts=frozenset({h.lower() for h in hosts} | default_hosts),
-                     cors_origins=frozenset(o.lower().rstrip("/") for o in origins))
-    if server.on_ledger_full not in ("refuse", "serve"):
-        raise s.fail("on_ledger_full", server.on_ledger_full, "'refuse' or 'serve'")
-    if not 0 <= server.port <= 65535:
-        raise s.fail("port", server.port, "a port number from 0 to 65535")
-    s.done()
-
-    ups_t = top.sub("upstreams")
-    if not ups_t.data:
-        raise ups_t.fail("", None, "at least one [upstreams.<name>] table")
-    upstreams = {name: _upstream(name, ups_t.sub(name)) for name in list(ups_t.data)}
-
-    t_t = top.sub("types")
-    types: dict[str, RequestType] = {}
-    for name in list(t_t.data):
-        one = t_t.sub(name)
-        label = one.get("label", str, name, "a display name")
-        types[name] = RequestType(name, label, one.get("label_en", str, label, "a display name"))
-        one.done()
-    for required in ("chat", "vision"):
-        types.setdefault(required, RequestType(required, required.capitalize(), required.capitalize()))
-
-    r = top.sub("routing")
-    routing = Routing(
-        default_upstream=r.opt("default_upstream", str, "the name of an upstream"),
-        ollama_upstream=r.opt("ollama_upstream", str, "the name of an ollama upstream"),
-        default_type=r.get("default_type", str, "chat", "the name of a request type"),
-    )
-    if routing.default_upstream is not None and routing.default_upstream not in upstreams:
-        raise r.fail("default_upstream", routing.default_upstream,
-                     f"one of the configured upstreams {sorted(upstreams)}")
-    ollamas = [u.name for u in upstreams.values() if u.kind == "ollama"]
-    if routing.ollama_upstream is None and ollamas:
-        routing = Routing(routing.default_upstream, ollamas[0], routing.default_type)
-    elif routing.ollama_upstream is not None and routing.ollama_upstream not in ollamas:
-        raise r.fail("ollama_upstream", routing.ollama_upstream, f"one of the ollama upstreams {ollamas}")
-    if routing.default_type not in types:
-        raise r.fail("default_type", routing.default_type, f"one of the request types {sorted(types)}")
-    r.done()
-
-    st = top.sub("stats")
-    stats = Stats(
-        title=st.get("title", str, "TOLLGATE", "a title"),
-        plan=st.get("plan", str, "", "a plan description"),
-        tier=st.get("tier", str, "🆓 Gratuito", "a tier description"),
-        timezone=_check_tz(st, "timezone", st.get("timezone", str, "local", "a time zone name")),
-        active_window_s=60.0 * st.positive("active_window_min", 30.0),
-        limits_upstream=st.opt("limits_upstream", str, "the name of an upstream"),
-        limits_label=st.opt("limits_label", str, "a display name for the limits' plan"),
-        limits_model=st.opt("limits_model", str, "the model name the bot uses"),
-        estimate_max_chars=st.positive("estimate_max_chars", 200_000, integer=True),
-    )
-    if stats.limits_upstream is not None and stats.limits_upstream not in upstreams:
-        raise st.fail("limits_upstream", stats.limits_upstream, f"one of {sorted(upstreams)}")
-    st.done()
-
-    p_t = top.sub("prices")
-    prices = tuple((pattern, _price(p_t.sub(pattern))) for pattern in list(p_t.data))
-
-    for upstream in upstreams.values():
-        if upstream.fallback is not None and (upstream.fallback not in upstreams or upstream.fallback == upstream.name):
-            raise ups_t.sub(upstream.name).fail("fallback", upstream.fallback,
-                                                f"another configured upstream, one of {sorted(upstreams)}")
-
-    lim_t = top.sub("limits")
-    on_limit = lim_t.get("on_limit", str, "reject", "'reject' or 'wait'")
-    if on_limit not in ("reject", "wait"):
-        raise lim_t.fail("on_limit", on_limit, "'reject' or 'wait'")
-    output_cap = lim_t.get("output_cap", str, "clamp", "'clamp' or 'reject'")
-    if output_cap not in ("clamp", "reject"):
-        raise lim_t.fail("output_cap", output_cap, "'clamp' or 'reject'")
-    models_t, users_t = lim_t.sub("models"), lim_t.sub("users")
-    policy = LimitPolicy(
-        on_limit=cast(OnLimit, on_limit),
-        max_wait_s=lim_t.positive("max_wait_s", 30.0),
-        count_output_tokens=lim_t.get("count_output_tokens", bool, True, "true or false"),
-        output_cap=cast(OutputCap, output_cap),
-        no_retry_over_s=lim_t.positive("no_retry_over_s", 120.0),
-        concurrency_retry_s=lim_t.positive("concurrency_retry_s", 1.0),
-        max_upstream_retry_after_s=lim_t.positive("max_upstream_retry_after_s", 3600.0),
-        models={pattern: _limits(models_t.sub(pattern)) for pattern in list(models_t.data)},
-        users={user: _limits(users_t.sub(user)) for user in list(users_t.data)},
-        per_user=_limits(lim_t.sub("per_user")),
-    )
-    lim_t.done()
-
-    keys_t = top.sub("keys")
-    keys: dict[str, ProxyKey] = {}
-    for name in list(keys_t.data):
-        key_t = keys_t.sub(name)
-        key_env = key_t.get("key_env", str, "", "the name of an environment variable holding the key")
-        if not re.fullmatch(r"[A-Za-z_][A-Za-z0-9_]*", key_env):
-            raise key_t.fail("key_env", key_env or None, "the name of an environment variable holding the key")
-        keys[name] = ProxyKey(name, key_env, key_t.opt("user", str, "a user name"), _limits(key_t.sub("limits")))
-        key_t.done()
-
-    alerts = _alerts(top.sub("alerts"), upstreams, stats.limits_upstream)
-    cmd_t = top.sub("commands")
-    phrases = cmd_t.get("stats", list, list(Commands.stats), "a list of chat messages")
-    if not all(isinstance(p, str) and p.strip() for p in phrases):
-        raise cmd_t.fail("stats", phrases, "a list of chat messages")
-    lang = cmd_t.get("lang", str, "es", "'es' or 'en'")
-    if lang not in ("es", "en"):
-        raise cmd_t.fail("lang", lang, "'es' or 'en'")
-    commands = Commands(tuple(p.strip().lower() for p in phrases), lang)
-    cmd_t.done()
-
-    tag_t = top.sub("tagging")
-    raw_rules = tag_t.get("rules", list, [], "a list of {type, on, pattern} tables")
-    rules = []
-    for i, raw_rule in enumerate(raw_rules):
-        rule_t = _Table(source, f"tagging.rules[{i}]", raw_rule)
-        rtype = rule_t.get("type", str, "", "the name of a request type")
-        if rtype not in types:
-            raise rule_t.fail("type", rtype, f"one of the request types {sorted(types)}")
-        on = rule_t.get("on", str, "any", "'system', 'last_user' or 'any'")
-        if on not in ("system", "last_user", "any"):
-            raise rule_t.fail("on", on, "'system', 'last_user' or 'any'")
-        pattern = rule_t.get("pattern", str, "", "a regular expression")
-        try:
-            compiled = re.compile(pattern)
-        except re.error as exc:
-            raise rule_t.fail("pattern", pattern, f"a valid regular expression ({exc})")
-        rules.append(TagRule(rtype, cast(RuleScope, on), compiled))
-        rule_t.done()
-    tag_t.done()
-    top.done()
-
-    return Config(source=source, server=server, stats=stats, routing=routing,
-                  upstreams=upstreams, prices=prices, types=types, rules=tuple(rules), limits=policy,
-                  keys=keys, alerts=alerts, commands=commands)
-
-
 def missing_secrets(config: Config) -> list[str]:
     """Environment variables the config names whose value is unset, each said as a person reads it."""
     found = []
     env = config.server.admin_token_env
     if env and config.server.admin_token() is None:
         found.append(f"server.admin_token_env names ${env}, which is unset: the admin endpoints (/stats, "
-                     f"/metrics, /dashboard, /metrics/reset) are open to every program on this machine")
+                     f"/stats/history, /stats/export.csv, /stats/snapshot.csv, /metrics, /metrics/reset, "
+                     f"/dashboard) are open to every program on this machine")
     for upstream in config.upstreams.values():
         if upstream.api_key_env and upstream.api_key() is None:
             found.append(f"upstreams.{upstream.name}.api_key_env names ${upstream.api_key_env}, which is unset: "
@@ -786,3 +804,4 @@ def check_bind(config: Config) -> None:
             f"{config.source}: server.host = {config.server.host!r}: a non-loopback address needs "
             f"an admin token (set server.admin_token_env and the variable it names, now {env})"
         )
+

@@ -17,6 +17,7 @@ from typing import Literal
 from .config import Config, Upstream
 from .dialects import OLLAMA_ENDPOINTS, OPENAI_ENDPOINTS
 from .errors import BadRequest, MethodNotAllowed, NotForwarded
+from . import routing
 
 Prefix = Literal["v1", "api"]  # the two dialects' roots
 
@@ -57,7 +58,7 @@ def route(config: Config, prefix: Prefix, method: str, rest: str, admin: bool) -
         return Metered(endpoint, key)
     path = f"/{prefix}/{key}"
     if prefix == "api" and key.split("/", 1)[0] in _MANAGEMENT:
-        upstream = config.ollama_upstream(None)
+        upstream = routing.ollama_upstream(config, None)
         if upstream is None:
             raise NotForwarded("No Ollama upstream is configured.")
         if not (upstream.allow_management or admin):
@@ -80,7 +81,7 @@ def _passthrough_upstream(config: Config, prefix: Prefix, path: str) -> Upstream
     allowing = [u for u in config.upstreams.values()
                 if (prefix == "v1" or u.kind == "ollama")
                 and any(fnmatch.fnmatchcase(path, pattern) for pattern in u.passthrough)]
-    default = config.upstream_for(None) if prefix == "v1" else config.ollama_upstream(None)
+    default = routing.upstream_for(config, None) if prefix == "v1" else routing.ollama_upstream(config, None)
     if default is not None and default in allowing:
         return default
     return allowing[0] if allowing else None

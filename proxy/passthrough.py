@@ -9,7 +9,7 @@ import aiohttp
 import orjson
 from aiohttp import web
 
-from . import auth, endpoints
+from . import auth, endpoints, routing
 from .inbound import read_body
 from .keys import CONFIG, UPSTREAMS
 from .endpoints import Prefix
@@ -49,11 +49,11 @@ async def list_models(request: web.Request) -> web.Response:
     auth.proxy_key(config, request.headers)
     seen: dict[str, str] = {}
     for upstream in config.upstreams.values():
-        names = list(upstream.listed_models) + list(upstream.aliases)
+        names = list(routing.listed_models(upstream)) + list(upstream.aliases)
         if upstream.kind == "ollama":
             names += await _ollama_models(app[UPSTREAMS][upstream.name])
         for name in names:
-            if upstream.serves(name) and config.upstream_for(name) is upstream:
+            if routing.serves(upstream, name) and routing.upstream_for(config, name) is upstream:
                 seen.setdefault(name, upstream.name)
     data = [{"id": name, "object": "model", "created": 0, "owned_by": owner}
             for name, owner in seen.items()]

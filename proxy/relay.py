@@ -18,7 +18,7 @@ import aiohttp
 import orjson
 from aiohttp import web
 
-from . import auth, dialects, endpoints, passthrough, stats, tagging
+from . import auth, dialects, endpoints, passthrough, routing, stats, tagging
 from .admission import Plan, parse_retry_after
 from .call import Call
 from .config import Config, Upstream
@@ -117,9 +117,9 @@ def _route(config: Config, call: Call, info: CallInfo) -> Upstream:
     if call.dialect == "openai":
         if not info.model:
             raise BadRequest("The request body needs a 'model'.")
-        upstream = config.upstream_for(info.model)
+        upstream = routing.upstream_for(config, info.model)
     else:
-        upstream = config.ollama_upstream(info.model)
+        upstream = routing.ollama_upstream(config, info.model)
     if upstream is None:
         raise UnknownModel(f"The model '{info.model}' is not served by any configured upstream.")
     return upstream
@@ -194,7 +194,7 @@ async def _send(request: web.Request, prefix: Prefix, rest: str, call: Call, inf
             response = await client.send("POST", client.url(prefix, rest), headers,
                                          _upstream_body(raw, info, plan, strip_usage), request.query_string)
         except (Unreachable, UpstreamTimeout) as exc:
-            nxt = admission.fallback_for(plan.upstream, tried, call.dialect)
+            nxt = routing.fallback_for(app[CONFIG], plan.upstream, tried, call.dialect)
             if nxt is None:
                 if earlier:  # a fallback that failed too: the caller hears of both
                     raise type(exc)(f"{earlier[0]} Its fallback: {exc.message}") from None
@@ -207,7 +207,7 @@ async def _send(request: web.Request, prefix: Prefix, rest: str, call: Call, inf
                 limiter.upstream_refused(plan.upstream.name, wait)
             nxt = None
             if response.status == 429 or response.status >= 500:
-                nxt = admission.fallback_for(plan.upstream, tried, call.dialect)
+                nxt = routing.fallback_for(app[CONFIG], plan.upstream, tried, call.dialect)
             if nxt is None:
                 return response, plan, client
             response.release()
@@ -219,7 +219,7 @@ async def _send(request: web.Request, prefix: Prefix, rest: str, call: Call, inf
         call.admission = None
         tried.add(plan.upstream.name)
         fallback_from = fallback_from or plan.upstream.name
-        upstream, model = nxt, plan.upstream.fallback_model or plan.model
+        upstream, model = nxt, routing.fallback_model(plan.upstream, plan.model)
 
 
 def _attempt(app: web.Application, call: Call, upstream: Upstream, model: str, outcome: str, status: int,
@@ -243,7 +243,7 @@ def _upstream_body(raw: bytes, info: CallInfo, plan: Plan, strip_usage: bool) ->
     body = info.body
     if strip_usage:
         body = dialects.with_injected_usage(info)
-    upstream_model = plan.upstream.upstream_model(plan.model)
+    upstream_model = routing.upstream_model(plan.upstream, plan.model)
     if upstream_model != info.model:
         body = {**body, "model": upstream_model}
     if plan.clamp_output is not None:

@@ -28,7 +28,7 @@ def request_type(config: Config, info: CallInfo, header: str | None, path_type: 
                 return name
     if info.has_images:
         return "vision"
-    for rule in config.rules:
+    for rule in config.tagging.rules:
         texts = {"system": (info.system_text,), "last_user": (info.last_user_text,),
                  "any": (info.system_text, info.last_user_text)}[rule.on]
         if any(text and rule.pattern.search(text) for text in texts):

@@ -2,14 +2,18 @@
 
 from __future__ import annotations
 
+import importlib.util
 import re
 import subprocess
 import sys
+import typing
 from pathlib import Path
 
+import msgspec
 import pytest
 
 from proxy import config as config_mod
+from proxy import routing
 from proxy.config import ConfigError
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -20,9 +24,10 @@ def test_shipped_config_is_the_seed_setup() -> None:
     local, cloud = config.upstreams["ollama_local"], config.upstreams["gpt4o_cloud"]
     assert (local.kind, local.base_url, local.free) == ("ollama", "http://127.0.0.1:11434", True)
     assert (cloud.kind, cloud.base_url, cloud.api_key_env) == ("openai", "https://models.github.ai/inference", "GITHUB_TOKEN")
-    assert config.upstream_for("gpt-4o") is cloud and config.upstream_for("gpt-4o-mini") is cloud
-    assert config.upstream_for("llama3.2") is local
-    assert cloud.upstream_model("gpt-4o") == "openai/gpt-4o"
+    assert routing.upstream_for(config, "gpt-4o") is cloud and routing.upstream_for(config, "gpt-4o-mini") is cloud
+    assert routing.upstream_for(config, "llama3.2") is local
+    assert routing.upstream_model(cloud, "gpt-4o") == "openai/gpt-4o"
+    assert routing.fallback_for(config, cloud, set(), "openai") is local
     assert set(config.types) == {"chat", "presentacion", "documento", "hoja_calculo", "web_scraping",
                                  "correccion", "vision"}
     price = config.price(cloud, "gpt-4o")
@@ -60,36 +65,53 @@ def test_shipped_config_limits_each_model_by_its_tier_and_the_seed_strings_descr
     assert rate_limits(config, limiter)["tokens_pm"].endswith(" / 150,000 TPM")
 
 
-def _readme_keys() -> set[str]:
-    text = (ROOT / "README.md").read_text()
-    section = text[text.index("## Configuration"):text.index("## Development")]
-    return set(re.findall(r"^\| `([a-z_]+)` \|", section, flags=re.M))
+def test_the_readme_config_reference_is_the_schema() -> None:
+    """The reference is generated from the schema's own declarations (tools/config_reference.py),
+    so a key added, renamed or redocumented without regenerating it fails here."""
+    spec = importlib.util.spec_from_file_location("config_reference", ROOT / "tools" / "config_reference.py")
+    assert spec is not None and spec.loader is not None
+    reference = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(reference)
+    assert reference.documented((ROOT / "README.md").read_text()) == reference.reference()
+    # Every table of the schema has its section.
+    tables, todo = set(), [config_mod.Config]
+    while todo:
+        for hint in typing.get_type_hints(todo.pop(), include_extras=True).values():
+            for kind in [config_mod._unwrap(hint)[0], *typing.get_args(config_mod._unwrap(hint)[0])]:
+                if isinstance(kind, type) and issubclass(kind, msgspec.Struct) and kind not in tables:
+                    tables.add(kind)
+                    todo.append(kind)
+    assert tables == {struct for _, struct in reference.SECTIONS}
 
 
-def _parser_keys() -> set[str]:
-    source = (ROOT / "proxy" / "config.py").read_text()
-    return set(re.findall(r'(?:\.(?:get|opt|positive|limit|sub)\(|_env_name\(\w+, )"([a-z_]+)"', source))
-
-
-def test_every_config_key_is_documented() -> None:
-    # Tables are documented as README sections; every other key the parser reads has a row.
-    tables = {"server", "stats", "routing", "upstreams", "types", "prices", "tagging", "limits", "keys",
-              "alerts", "commands"}
-    assert _parser_keys() - tables - _readme_keys() == set()
-    assert _readme_keys() - _parser_keys() == set()
+UP = '[upstreams.a]\nkind = "openai"\nbase_url = "http://x"\n'
 
 
 @pytest.mark.parametrize("toml, message", [
-    ('[upstreams.a]\nkind = "openai"\nbase_url = "http://x"\n[upstreams.a.limits]\nrpm = -1',
-     "upstreams.a.limits.rpm = -1: expected a positive whole number"),
+    (UP + '[upstreams.a.limits]\nrpm = -1', "upstreams.a.limits.rpm = -1: expected a positive whole number"),
+    (UP + '[upstreams.a.limits]\nrpm = true', "upstreams.a.limits.rpm = true: expected a positive whole number"),
     ('[upstreams.a]\nkind = "grpc"\nbase_url = "http://x"', "upstreams.a.kind = 'grpc': expected 'openai' or 'ollama'"),
+    ('[upstreams.a]\nbase_url = "http://x"', "upstreams.a.kind: missing; expected 'openai' or 'ollama'"),
     ('[upstreams.a]\nkind = "openai"\nbase_url = "ftp://x"', "upstreams.a.base_url = 'ftp://x': expected an http"),
-    ('[upstreams.a]\nkind = "openai"\nbase_url = "http://x"\nrpm = 5', "upstreams.a.rpm = 5: expected no such key"),
-    ('[server]\nport = "80"\n[upstreams.a]\nkind = "openai"\nbase_url = "http://x"', "server.port = '80': expected a port number"),
-    ('[stats]\ntimezone = "Mars/Base"\n[upstreams.a]\nkind = "openai"\nbase_url = "http://x"', "stats.timezone = 'Mars/Base'"),
-    ('[tagging]\nrules = [{type = "chat", pattern = "("}]\n[upstreams.a]\nkind = "openai"\nbase_url = "http://x"',
+    (UP + 'name = "b"', "upstreams.a.name = 'b': no such key (the name is the table's own"),
+    ('[server]\nport = "80"\n' + UP, "server.port = '80': expected a port number from 0 to 65535"),
+    ('[server]\nport = 70000\n' + UP, "server.port = 70000: expected a port number from 0 to 65535"),
+    ('[stats]\ntimezone = "Mars/Base"\n' + UP, "stats.timezone = 'Mars/Base': expected an IANA time zone"),
+    ('[tagging]\nrules = [{type = "chat", pattern = "("}]\n' + UP,
      "tagging.rules[0].pattern = '(': expected a valid regular expression"),
+    ('[[alerts.rules]]\nmetric = "cost"\nabove = 1\n' + UP,
+     "alerts.rules[0].metric = 'cost': expected 'cost_usd', 'error_rate_pct', "),
+    (UP + '[limits.models."gpt-4o*"]\nrpd = 0', 'limits.models."gpt-4o*".rpd = 0: expected a positive whole number'),
+    (UP + '[upstreams.b]\nkind = "openai"\nbase_url = "http://y"\nmodels = ["a", 3]',
+     "upstreams.b.models = ['a', 3]: expected a list of model names or glob patterns"),
+    (UP + 'fallback = "nowhere"', "upstreams.a.fallback = 'nowhere': expected another configured upstream, one of ['a']"),
+    ("[upstreams]", "upstreams = {}: expected at least one [upstreams.<name>] table"),
     ("[server]\nhost = ", "not valid TOML"),
+    # Misspellings: the nearest key, or the table it belongs in; a whole table is not dumped.
+    (UP + '[upstreams.a.limits]\nrmp = 5', "upstreams.a.limits.rmp = 5: no such key; did you mean `rpm`?"),
+    (UP + 'rpm = 5', "upstreams.a.rpm = 5: no such key; did you mean `limits.rpm`?"),
+    (UP + '[limts.models."gpt-4o"]\nrpm = 5\nrpd = 50\ntpm = 1000', "[limts]: no such table; did you mean `limits`?"),
+    (UP + '[server]\nzzz = 1', "server.zzz = 1: no such key (see the README's config reference)"),
 ])
 def test_bad_config_is_one_line_naming_key_value_and_expectation(tmp_path: Path, toml: str, message: str) -> None:
     path = tmp_path / "config.toml"
@@ -97,7 +119,28 @@ def test_bad_config_is_one_line_naming_key_value_and_expectation(tmp_path: Path,
     with pytest.raises(ConfigError) as info:
         config_mod.load(path)
     assert message in str(info.value) and "\n" not in str(info.value)
-    assert str(path) in str(info.value)
+    assert str(info.value).startswith(f"{path}: ")
+    assert len(str(info.value)) < len(str(path)) + 160  # one line a person reads, not a dump
+
+
+def test_cross_key_values_are_worked_out(tmp_path: Path) -> None:
+    raw = {"server": {"data_dir": "d", "cors_origins": ["HTTPS://App.Example.org/"]},
+           "upstreams": {"o": {"kind": "ollama", "base_url": "http://x/"},
+                         "c": {"kind": "openai", "base_url": "http://y", "passthrough": ["/v1/Files*"]}},
+           "types": {"doc": {"label": "Documento"}},
+           "prices": {"*": {"input": 1.0}}}
+    config = config_mod.parse(raw, tmp_path / "config.toml")
+    o, c = config.upstreams["o"], config.upstreams["c"]
+    assert (o.name, o.label, o.base_url, o.free, o.passthrough) == ("o", "o", "http://x", True,
+                                                                     config_mod.OLLAMA_PASSTHROUGH)
+    assert (c.free, c.passthrough) == (False, ("/v1/files*",))
+    assert config.routing.ollama_upstream == "o"
+    assert config.server.data_dir == tmp_path / "d"
+    assert config.server.cors_origins == {"https://app.example.org"}
+    assert {"localhost", "127.0.0.1", "[::1]"} <= config.server.allowed_hosts
+    assert (config.types["doc"].label, config.types["doc"].label_en) == ("Documento", "Documento")
+    assert set(config.types) == {"doc", "chat", "vision"}
+    assert config.price(c, "m").cost(1000, 0, 500) == 1.0  # cached input priced as input when unset
 
 
 def test_bad_config_stops_the_command_with_one_line(tmp_path: Path) -> None:
