@@ -9,9 +9,8 @@ import aiohttp
 import pytest
 from playwright.async_api import async_playwright
 
-from .conftest import Clock, Proxy
+from .conftest import Clock, Proxy, workload
 from .fake_upstream import Behavior, FakeUpstream
-from .test_stats import workload
 
 ARTIFACTS = Path(__file__).resolve().parent.parent / "test-artifacts"
 # The flags this closed machine needs: no background calls to Google, no sandbox as root.

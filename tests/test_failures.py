@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import asyncio
 from collections.abc import AsyncIterator
 from typing import Any
 
@@ -10,29 +9,9 @@ import aiohttp
 import openai
 import pytest
 
-from proxy.store import CallRecord
 
-from .conftest import Proxy
+from .conftest import Proxy, settled
 from .fake_upstream import Behavior, FakeUpstream
-from .test_openai import settled
-
-
-class Recorded:
-    """Waits, without sleeping, for the proxy to record its next call."""
-
-    def __init__(self, proxy: Proxy) -> None:
-        self.records: list[CallRecord] = []
-        self.event = asyncio.Event()
-        proxy.accounting.listeners.append(self._on)
-
-    def _on(self, rec: CallRecord) -> None:
-        self.records.append(rec)
-        self.event.set()
-
-    async def next(self) -> CallRecord:
-        await asyncio.wait_for(self.event.wait(), 10)
-        self.event.clear()
-        return self.records[-1]
 
 
 async def post(url: str, body: Any = None, raw: bytes | None = None) -> tuple[int, Any]:
@@ -100,12 +79,12 @@ async def test_stalled_stream_ends_with_error_event(proxy: Proxy, fake: FakeUpst
 
 async def test_stream_cut_midway_is_broken_stream(proxy: Proxy, fake: FakeUpstream) -> None:
     fake.behavior = Behavior(chunks=4, drop_after_chunks=2)
-    seen = Recorded(proxy)
+    seen = proxy.records()
     async with aiohttp.ClientSession() as s:
         async with s.post(proxy.url + "/api/chat", json={"model": "llama3", "messages": []}) as r:
             lines = (await r.read()).splitlines()
     assert b'"error"' in lines[-1] and len(lines) == 3
-    rec = await seen.next()
+    rec = (await seen.wait_for(1))[0]
     assert rec.outcome == "broken_stream" and rec.estimated and rec.completion_tokens > 0
 
 
@@ -170,7 +149,7 @@ async def test_encoded_dot_segments_are_refused(proxy: Proxy, fake: FakeUpstream
 
 async def test_client_disconnect_mid_stream_is_cancelled_and_estimated(proxy: Proxy, fake: FakeUpstream) -> None:
     fake.behavior = Behavior(chunks=6, stall_after_chunks=3)
-    seen = Recorded(proxy)
+    seen = proxy.records()
     async with aiohttp.ClientSession() as s:
         async with s.post(proxy.url + "/v1/chat/completions",
                           json={"model": "gpt-4o", "stream": True,
@@ -178,7 +157,7 @@ async def test_client_disconnect_mid_stream_is_cancelled_and_estimated(proxy: Pr
             first = await r.content.readline()
             assert first.startswith(b"data: ")
         # leaving the block closes the connection while the upstream is stalled
-    rec = await seen.next()
+    rec = (await seen.wait_for(1))[0]
     assert rec.outcome == "cancelled" and rec.estimated and rec.completion_tokens > 0
     stats = await settled(proxy)
     assert stats["detail"]["errors_by_kind"]["cancelled"] == 1

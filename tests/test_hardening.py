@@ -14,7 +14,6 @@ from yarl import URL
 
 from .conftest import CLOUD_KEY, Proxy
 from .fake_upstream import Behavior, FakeUpstream
-from .test_failures import Recorded
 
 ADMIN = "tg-admin-7f3a9c"
 BOT_KEY = "tg-bot-key-51c2e8"
@@ -123,14 +122,14 @@ async def test_upstream_faults_become_502_with_a_ledger_row(proxy: Proxy, fake: 
     raw_config["upstreams"]["gpt4o_cloud"]["max_response_bytes"] = 4096
     await proxy.restart()
     fake.behavior = behavior
-    seen = Recorded(proxy)
+    seen = proxy.records()
     async with aiohttp.ClientSession() as s:
         async with s.post(proxy.url + "/v1/chat/completions", json={"model": "gpt-4o", "messages": []}) as r:
             assert r.status == 502
             body = await r.json()
     assert message in body["error"]["message"] and body["error"]["code"] in (outcome, "upstream_" + outcome,
                                                                              "bad_upstream_response")
-    rec = await seen.next()
+    rec = (await seen.wait_for(1))[0]
     assert rec.outcome == outcome and rec.status == 502
 
 
@@ -139,25 +138,25 @@ async def test_oversized_stream_is_cut_with_an_error_event(proxy: Proxy, fake: F
     raw_config["upstreams"]["gpt4o_cloud"]["max_response_bytes"] = 2000
     await proxy.restart()
     fake.behavior = Behavior(chunks=200)
-    seen = Recorded(proxy)
+    seen = proxy.records()
     async with aiohttp.ClientSession() as s:
         async with s.post(proxy.url + "/v1/chat/completions",
                           json={"model": "gpt-4o", "messages": [], "stream": True}) as r:
             text = await r.text()
     assert "max_response_bytes" in text.strip().splitlines()[-1]
-    rec = await seen.next()
+    rec = (await seen.wait_for(1))[0]
     assert rec.outcome == "response_too_large" and rec.estimated
 
 
 async def test_client_hanging_up_cancels_the_upstream_call_at_once(proxy: Proxy, fake: FakeUpstream) -> None:
     fake.behavior = Behavior(chunks=6, stall_after_chunks=2)
-    seen = Recorded(proxy)
+    seen = proxy.records()
     async with aiohttp.ClientSession() as s:
         async with s.post(proxy.url + "/v1/chat/completions",
                           json={"model": "gpt-4o", "stream": True, "messages": []}) as r:
             await r.content.readline()
     # The upstream is still stalled (nothing more to write that could fail): only cancellation
     # on disconnect can end its request.
-    rec = await seen.next()
+    rec = (await seen.wait_for(1))[0]
     await asyncio.wait_for(fake.cancelled.wait(), 10)
     assert rec.outcome == "cancelled" and rec.status == 499

@@ -10,10 +10,8 @@ from typing import Any
 import aiohttp
 from prometheus_client.parser import text_string_to_metric_families
 
-from .conftest import Proxy
+from .conftest import Proxy, settled, workload
 from .fake_upstream import Behavior, FakeUpstream
-from .test_openai import settled
-from .test_stats import workload
 
 ROOT = Path(__file__).resolve().parent.parent
 

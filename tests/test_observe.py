@@ -17,9 +17,8 @@ from aiohttp.test_utils import TestServer
 
 from proxy.keys import ALERTS
 
-from .conftest import CLOUD_KEY, Proxy
+from .conftest import CLOUD_KEY, Proxy, settled
 from .fake_upstream import Behavior, FakeUpstream
-from .test_openai import settled
 
 
 class Receiver:

@@ -11,9 +11,8 @@ import ollama
 
 from proxy import tokens
 
-from .conftest import Proxy
+from .conftest import Proxy, settled
 from .fake_upstream import Behavior, FakeUpstream
-from .test_openai import settled
 
 
 @pytest.fixture

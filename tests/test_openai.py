@@ -11,7 +11,7 @@ import pytest
 
 from proxy import tokens
 
-from .conftest import Proxy
+from .conftest import Proxy, settled
 from .fake_upstream import Behavior, FakeUpstream
 
 
@@ -24,13 +24,6 @@ async def client(proxy: Proxy) -> AsyncIterator[openai.AsyncOpenAI]:
     c = openai.AsyncOpenAI(base_url=proxy.url + "/v1", api_key="bot-key", max_retries=0)
     yield c
     await c.close()
-
-
-async def settled(proxy: Proxy) -> dict:
-    async with aiohttp.ClientSession() as s:
-        async with s.get(proxy.url + "/stats") as r:
-            assert r.status == 200
-            return await r.json()
 
 
 async def test_sync_chat_counts_reported_usage(proxy: Proxy, fake: FakeUpstream) -> None:

@@ -9,9 +9,8 @@ from typing import Any
 import aiohttp
 import pytest
 
-from .conftest import Clock, Proxy
+from .conftest import Clock, Proxy, chat
 from .fake_upstream import Behavior, FakeUpstream
-from .test_stats import chat
 
 HOUR = 3600.0
 

@@ -15,37 +15,12 @@ from typing import Any
 import aiohttp
 import ollama
 import openai
-from aiohttp.test_utils import TestServer
 
-from proxy.app import create_app
 
-from .conftest import Clock, Proxy
+from .conftest import Clock, Proxy, chat, settled, workload
 from .fake_upstream import Behavior, FakeUpstream
-from .test_openai import settled
 
 SEED_SCRIPTS = Path(__file__).parent / "seed_scripts"
-
-
-async def chat(url: str, model: str, headers: dict[str, str] | None = None, **extra: Any) -> int:
-    body = {"model": model, "messages": [{"role": "user", "content": "hola"}], **extra}
-    path = "/api/chat" if model.startswith("llama") else "/v1/chat/completions"
-    if path == "/api/chat":
-        body["stream"] = False
-    async with aiohttp.ClientSession() as s:
-        async with s.post(url + path, json=body, headers=headers or {}) as r:
-            await r.read()
-            return r.status
-
-
-async def workload(proxy: Proxy, fake: FakeUpstream) -> None:
-    fake.behavior = Behavior(prompt_tokens=100, chunks=5, completion_per_chunk=10)
-    assert await chat(proxy.url, "gpt-4o") == 200
-    assert await chat(proxy.url, "gpt-4o", {"X-Tollgate-Type": "presentacion"}) == 200
-    assert await chat(proxy.url, "llama3.2") == 200
-    async with aiohttp.ClientSession() as s:
-        async with s.post(proxy.url + "/v1/chat/completions", data=b"{bad",
-                          headers={"Content-Type": "application/json"}) as r:
-            assert r.status == 400
 
 
 async def test_seed_json_contract(timed: Proxy, fake: FakeUpstream, clock: Clock) -> None:
@@ -123,31 +98,26 @@ async def test_whatsapp_text_has_the_seed_layout_with_live_numbers(timed: Proxy,
     assert "• Requests/Day: 2 / 150 RPD (1.3%)" in english
 
 
-async def test_seed_client_scripts_run_unchanged(raw_config: dict[str, Any], fake: FakeUpstream,
-                                                 tmp_path: Path) -> None:
-    """The seed's alert and CSV scripts call http://localhost:5000/stats: serve exactly there."""
-    from proxy import config as config_mod
-
-    server = TestServer(create_app(config_mod.parse(raw_config)), host="127.0.0.1", port=5000)
-    await server.start_server()
-    try:
-        fake.behavior = Behavior(prompt_tokens=100, chunks=5, completion_per_chunk=10)
-        base = "http://127.0.0.1:5000"
-        for _ in range(3):
-            assert await chat(base, "gpt-4o") == 200
-        for script in ("alert.py", "export_csv.py"):
-            proc = await asyncio.create_subprocess_exec(
-                sys.executable, str(SEED_SCRIPTS / script), cwd=tmp_path,
-                stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE)
-            out, err = await asyncio.wait_for(proc.communicate(), 60)
-            assert proc.returncode == 0, err.decode()
-            if script == "alert.py":
-                assert out.decode().strip() == "Costo acumulado: $0.02 USD"
-        with open(tmp_path / "metricas.csv", newline="") as fh:
-            [row] = list(csv.reader(fh))
-        assert row[1:] == ["3", "450", "$0.0180", "100.0%"]
-    finally:
-        await server.close()
+async def test_seed_client_scripts_run_unchanged(proxy: Proxy, fake: FakeUpstream, tmp_path: Path) -> None:
+    """The seed's alert and CSV scripts call http://localhost:5000/stats. They run as they are;
+    HTTP_PROXY (which requests honours) takes their request to the proxy's own port, so no test
+    needs port 5000 free."""
+    fake.behavior = Behavior(prompt_tokens=100, chunks=5, completion_per_chunk=10)
+    for _ in range(3):
+        assert await chat(proxy.url, "gpt-4o") == 200
+    await proxy.settled()
+    env = {**os.environ, "HTTP_PROXY": proxy.url, "NO_PROXY": ""}
+    for script in ("alert.py", "export_csv.py"):
+        proc = await asyncio.create_subprocess_exec(
+            sys.executable, str(SEED_SCRIPTS / script), cwd=tmp_path, env=env,
+            stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE)
+        out, err = await asyncio.wait_for(proc.communicate(), 60)
+        assert proc.returncode == 0, err.decode()
+        if script == "alert.py":
+            assert out.decode().strip() == "Costo acumulado: $0.02 USD"
+    with open(tmp_path / "metricas.csv", newline="") as fh:
+        [row] = list(csv.reader(fh))
+    assert row[1:] == ["3", "450", "$0.0180", "100.0%"]
 
 
 async def test_restart_keeps_stats_and_snapshot(timed: Proxy, fake: FakeUpstream, clock: Clock,
