@@ -33,7 +33,8 @@ class WaitLines:
         self._locks: dict[str, asyncio.Lock] = {}
         self._released = asyncio.Event()
         self.waiting = 0  # callers in some line now
-        # Notified whenever `waiting` changes: lets a probe (or a test) await the line's state.
+        # `waiting` (the tollgate_waiting_calls gauge) changes under this, and its watchers are
+        # told: whoever observes the lines sees every change, in order.
         self.waiting_changed = asyncio.Condition()
 
     async def count_waiting(self, delta: int) -> None:

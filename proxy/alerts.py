@@ -65,10 +65,9 @@ class Alerts:
     acc: Accounting
     limiter: Limiter
     queue: asyncio.Queue[tuple[Webhook, Alert]] = field(default_factory=lambda: asyncio.Queue(maxsize=256))
+    # Deliveries so far, for /metrics (tollgate_alert_deliveries_total).
     sent: int = 0
     failed: int = 0
-    # Set after every delivery attempt: lets an operator's probe (or a test) await progress.
-    attempted: asyncio.Event = field(default_factory=asyncio.Event)
 
     def __post_init__(self) -> None:
         self.states = [_State(rule) for rule in self.config.alerts.rules]
@@ -164,8 +163,6 @@ class Alerts:
                     # The URL is a secret: name the webhook, never its address.
                     log.error("webhook %r failed to take alert %r (%s)", webhook.name, alert.rule,
                               getattr(exc, "status", None) or type(exc).__name__)
-                finally:
-                    self.attempted.set()
 
     async def tick(self) -> None:
         while True:

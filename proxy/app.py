@@ -47,8 +47,8 @@ def create_app(config: Config, clock: Callable[[], float] = time.time) -> web.Ap
     app[SESSIONS] = Sessions(config.server.session_ttl_h * 3600.0, clock)
     app[LIMITER] = Limiter(config, clock)
     app[ADMISSION] = Admission(config, app[LIMITER], WaitLines(), app[ESTIMATOR])
-    app[METRICS] = Metrics(app[LIMITER], app[ADMISSION].lines, ledger)
     app[ALERTS] = Alerts(config, app[ACCOUNTING], app[LIMITER])
+    app[METRICS] = Metrics(app[LIMITER], app[ADMISSION].lines, ledger, app[ALERTS])
     # Every finished call, after the ledger has it: counters, alert rules, the access log.
     app[ACCOUNTING].listeners += [app[METRICS].observe, app[ALERTS].on_call, access_log]
 

@@ -17,6 +17,7 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.registry import Collector
 
 from .admission import WaitLines
+from .alerts import Alerts
 from .limits import Limiter
 from .store import CallRecord, Ledger
 
@@ -63,8 +64,21 @@ class _LedgerCollector(Collector):
                                   "was full (on_ledger_full = serve).", value=health.dropped)
 
 
+class _AlertCollector(Collector):
+    def __init__(self, alerts: Alerts) -> None:
+        self.alerts = alerts
+
+    def collect(self) -> Iterator[CounterMetricFamily]:
+        family = CounterMetricFamily("tollgate_alert_deliveries", "Alerts posted to webhooks, by result (failed: "
+                                     "the webhook refused, timed out, had no URL, or the queue was full).",
+                                     labels=["result"])
+        family.add_metric(["sent"], self.alerts.sent)
+        family.add_metric(["failed"], self.alerts.failed)
+        yield family
+
+
 class Metrics:
-    def __init__(self, limiter: Limiter, lines: WaitLines, ledger: Ledger) -> None:
+    def __init__(self, limiter: Limiter, lines: WaitLines, ledger: Ledger, alerts: Alerts) -> None:
         self.registry = CollectorRegistry()
         r = self.registry
         self.requests = Counter("tollgate_requests", "Calls by upstream, model, type and outcome.",
@@ -91,6 +105,7 @@ class Metrics:
         waiting.set_function(lambda: float(lines.waiting))
         r.register(_LimitCollector(limiter))
         r.register(_LedgerCollector(ledger))
+        r.register(_AlertCollector(alerts))
         self._models: set[str] = set()
 
     def _model(self, model: str) -> str:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import copy
+import logging
 import re
 import socket
 import sys
@@ -286,6 +287,24 @@ async def workload(proxy: Proxy, fake: FakeUpstream) -> None:
         async with s.post(proxy.url + "/v1/chat/completions", data=b"{bad",
                           headers={"Content-Type": "application/json"}) as r:
             assert r.status == 400
+
+
+def logged(logger: str, text: str) -> asyncio.Future[str]:
+    """The first message containing `text` that `logger` emits from now on: a log line is what
+    an operator sees, so tests wait on it rather than on a hook inside the proxy."""
+    loop = asyncio.get_running_loop()
+    found: asyncio.Future[str] = loop.create_future()
+    target = logging.getLogger(logger)
+
+    class Catch(logging.Handler):
+        def emit(self, record: logging.LogRecord) -> None:
+            message = record.getMessage()
+            if text in message:
+                target.removeHandler(self)
+                loop.call_soon_threadsafe(lambda: found.done() or found.set_result(message))
+
+    target.addHandler(Catch())
+    return found
 
 
 def to_toml(data: dict[str, Any], prefix: str = "") -> str:
