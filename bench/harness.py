@@ -34,7 +34,7 @@ def serve_upstream(port: int) -> None:
     from tests.fake_upstream import Behavior, FakeUpstream
 
     fake = FakeUpstream()
-    fake.seen = _Discard()  # type: ignore[assignment]  # keep the upstream's memory flat too
+    fake.seen = _Discard()  # keep the upstream's memory flat too
     for size in (1 << 10, 1 << 17, 1 << 20, 1 << 23, 1 << 25):
         content = "x" * size
         body = orjson.dumps({"id": "b", "object": "chat.completion", "created": 0, "model": f"big-{size}",

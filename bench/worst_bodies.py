@@ -126,6 +126,7 @@ tpm = 1000000000000
         await proxy.wait()
         await stop(upstream)
     healthz = results[0]
+    assert healthz is not None
     print(f"hostile calls served: {sent[0]}")
     print(f"/healthz latency: n={len(healthz)} p50={pct(healthz, 0.5) * 1000:.2f}ms "
           f"p99={pct(healthz, 0.99) * 1000:.2f}ms")

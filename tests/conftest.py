@@ -296,12 +296,16 @@ def logged(logger: str, text: str) -> asyncio.Future[str]:
     found: asyncio.Future[str] = loop.create_future()
     target = logging.getLogger(logger)
 
+    def settle(message: str) -> None:
+        if not found.done():
+            found.set_result(message)
+
     class Catch(logging.Handler):
         def emit(self, record: logging.LogRecord) -> None:
             message = record.getMessage()
             if text in message:
                 target.removeHandler(self)
-                loop.call_soon_threadsafe(lambda: found.done() or found.set_result(message))
+                loop.call_soon_threadsafe(settle, message)
 
     target.addHandler(Catch())
     return found

@@ -312,7 +312,7 @@ class FakeUpstream:
             return web.Response(body=orjson.dumps(response), content_type="application/json")
 
         def event(obj: dict[str, Any]) -> bytes:
-            return b"event: " + obj["type"].encode() + b"\ndata: " + orjson.dumps(obj) + b"\n\n"
+            return b"event: " + str(obj["type"]).encode() + b"\ndata: " + orjson.dumps(obj) + b"\n\n"
 
         created = {**response, "status": "in_progress", "output": []}
         created.pop("usage", None)

@@ -74,7 +74,8 @@ def test_the_readme_config_reference_is_the_schema() -> None:
     spec.loader.exec_module(reference)
     assert reference.documented((ROOT / "README.md").read_text()) == reference.reference()
     # Every table of the schema has its section.
-    tables, todo = set(), [config_mod.Config]
+    tables: set[type[msgspec.Struct]] = set()
+    todo: list[type[msgspec.Struct]] = [config_mod.Config]
     while todo:
         for hint in typing.get_type_hints(todo.pop(), include_extras=True).values():
             for kind in [config_mod._unwrap(hint)[0], *typing.get_args(config_mod._unwrap(hint)[0])]:

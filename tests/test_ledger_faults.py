@@ -37,7 +37,9 @@ def tiny_disk(tmp_path: Path) -> Iterator[Path]:
 def rows_in(db: Path) -> tuple[int, int]:
     conn = sqlite3.connect(db)
     try:
-        return conn.execute("SELECT COUNT(*), COALESCE(SUM(prompt_tokens + completion_tokens), 0) FROM calls").fetchone()
+        count, tokens = conn.execute("SELECT COUNT(*), COALESCE(SUM(prompt_tokens + completion_tokens), 0) "
+                                     "FROM calls").fetchone()
+        return int(count), int(tokens)
     finally:
         conn.close()
 

@@ -203,7 +203,7 @@ async def test_wait_mode_is_first_come_first_served_and_a_leaver_gives_up_its_pl
     b = asyncio.create_task(call("B"))
     leaver = asyncio.create_task(call("L"))
     c = asyncio.create_task(call("C"))
-    lines = proxy.server.app[ADMISSION].lines  # type: ignore[union-attr]
+    lines = proxy.server.app[ADMISSION].lines
     async with lines.waiting_changed:           # until B, L and C are in line: B holds its lock,
         await asyncio.wait_for(lines.waiting_changed.wait_for(lambda: lines.waiting == 2), 10)
     assert lines.busy("upstream:gpt4o_cloud")   # L and C queue behind it
@@ -585,7 +585,7 @@ async def test_waiting_callers_who_leave_are_never_forwarded(raw_config: dict[st
         holder = asyncio.create_task(call(s, "A"))
         await fake.first_chunk_sent.wait()
         leavers = [asyncio.create_task(call(s, f"L{i}")) for i in range(200)]
-        lines = proxy.server.app[ADMISSION].lines  # type: ignore[union-attr]
+        lines = proxy.server.app[ADMISSION].lines
         async with lines.waiting_changed:  # one leads the line, 199 queue behind it
             await asyncio.wait_for(lines.waiting_changed.wait_for(lambda: lines.waiting == 199), 30)
         # They all hang up as the place frees: the race in which one slipped through.

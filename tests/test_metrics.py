@@ -35,7 +35,7 @@ _SUFFIXES = {"counter": ("_total",), "histogram": ("_bucket", "_count", "_sum"),
 
 
 def total(samples: dict[str, list[Any]], name: str, **labels: str) -> float:
-    return sum(s.value for s in samples.get(name, []) if all(s.labels.get(k) == v for k, v in labels.items()))
+    return float(sum(s.value for s in samples.get(name, []) if all(s.labels.get(k) == v for k, v in labels.items())))
 
 
 async def test_metrics_agree_with_stats_after_a_known_workload(proxy: Proxy, fake: FakeUpstream) -> None:

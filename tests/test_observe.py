@@ -186,7 +186,7 @@ async def test_stats_command_in_ollama_dialect(proxy: Proxy, fake: FakeUpstream)
     whole = await client.chat(model="llama3.2", messages=messages)
     parts = [p async for p in await client.chat(model="llama3.2", messages=messages, stream=True)]
     generated = await client.generate(model="llama3.2", prompt="/raymundo estadisticas")
-    await client.close()
+    await client.close()  # type: ignore[no-untyped-call]  # ollama's close() has no annotations
     assert whole.message.content and whole.message.content.startswith("📊 **ESTADÍSTICAS DE RAYMUNDO**")
     assert "".join(p.message.content or "" for p in parts) == whole.message.content and parts[-1].done
     assert generated.response == whole.message.content

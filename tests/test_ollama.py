@@ -19,7 +19,7 @@ from .fake_upstream import Behavior, FakeUpstream
 async def oc(proxy: Proxy) -> AsyncIterator[ollama.AsyncClient]:
     c = ollama.AsyncClient(host=proxy.url)
     yield c
-    await c.close()
+    await c.close()  # type: ignore[no-untyped-call]  # ollama's close() has no annotations
 
 
 async def test_chat_streaming_by_default_and_single_object(proxy: Proxy, fake: FakeUpstream, oc: ollama.AsyncClient) -> None:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import AsyncIterator
+from typing import Any
 
 import aiohttp
 import openai
@@ -140,7 +141,7 @@ async def test_models_lists_what_upstreams_serve(proxy: Proxy, client: openai.As
     assert {"gpt-4o", "gpt-4o-mini", "llama3.2:latest", "qwen2.5:7b"} <= ids
 
 
-async def test_paths_listed_under_passthrough_go_through_uncounted(raw_config: dict, fake: FakeUpstream) -> None:
+async def test_paths_listed_under_passthrough_go_through_uncounted(raw_config: dict[str, Any], fake: FakeUpstream) -> None:
     raw_config["upstreams"]["gpt4o_cloud"]["passthrough"] = ["/v1/echo/*"]
     proxy = Proxy(raw_config)
     await proxy.start()

@@ -211,6 +211,7 @@ async def test_two_hundred_concurrent_mixed_calls_add_up_exactly(proxy: Proxy, f
         elif kind == 1:
             stream = await oa.chat.completions.create(model="gpt-4o-mini", messages=messages,  # type: ignore[arg-type]
                                                       stream=True)
+            assert isinstance(stream, openai.AsyncStream)
             assert all([c.choices async for c in stream])
         elif kind == 2:
             assert [p async for p in await ol.chat(model="llama3.2", messages=messages, stream=True)][-1].done
@@ -219,7 +220,7 @@ async def test_two_hundred_concurrent_mixed_calls_add_up_exactly(proxy: Proxy, f
 
     await asyncio.gather(*(one(i) for i in range(200)))
     await oa.close()
-    await ol.close()
+    await ol.close()  # type: ignore[no-untyped-call]  # ollama's close() has no annotations
     stats = await settled(proxy)
     assert stats["total_requests"] == 200 and stats["errores"] == 0
     assert fake.reported.calls == 200
