@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import csv
 import json
+import os
 import signal
 import sys
 from pathlib import Path
@@ -184,3 +185,51 @@ async def test_a_reader_that_stops_early_gets_no_traceback(config_file: Path, ra
         err = await proc.stderr.read()
         assert await proc.wait() == 0
         assert b"Traceback" not in err and b"BrokenPipe" not in err, err[-500:]
+
+
+async def test_a_reader_gone_before_stats_writes_gets_no_traceback(config_file: Path) -> None:
+    """`tollgate stats --text | head -0`: stdout's reader is gone before the first byte, so the
+    write fails every time (not 8 runs in 15), and the command still ends quietly."""
+    for args in (("stats", "--text"), ("stats",), ("export", "--snapshot", "/dev/stdout")):
+        read_end, write_end = os.pipe()
+        os.close(read_end)
+        try:
+            proc = await asyncio.create_subprocess_exec(
+                sys.executable, "-m", "proxy", "-c", str(config_file), *args,
+                stdout=write_end, stderr=asyncio.subprocess.PIPE)
+        finally:
+            os.close(write_end)
+        _, err = await asyncio.wait_for(proc.communicate(), 60)
+        assert proc.returncode == 0, (args, err)
+        assert b"Traceback" not in err and b"BrokenPipe" not in err, (args, err[-500:])
+
+
+async def test_ctrl_c_ends_a_command_without_a_traceback(config_file: Path, raw_config: dict[str, Any]) -> None:
+    """SIGINT while `export` is blocked writing to a reader that does not read; and while `serve` runs."""
+    from proxy.store import CallRecord, Ledger
+
+    ledger = Ledger(Path(raw_config["server"]["data_dir"]) / "ledger.sqlite3")
+    ledger.open(1_700_000_000.0)
+    for i in range(20_000):
+        ledger.append(CallRecord(ts=1_700_000_000.0 + i, upstream="gpt4o_cloud", model="gpt-4o", dialect="openai",
+                                 endpoint="chat", type="chat", user=f"user-{i}", stream=False, status=200,
+                                 outcome="ok", prompt_tokens=3, completion_tokens=2, cached_tokens=0,
+                                 estimated=False, latency_s=0.01, ttft_s=None, cost_usd=0.0))
+    ledger.close()
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "proxy", "-c", str(config_file), "export", "--csv", "-",
+        stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE)
+    assert proc.stdout is not None and proc.stderr is not None
+    assert (await proc.stdout.readline()).startswith(b"ts,time,")
+    proc._transport.get_pipe_transport(1).pause_reading()  # type: ignore[attr-defined]  # it blocks
+    proc.send_signal(signal.SIGINT)
+    err = await asyncio.wait_for(proc.stderr.read(), 60)
+    proc._transport.get_pipe_transport(1).close()  # type: ignore[attr-defined]
+    assert await asyncio.wait_for(proc.wait(), 60) == 130
+    assert b"Traceback" not in err and b"KeyboardInterrupt" not in err, err[-500:]
+
+    server = Serve(config_file)
+    await server.start()
+    assert await server.signal(signal.SIGINT) == 0
+    await asyncio.wait_for(server.proc.wait(), 60)  # type: ignore[union-attr]
+    assert not any("Traceback" in line for line in server.log)
