@@ -9,13 +9,13 @@ source. The clock is injected so tests control time.
 
 from __future__ import annotations
 
-import math
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
 from .errors import OUTCOMES
+from .histogram import Histogram
 from .store import CallRecord, Ledger
 
 DAY = 86_400.0
@@ -67,49 +67,6 @@ class Tally:
             "estimated_calls": self.estimated_calls, "estimated_tokens": self.estimated_tokens,
             "cost_usd": round(self.cost_usd, 6),
         }
-
-
-class Histogram:
-    """Latency distribution in log-spaced buckets: bounded memory, about 1% relative error.
-
-    Percentiles since the epoch would otherwise need every latency kept; at 2% bucket width a
-    day or a year of traffic costs the same few hundred integers.
-    """
-
-    _BASE = 1.02
-    _FLOOR = 1e-6  # one microsecond: anything below is counted as that
-
-    def __init__(self) -> None:
-        self.buckets: dict[int, int] = {}
-        self.count = 0
-        self.sum = 0.0
-
-    def add(self, value: float) -> None:
-        index = math.floor(math.log(max(value, self._FLOOR)) / math.log(self._BASE))
-        self.buckets[index] = self.buckets.get(index, 0) + 1
-        self.count += 1
-        self.sum += value
-
-    @property
-    def mean(self) -> float:
-        return self.sum / self.count if self.count else 0.0
-
-    def quantile(self, q: float) -> float:
-        if not self.count:
-            return 0.0
-        rank = max(1, math.ceil(q * self.count))
-        seen = 0
-        for index in sorted(self.buckets):
-            seen += self.buckets[index]
-            if seen >= rank:
-                # the bucket's geometric middle
-                return float(self._BASE ** (index + 0.5))
-        return 0.0  # unreachable: the buckets add up to count
-
-    def summary(self) -> dict[str, float]:
-        return {"avg": round(self.mean, 4), "p50": round(self.quantile(0.50), 4),
-                "p95": round(self.quantile(0.95), 4), "p99": round(self.quantile(0.99), 4),
-                "count": self.count}
 
 
 class CostTrend:
