@@ -1,8 +1,10 @@
 """From finished calls to the aggregates /stats shows, since the current stats epoch.
 
 `Accounting.record` is called once per finished call. It updates the in-memory aggregates
-and hands the row to the ledger; nothing here does I/O. At start the aggregates are rebuilt by
-replaying the epoch's rows, so they come out as they were before the restart. Usage windows
+and hands the row to the ledger; nothing here does I/O. At start the aggregates are read back
+from the ledger's hourly and daily rollups plus the raw rows of the partial hours at the
+epoch's ends (`Aggregates.from_summary`), so they come out as they were before the restart,
+at a cost that does not grow with the ledger. Usage windows
 (requests today, tokens this minute) are not kept here: the limiter's windows are their one
 source. The clock is injected so tests control time.
 """
@@ -16,9 +18,12 @@ from typing import Any
 
 from .errors import OUTCOMES
 from .histogram import Histogram
+from .rollups import LATENCY, Summary
 from .store import CallRecord, Ledger
 
 DAY = 86_400.0
+# The endpoints whose successful calls are chat messages (/stats' conversation count).
+CHAT_ENDPOINTS = frozenset({"chat", "responses", "generate", "completion"})
 
 
 @dataclass
@@ -137,6 +142,51 @@ class Aggregates:
     # not requests of their own: the call is counted once, where it was served.
     attempts: dict[str, int] = field(default_factory=dict)
 
+    @classmethod
+    def from_summary(cls, started: float, summary: Summary, edges: list[CallRecord]) -> Aggregates:
+        """The epoch's aggregates from the ledger's rollups (whole hours and days) and the raw rows
+        of its partial hours: equal to adding every row of the epoch one by one."""
+        agg = cls(epoch_started=started)
+        for (upstream, model, type_, endpoint, _key, outcome, fallback_from, final, requests, prompt, completion,
+             cached, estimated_calls, estimated_tokens, cost, latency_sum, _ttft_count, ttft_sum,
+             last_ts) in summary.calls:
+            n = int(requests)  # type: ignore[call-overload]
+            if not final:
+                key = f"{upstream}:{outcome}"
+                agg.attempts[key] = agg.attempts.get(key, 0) + n
+                continue
+            tally = Tally(n, n if outcome != "ok" else 0, int(prompt), int(completion),  # type: ignore[call-overload]
+                          int(cached), int(estimated_calls), int(estimated_tokens),  # type: ignore[call-overload]
+                          float(cost))  # type: ignore[arg-type]
+            agg.totals.merge(tally)
+            for table, name in ((agg.by_upstream, upstream), (agg.by_model, _bounded(agg.by_model, str(model))),
+                                (agg.by_type, type_)):
+                if name:
+                    table.setdefault(str(name), Tally()).merge(tally)
+            agg.outcomes[str(outcome)] = agg.outcomes.get(str(outcome), 0) + n
+            agg.latency.sum += float(latency_sum)  # type: ignore[arg-type]
+            agg.ttft.sum += float(ttft_sum)  # type: ignore[arg-type]
+            last = float(last_ts)  # type: ignore[arg-type]
+            agg.last_request = last if agg.last_request is None else max(agg.last_request, last)
+            if outcome == "ok" and endpoint in CHAT_ENDPOINTS:
+                agg.chat_messages += n
+            if fallback_from:
+                agg.fallbacks[str(fallback_from)] = agg.fallbacks.get(str(fallback_from), 0) + n
+        for (user, requests, errors, prompt, completion, cached, estimated_calls, estimated_tokens, cost,
+             last_ts) in summary.users:
+            name = _bounded(agg.by_user, str(user))
+            agg.by_user.setdefault(name, Tally()).merge(Tally(
+                int(requests), int(errors), int(prompt), int(completion), int(cached),  # type: ignore[call-overload]
+                int(estimated_calls), int(estimated_tokens), float(cost)))  # type: ignore[call-overload, arg-type]
+            agg.user_last_seen[name] = max(float(last_ts), agg.user_last_seen.get(name, 0.0))  # type: ignore[arg-type]
+        for kind, index, count in summary.latency:
+            histogram = agg.latency if kind == LATENCY else agg.ttft
+            histogram.buckets[index] = histogram.buckets.get(index, 0) + count
+            histogram.count += count
+        for rec in edges:
+            agg.add(rec)
+        return agg
+
     def add(self, rec: CallRecord) -> None:
         if not rec.final:
             key = f"{rec.upstream}:{rec.outcome}"
@@ -156,7 +206,7 @@ class Aggregates:
         if rec.ttft_s is not None:
             self.ttft.add(rec.ttft_s)
         self.last_request = rec.ts if self.last_request is None else max(self.last_request, rec.ts)
-        if rec.ok and rec.endpoint in ("chat", "responses", "generate", "completion"):
+        if rec.ok and rec.endpoint in CHAT_ENDPOINTS:
             self.chat_messages += 1
         if rec.fallback_from:
             self.fallbacks[rec.fallback_from] = self.fallbacks.get(rec.fallback_from, 0) + 1
@@ -175,12 +225,9 @@ class Accounting:
         # ledger rows: a flood of them must not flood the books, nor count as failed calls.
         self.refused: dict[str, int] = {}
 
-    def start_replay(self, epoch_started: float) -> None:
-        """Begin rebuilding from the ledger: fresh aggregates for the epoch."""
-        self.current = Aggregates(epoch_started=epoch_started)
-
-    def replay(self, rec: CallRecord) -> None:
-        self.current.add(rec)
+    def load(self, aggregates: Aggregates) -> None:
+        """Start from the epoch's aggregates as the ledger has them (at start)."""
+        self.current = aggregates
 
     def refuse(self, reason: str) -> None:
         self.refused[reason] = self.refused.get(reason, 0) + 1

@@ -11,8 +11,8 @@ from datetime import datetime, timezone
 import orjson
 from aiohttp import web
 
-from . import logs, reports, stats, store, tokens
-from .accounting import DAY, Accounting, CostTrend
+from . import logs, stats, store, tokens
+from .accounting import DAY, Accounting, Aggregates, CostTrend
 from .config import Config
 from .dialects import Dialect, error_body
 from .errors import ProxyError
@@ -90,18 +90,16 @@ async def ledger_ctx(app: web.Application) -> AsyncIterator[None]:
 
 
 def replay_ledger(ledger: Ledger, acc: Accounting, limiter: Limiter) -> None:
-    """Rebuild /stats (the epoch's rows), the limiter's windows (the last day's admissions: the
+    """Rebuild /stats (the epoch's rollups and edge rows), the limiter's windows (the last day's admissions: the
     one source of every usage window) and the cost trend (a week of daily sums)."""
     (started, after_call), now = ledger.epoch(), acc.clock()
-    acc.start_replay(started)
-    for rec in ledger.replay_rows(after_call):
-        acc.replay(rec)
+    acc.load(Aggregates.from_summary(started, *ledger.epoch_summary(started, after_call, now)))
     # Windows come from admissions, written as calls were let through, so calls in flight at a
     # crash still hold their places. A calendar day can start up to a day ago; a window is
     # never longer than that.
     for admission in ledger.replay_admissions(now - DAY):
         limiter.replay(admission)
-    acc.trend.seed(*reports.recent_costs(ledger.path, now - (CostTrend.WEEK_DAYS + 1) * DAY))
+    acc.trend.seed(*ledger.cost_by_day(now - (CostTrend.WEEK_DAYS + 1) * DAY))
 
 
 async def upstreams_ctx(app: web.Application) -> AsyncIterator[None]:

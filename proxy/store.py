@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import math
 import os
 import queue
 import sqlite3
@@ -29,6 +30,8 @@ from collections.abc import Iterator
 import operator
 from dataclasses import dataclass, fields
 from pathlib import Path
+
+from . import rollups
 
 log = logging.getLogger("tollgate.ledger")
 
@@ -83,6 +86,7 @@ class Admission:
 
 
 _COLUMNS = [f.name for f in fields(CallRecord)]
+COLUMNS = tuple(_COLUMNS)
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS calls (
     id INTEGER PRIMARY KEY,
@@ -249,7 +253,7 @@ class Ledger:
         os.chmod(self.path, 0o600)
         conn = _connect(self.path, self.busy_timeout_s)
         try:
-            conn.executescript(_SCHEMA)
+            conn.executescript(_SCHEMA + rollups.SCHEMA)
             # Columns added after the first release: bring an older ledger up to date.
             columns = {row[1] for row in conn.execute("PRAGMA table_info(calls)")}
             if "after_call" not in {row[1] for row in conn.execute("PRAGMA table_info(epochs)")}:
@@ -260,6 +264,7 @@ class Ledger:
             if "final" not in columns:
                 conn.execute("ALTER TABLE calls ADD COLUMN final INTEGER NOT NULL DEFAULT 1")
             conn.execute("CREATE INDEX IF NOT EXISTS calls_admission ON calls(admission)")
+            rollups.backfill(conn)
             if conn.execute("SELECT COUNT(*) FROM epochs").fetchone()[0] == 0:
                 conn.execute("INSERT INTO epochs (started, after_call) VALUES (?, 0)", (now,))
             # A write now, so a ledger that opens but cannot take a row (a read-only file or
@@ -395,19 +400,25 @@ class Ledger:
 
     @staticmethod
     def _write(conn: sqlite3.Connection, batch: list[CallRecord | _Epoch | Admission]) -> None:
-        """Rows and epochs in queue order: an epoch starts after exactly the rows before it."""
+        """Rows and epochs in queue order: an epoch starts after exactly the rows before it. The
+        rollups take the same rows in the same transaction: they never disagree with the rows."""
         _insert_many(conn, "admissions", _ADMISSION_COLUMNS,
                      [_ADMISSION_ROW(item) for item in batch if isinstance(item, Admission)], ignore=True)
         rows: list[tuple[object, ...]] = []
+        written: list[tuple[object, ...]] = []
         for item in batch:
             if isinstance(item, CallRecord):
                 rows.append(_ROW(item))
             elif isinstance(item, _Epoch):
                 _insert_many(conn, "calls", _COLUMNS, rows)
+                written += rows
                 rows = []
                 conn.execute("INSERT INTO epochs (started, after_call) "
                              "SELECT ?, COALESCE(MAX(id), 0) FROM calls", (item.started,))
         _insert_many(conn, "calls", _COLUMNS, rows)
+        written += rows
+        if written:
+            rollups.add_rows(conn, written, COLUMNS)
 
     def _after_failure(self, conn: sqlite3.Connection | None, exc: sqlite3.Error,
                        writes: list[CallRecord | _Epoch | Admission]) -> sqlite3.Connection | None:
@@ -448,6 +459,34 @@ class Ledger:
         finally:
             conn.close()
 
+    def epoch_summary(self, started: float, after_call: int, now: float) -> tuple[rollups.Summary, list[CallRecord]]:
+        """The epoch's sums: whole hours and days from the rollups, and the raw rows of the partial
+        hours at its two ends (from its start to the next whole hour, and the hour now running)."""
+        first_hour, this_hour = math.ceil(started / rollups.HOUR), math.floor(now / rollups.HOUR)
+        conn = _connect(self.path)
+        try:
+            if this_hour <= first_hour:
+                return rollups.Summary(), self._records(conn, "id > ?", (after_call,))
+            edges = self._records(conn, f"id > ? AND ({rollups.in_hour('ts', '<')} OR {rollups.in_hour('ts', '>=')})",
+                                  (after_call, first_hour, first_hour, this_hour, this_hour))
+            return rollups.summary(conn, first_hour, this_hour), edges
+        finally:
+            conn.close()
+
+    @staticmethod
+    def _records(conn: sqlite3.Connection, where: str, params: tuple[object, ...]) -> list[CallRecord]:
+        cursor = conn.execute(f"SELECT {', '.join(_COLUMNS)} FROM calls WHERE {where} ORDER BY id", params)
+        return [_record(row) for row in cursor]
+
+    def cost_by_day(self, since: float) -> tuple[dict[int, float], float | None]:
+        """Cost per UTC day since `since`, and the ledger's first call time: seeds the projection."""
+        conn = _connect(self.path)
+        try:
+            first = conn.execute("SELECT MIN(ts) FROM calls").fetchone()[0]
+            return rollups.cost_by_day(conn, int(since // rollups.DAY)), first
+        finally:
+            conn.close()
+
     def rows(self, since: float | None = None, until: float | None = None) -> Iterator[CallRecord]:
         """Rows in time order, streamed from the database rather than loaded whole."""
         conn = _connect(self.path)
@@ -485,7 +524,6 @@ class Ledger:
             conn.close()
 
 
-COLUMNS = tuple(_COLUMNS)
 _BOOLEANS = [_COLUMNS.index(name) for name in ("stream", "estimated", "final")]
 
 

@@ -1,0 +1,254 @@
+"""The ledger's hourly and daily summaries, kept by the writer in the same transaction as the rows.
+
+A report's cost must follow the period it asks for, not the ledger's size: a year of calls is
+8,760 hours, however many calls they held. So for every UTC hour and UTC day the writer keeps
+one row per (upstream, model, type, endpoint, key, outcome, fallback origin, final) with the
+sums /stats and the history need, one row per user, and the latency and time-to-first-token
+histograms in the same log buckets the live aggregates use (histogram.bucket_index). A reader
+takes whole hours and days from here and only the partial hours at the edges from raw rows.
+
+An older ledger is back-filled once, in chunks of rows each committed with the id it reached,
+so an interrupted back-fill resumes where it stopped; `PRAGMA user_version` says it is done.
+"""
+
+from __future__ import annotations
+
+import logging
+import sqlite3
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+from .histogram import bucket_index
+
+log = logging.getLogger("tollgate.ledger")
+
+HOUR, DAY = 3600, 86400
+VERSION = 2          # PRAGMA user_version once the rollups hold every row
+CHUNK = 250_000      # rows per back-fill transaction
+
+# What identifies a rollup row besides its bucket; NULLs are stored as "" so the key is unique.
+KEY = ("upstream", "model", "type", "endpoint", "key_id", "outcome", "fallback_from", "final")
+SUMS = ("requests", "prompt_tokens", "completion_tokens", "cached_tokens", "estimated_calls", "estimated_tokens",
+        "cost_usd", "latency_sum", "ttft_count", "ttft_sum")
+USER_SUMS = ("requests", "errors", "prompt_tokens", "completion_tokens", "cached_tokens", "estimated_calls",
+             "estimated_tokens", "cost_usd")
+
+
+def _tables(span: str) -> str:
+    return f"""
+CREATE TABLE IF NOT EXISTS rollup_{span} (
+    bucket INTEGER NOT NULL, {', '.join(f'{k} {"INTEGER" if k == "final" else "TEXT"} NOT NULL' for k in KEY)},
+    {', '.join(f'{s} {"REAL" if s in ("cost_usd", "latency_sum", "ttft_sum") else "INTEGER"} NOT NULL' for s in SUMS)},
+    last_ts REAL NOT NULL,
+    PRIMARY KEY (bucket, {', '.join(KEY)})
+) WITHOUT ROWID;
+CREATE TABLE IF NOT EXISTS users_{span} (
+    bucket INTEGER NOT NULL, user TEXT NOT NULL,
+    {', '.join(f'{s} {"REAL" if s == "cost_usd" else "INTEGER"} NOT NULL' for s in USER_SUMS)},
+    last_ts REAL NOT NULL,
+    PRIMARY KEY (bucket, user)
+) WITHOUT ROWID;
+CREATE TABLE IF NOT EXISTS latency_{span} (
+    bucket INTEGER NOT NULL, kind INTEGER NOT NULL, idx INTEGER NOT NULL, n INTEGER NOT NULL,
+    PRIMARY KEY (bucket, kind, idx)
+) WITHOUT ROWID;
+"""
+
+
+SCHEMA = _tables("hour") + _tables("day") + """
+CREATE TABLE IF NOT EXISTS meta (name TEXT PRIMARY KEY, value) WITHOUT ROWID;
+"""
+LATENCY, TTFT = 0, 1
+
+
+def _upsert(table: str, key: tuple[str, ...], sums: tuple[str, ...], last_ts: bool) -> str:
+    columns = ("bucket", *key, *sums) + (("last_ts",) if last_ts else ())
+    updates = [f"{s} = {s} + excluded.{s}" for s in sums]
+    if last_ts:
+        updates.append("last_ts = MAX(last_ts, excluded.last_ts)")
+    return (f"INSERT INTO {table} ({', '.join(columns)}) VALUES ({', '.join('?' * len(columns))}) "
+            f"ON CONFLICT DO UPDATE SET {', '.join(updates)}")
+
+
+_UPSERT = {span: (_upsert(f"rollup_{span}", KEY, SUMS, True), _upsert(f"users_{span}", ("user",), USER_SUMS, True),
+                  _upsert(f"latency_{span}", ("kind", "idx"), ("n",), False)) for span in ("hour", "day")}
+
+
+def in_hour(column: str, op: str) -> str:
+    """`column`'s hour compared with a parameter, as the rollups bucket it (indexable on ts too)."""
+    bound = "? * 3600 + 1" if op == "<" else "? * 3600 - 1"
+    return f"({column} {op} {bound} AND CAST({column} / {HOUR} AS INTEGER) {op} ?)"
+
+
+def add_rows(conn: sqlite3.Connection, rows: Sequence[tuple[object, ...]], columns: tuple[str, ...]) -> None:
+    """Fold call rows (tuples in `columns` order, as the writer inserts them) into the rollups."""
+    at = {name: i for i, name in enumerate(columns)}
+    i_ts, i_up, i_model, i_type, i_end, i_key, i_out, i_fb, i_final = (at[n] for n in (
+        "ts", "upstream", "model", "type", "endpoint", "key_id", "outcome", "fallback_from", "final"))
+    i_p, i_c, i_cached, i_est, i_lat, i_ttft, i_cost, i_user = (at[n] for n in (
+        "prompt_tokens", "completion_tokens", "cached_tokens", "estimated", "latency_s", "ttft_s", "cost_usd", "user"))
+    for span, size in (("hour", HOUR), ("day", DAY)):
+        groups: dict[tuple[object, ...], list[float]] = {}
+        users: dict[tuple[object, ...], list[float]] = {}
+        latency: dict[tuple[int, int, int], int] = {}
+        for row in rows:
+            ts = float(row[i_ts])  # type: ignore[arg-type]
+            bucket = int(ts / size)  # SQLite's CAST(ts / size AS INTEGER), the same bucket to the last bit
+            prompt, completion = int(row[i_p]), int(row[i_c])  # type: ignore[call-overload]
+            estimated = bool(row[i_est])
+            ttft = row[i_ttft]
+            tokens = prompt + completion
+            key = (bucket, row[i_up], row[i_model], row[i_type], row[i_end], row[i_key] or "", row[i_out],
+                   row[i_fb] or "", int(bool(row[i_final])))
+            sums = groups.get(key)
+            if sums is None:
+                sums = groups[key] = [0, 0, 0, 0, 0, 0, 0.0, 0.0, 0, 0.0, ts]
+            sums[0] += 1
+            sums[1] += prompt
+            sums[2] += completion
+            sums[3] += int(row[i_cached])  # type: ignore[call-overload]
+            if estimated:
+                sums[4] += 1
+                sums[5] += tokens
+            sums[6] += float(row[i_cost])  # type: ignore[arg-type]
+            sums[7] += float(row[i_lat])  # type: ignore[arg-type]
+            if ttft is not None:
+                sums[8] += 1
+                sums[9] += float(ttft)  # type: ignore[arg-type]
+            sums[10] = max(sums[10], ts)
+            if not row[i_final]:
+                continue  # an attempt a fallback took over: not a call of its user's, no latency of its own
+            index = (bucket, LATENCY, bucket_index(float(row[i_lat])))  # type: ignore[arg-type]
+            latency[index] = latency.get(index, 0) + 1
+            if ttft is not None:
+                index = (bucket, TTFT, bucket_index(float(ttft)))  # type: ignore[arg-type]
+                latency[index] = latency.get(index, 0) + 1
+            if row[i_user] is not None:
+                user = users.get((bucket, row[i_user]))
+                if user is None:
+                    user = users[(bucket, row[i_user])] = [0, 0, 0, 0, 0, 0, 0, 0.0, ts]
+                user[0] += 1
+                user[1] += row[i_out] != "ok"
+                user[2] += prompt
+                user[3] += completion
+                user[4] += int(row[i_cached])  # type: ignore[call-overload]
+                if estimated:
+                    user[5] += 1
+                    user[6] += tokens
+                user[7] += float(row[i_cost])  # type: ignore[arg-type]
+                user[8] = max(user[8], ts)
+        rollup, per_user, hist = _UPSERT[span]
+        conn.executemany(rollup, [(*k, *v) for k, v in groups.items()])
+        conn.executemany(per_user, [(*k, *v) for k, v in users.items()])
+        conn.executemany(hist, [(*k, n) for k, n in latency.items()])
+
+
+def _backfill_sql(span: str, size: int) -> list[str]:
+    """Statements folding the rows with lo < id <= hi into one span's tables, in SQLite's C."""
+    bucket = f"CAST(ts / {size} AS INTEGER)"
+    sums = ("COUNT(*), SUM(prompt_tokens), SUM(completion_tokens), SUM(cached_tokens), SUM(estimated), "
+            "SUM(CASE WHEN estimated THEN prompt_tokens + completion_tokens ELSE 0 END), SUM(cost_usd), "
+            "SUM(latency_s), COUNT(ttft_s), TOTAL(ttft_s), MAX(ts)")
+    key = "upstream, model, type, endpoint, COALESCE(key_id, ''), outcome, COALESCE(fallback_from, ''), final"
+    rollup, users, latency = (sql.split(" VALUES ")[0] for sql in _UPSERT[span])
+    conflict = [sql.split(" VALUES ")[1].split(") ", 1)[1] for sql in _UPSERT[span]]
+    user_sums = ("COUNT(*), SUM(outcome != 'ok'), SUM(prompt_tokens), SUM(completion_tokens), SUM(cached_tokens), "
+                 "SUM(estimated), SUM(CASE WHEN estimated THEN prompt_tokens + completion_tokens ELSE 0 END), "
+                 "SUM(cost_usd), MAX(ts)")
+    rows = "FROM calls WHERE id > :lo AND id <= :hi"
+    return [
+        f"{rollup} SELECT {bucket}, {key}, {sums} {rows} GROUP BY 1, 2, 3, 4, 5, 6, 7, 8, 9 {conflict[0]}",
+        f"{users} SELECT {bucket}, user, {user_sums} {rows} AND final = 1 AND user IS NOT NULL "
+        f"GROUP BY 1, 2 {conflict[1]}",
+        f"{latency} SELECT {bucket}, {LATENCY}, tollgate_bucket(latency_s), COUNT(*) {rows} AND final = 1 "
+        f"GROUP BY 1, 3 {conflict[2]}",
+        f"{latency} SELECT {bucket}, {TTFT}, tollgate_bucket(ttft_s), COUNT(*) {rows} AND final = 1 "
+        f"AND ttft_s IS NOT NULL GROUP BY 1, 3 {conflict[2]}",
+    ]
+
+
+_BACKFILL = _backfill_sql("hour", HOUR) + _backfill_sql("day", DAY)
+
+
+def backfill(conn: sqlite3.Connection) -> None:
+    """Bring the rollups up to every row written before they existed. Each chunk commits with the
+    last id it covered, so an interrupted back-fill picks up where it stopped, and never counts a
+    row twice. New rows are not written meanwhile: this runs before the writer starts. The sums
+    are SQLite's; the latency buckets are histogram.bucket_index's, the writer's own function."""
+    if conn.execute("PRAGMA user_version").fetchone()[0] >= VERSION:
+        return
+    conn.create_function("tollgate_bucket", 1, bucket_index, deterministic=True)
+    done = conn.execute("SELECT value FROM meta WHERE name = 'rollups_upto'").fetchone()
+    upto = int(done[0]) if done else 0
+    last = conn.execute("SELECT COALESCE(MAX(id), 0) FROM calls").fetchone()[0]
+    if last > upto:
+        total = conn.execute("SELECT COUNT(*) FROM calls WHERE id > ?", (upto,)).fetchone()[0]
+        log.info("ledger: back-filling the hourly and daily rollups from %s rows (once; safe to interrupt)",
+                 f"{total:,}")
+    began, covered = time.monotonic(), 0
+    while upto < last:
+        # The id CHUNK rows on: ids have gaps where rows were pruned, so count rows, not ids.
+        hi = conn.execute(f"SELECT MAX(id) FROM (SELECT id FROM calls WHERE id > ? ORDER BY id LIMIT {CHUNK})",
+                          (upto,)).fetchone()[0]
+        if hi is None:
+            break
+        conn.execute("BEGIN IMMEDIATE")
+        for statement in _BACKFILL:
+            conn.execute(statement, {"lo": upto, "hi": hi})
+        covered += conn.execute("SELECT COUNT(*) FROM calls WHERE id > ? AND id <= ?", (upto, hi)).fetchone()[0]
+        upto = hi
+        conn.execute("INSERT INTO meta (name, value) VALUES ('rollups_upto', ?) "
+                     "ON CONFLICT DO UPDATE SET value = excluded.value", (upto,))
+        conn.execute("COMMIT")
+        log.info("ledger: back-fill %s rows done (up to row %s) in %.1f s", f"{covered:,}", f"{upto:,}",
+                 time.monotonic() - began)
+    conn.execute(f"PRAGMA user_version = {VERSION}")
+
+
+# --- reading -------------------------------------------------------------------------------
+
+
+@dataclass
+class Summary:
+    """Sums over whole hours and days, in engine-neutral rows (see the column tuples above)."""
+
+    calls: list[tuple[object, ...]] = field(default_factory=list)     # KEY..., SUMS..., last_ts
+    users: list[tuple[object, ...]] = field(default_factory=list)     # user, USER_SUMS..., last_ts
+    latency: list[tuple[int, int, int]] = field(default_factory=list)  # kind, idx, n
+
+
+def spans(start_hour: int, end_hour: int) -> list[tuple[str, int, int]]:
+    """Whole hours [start_hour, end_hour) as (table span, first bucket, end bucket): whole UTC
+    days from the day tables, the hours around them from the hour tables."""
+    first_day, end_day = -(-start_hour // 24), end_hour // 24
+    if end_day <= first_day:
+        return [("hour", start_hour, end_hour)] if end_hour > start_hour else []
+    out = [("day", first_day, end_day)]
+    if first_day * 24 > start_hour:
+        out.append(("hour", start_hour, first_day * 24))
+    if end_hour > end_day * 24:
+        out.append(("hour", end_day * 24, end_hour))
+    return out
+
+
+def summary(conn: sqlite3.Connection, start_hour: int, end_hour: int) -> Summary:
+    """Everything the rollups hold for the whole hours [start_hour, end_hour)."""
+    out = Summary()
+    for span, first, end in spans(start_hour, end_hour):
+        where = "bucket >= ? AND bucket < ?"
+        out.calls += conn.execute(
+            f"SELECT {', '.join(KEY)}, {', '.join(f'SUM({s})' for s in SUMS)}, MAX(last_ts) FROM rollup_{span} "
+            f"WHERE {where} GROUP BY {', '.join(KEY)}", (first, end)).fetchall()
+        out.users += conn.execute(
+            f"SELECT user, {', '.join(f'SUM({s})' for s in USER_SUMS)}, MAX(last_ts) FROM users_{span} "
+            f"WHERE {where} GROUP BY user", (first, end)).fetchall()
+        out.latency += conn.execute(
+            f"SELECT kind, idx, SUM(n) FROM latency_{span} WHERE {where} GROUP BY kind, idx", (first, end)).fetchall()
+    return out
+
+
+def cost_by_day(conn: sqlite3.Connection, since_day: int) -> dict[int, float]:
+    rows = conn.execute("SELECT bucket, SUM(cost_usd) FROM rollup_day WHERE bucket >= ? GROUP BY bucket",
+                        (since_day,)).fetchall()
+    return {int(day): float(cost) for day, cost in rows}

@@ -1,0 +1,139 @@
+"""The ledger's rollups give exactly what the raw rows give: written live by the writer, or
+back-filled once into an older ledger, for any epoch, partial hours at its ends included."""
+
+from __future__ import annotations
+
+import asyncio
+import random
+import signal
+import sqlite3
+import sys
+from dataclasses import fields, replace
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from proxy import rollups
+from proxy.accounting import Aggregates
+from proxy.store import CallRecord, Ledger
+
+from .conftest import Serve, to_toml
+
+START = 1_700_000_000.0 + 1234.5   # not on an hour
+
+
+def random_rows(rng: random.Random, count: int, span_s: float) -> list[CallRecord]:
+    rows = []
+    for i in range(count):
+        ts = START + span_s * i / count + rng.random()
+        final = rng.random() > 0.05
+        outcome = "ok" if rng.random() < 0.8 else rng.choice(["timeout", "upstream_status", "cancelled",
+                                                               "rate_limited"])
+        prompt, completion = rng.randint(0, 500), rng.randint(0, 300)
+        rows.append(CallRecord(
+            ts=ts, upstream=rng.choice(["cloud", "local", ""]), model=rng.choice(["gpt-4o", "llama3.2", "m'x"]),
+            dialect="openai", endpoint=rng.choice(["chat", "embedding", "generate"]),
+            type=rng.choice(["chat", "vision", "documento"]), user=rng.choice([None, "ana", "beto", "5215512345678"]),
+            stream=rng.random() < 0.5, status=200 if outcome == "ok" else 504, outcome=outcome,
+            prompt_tokens=prompt if final else 0, completion_tokens=completion if final else 0,
+            cached_tokens=rng.choice([0, 16]), estimated=rng.random() < 0.1, latency_s=rng.lognormvariate(0, 1),
+            ttft_s=rng.random() if rng.random() < 0.5 else None, cost_usd=rng.random() / 100 if final else 0.0,
+            fallback_from=rng.choice([None, None, "cloud"]), key_id=rng.choice([None, "bot"]),
+            admission=None, final=final))
+    return rows
+
+
+def replayed(started: float, rows: list[CallRecord]) -> Aggregates:
+    agg = Aggregates(epoch_started=started)
+    for rec in rows:
+        agg.add(rec)
+    return agg
+
+
+def same(a: Aggregates, b: Aggregates) -> None:
+    def tallies(table: dict[str, object]) -> dict[str, tuple[object, ...]]:
+        # Costs are float sums taken in another order: equal to the last few bits.
+        return {k: tuple(pytest.approx(x, rel=1e-9) if isinstance(x, float) else x for x in vars(v).values())
+                for k, v in table.items()}
+
+    assert tallies({"*": a.totals}) == tallies({"*": b.totals})
+    for name in ("by_upstream", "by_model", "by_type", "by_user"):
+        assert tallies(getattr(a, name)) == tallies(getattr(b, name)), name
+    assert {k: v for k, v in a.outcomes.items() if v} == {k: v for k, v in b.outcomes.items() if v}
+    for name in ("latency", "ttft"):
+        ha, hb = getattr(a, name), getattr(b, name)
+        assert (ha.buckets, ha.count) == (hb.buckets, hb.count) and ha.sum == pytest.approx(hb.sum), name
+    assert (a.last_request, a.user_last_seen, a.chat_messages, a.fallbacks, a.attempts) == \
+           (b.last_request, b.user_last_seen, b.chat_messages, b.fallbacks, b.attempts)
+
+
+@pytest.mark.parametrize("seed", [1, 2, 3])
+async def test_the_epoch_from_rollups_is_the_epoch_from_rows(tmp_path: Path, seed: int) -> None:
+    rng = random.Random(seed)
+    rows = random_rows(rng, 3000, 9 * 86400)           # nine days, so whole days, hours and edges
+    cut = rng.randint(200, 2800)                       # a stats reset somewhere in the middle
+    reset_at = rows[cut - 1].ts + 0.001
+    ledger = Ledger(tmp_path / "ledger.sqlite3")
+    ledger.open(START - 10)
+    for rec in rows[:cut]:
+        ledger.append(rec)
+    ledger.new_epoch(reset_at)
+    for rec in rows[cut:]:
+        ledger.append(rec)
+    await ledger.flush()
+    ledger.close()
+
+    now = rows[-1].ts + rng.random() * 7200
+    started, after_call = ledger.epoch()
+    assert started == reset_at
+    summary, edges = ledger.epoch_summary(started, after_call, now)
+    assert summary.calls and len(edges) < 200      # whole hours came from the rollups
+    same(Aggregates.from_summary(started, summary, edges), replayed(started, rows[cut:]))
+    # And an epoch that began with the ledger, read at another moment.
+    summary, edges = ledger.epoch_summary(START - 10, 0, rows[-1].ts + 1)
+    same(Aggregates.from_summary(START - 10, summary, edges), replayed(START - 10, rows))
+
+
+async def test_an_older_ledger_is_back_filled_once_even_if_killed(tmp_path: Path, raw_config: dict[str, Any]) -> None:
+    """`tollgate serve` on a ledger an older version left (no rollups), killed in the middle of
+    its back-fill, then started again: it carries on from where it stopped, and no row counts twice."""
+    sample = random_rows(random.Random(9), 2500, 3 * 86400)
+    rows = [replace(rec, ts=rec.ts + 3 * 86400 * copy) for copy in range(104) for rec in sample]  # 260,000
+    data = Path(raw_config["server"]["data_dir"])
+    path = data / "ledger.sqlite3"
+    ledger = Ledger(path)
+    ledger.open(START - 10)
+    ledger.close()
+    conn = sqlite3.connect(path)
+    columns = tuple(f.name for f in fields(CallRecord))
+    conn.executemany(f"INSERT INTO calls ({', '.join(columns)}) VALUES ({', '.join('?' * len(columns))})",
+                     [tuple(getattr(rec, c) for c in columns) for rec in rows])
+    for span in ("hour", "day"):                   # as an older Tollgate left it
+        for table in ("rollup", "users", "latency"):
+            conn.execute(f"DROP TABLE {table}_{span}")
+    conn.execute("DROP TABLE meta")
+    conn.execute("PRAGMA user_version = 0")
+    conn.commit()
+    conn.close()
+    config = tmp_path / "config.toml"
+    config.write_text(to_toml(raw_config))
+
+    server = Serve(config)
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "proxy", "-c", str(config), "serve",
+        stdout=asyncio.subprocess.DEVNULL, stderr=asyncio.subprocess.PIPE)
+    assert proc.stderr is not None
+    while b"back-fill 250,000 rows done" not in (line := await asyncio.wait_for(proc.stderr.readline(), 120)):
+        assert line, "serve ended before its back-fill"
+    proc.kill()
+    await proc.wait()
+    progress = sqlite3.connect(path).execute("SELECT value FROM meta WHERE name = 'rollups_upto'").fetchone()
+    assert progress is not None and 250_000 <= progress[0] < 260_000
+
+    await server.start()                           # the next start finishes the job, then serves
+    assert any("back-filling the hourly and daily rollups from 10,000 rows" in line for line in server.log)
+    assert await server.signal(signal.SIGTERM) == 0
+    assert sqlite3.connect(path).execute("PRAGMA user_version").fetchone() == (rollups.VERSION,)
+    summary = Ledger(path).epoch_summary(START - 10, 0, rows[-1].ts + 1)
+    same(Aggregates.from_summary(START - 10, *summary), replayed(START - 10, rows))
