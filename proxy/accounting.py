@@ -2,9 +2,8 @@
 
 `Accounting.record` is called once per finished call. It updates the in-memory aggregates
 and hands the row to the ledger; nothing here does I/O. At start the aggregates are read back
-from the ledger's hourly and daily rollups plus the raw rows of the partial hours at the
-epoch's ends (`Aggregates.from_summary`), so they come out as they were before the restart,
-at a cost that does not grow with the ledger. Usage windows
+from the ledger's rollup of the epoch (`Aggregates.from_summary`), so they come out as they
+were before the restart, at a cost that does not grow with the ledger. Usage windows
 (requests today, tokens this minute) are not kept here: the limiter's windows are their one
 source. The clock is injected so tests control time.
 """
@@ -12,7 +11,7 @@ source. The clock is injected so tests control time.
 from __future__ import annotations
 
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -143,9 +142,9 @@ class Aggregates:
     attempts: dict[str, int] = field(default_factory=dict)
 
     @classmethod
-    def from_summary(cls, started: float, summary: Summary, edges: list[CallRecord]) -> Aggregates:
-        """The epoch's aggregates from the ledger's rollups (whole hours and days) and the raw rows
-        of its partial hours: equal to adding every row of the epoch one by one."""
+    def from_summary(cls, started: float, summary: Summary, edges: Iterable[CallRecord] = ()) -> Aggregates:
+        """The epoch's aggregates from the ledger's rollups, and rows the rollups do not hold yet:
+        equal to adding every row of the epoch one by one."""
         agg = cls(epoch_started=started)
         for (upstream, model, type_, endpoint, _key, outcome, fallback_from, final, requests, prompt, completion,
              cached, estimated_calls, estimated_tokens, cost, latency_sum, _ttft_count, ttft_sum,

@@ -90,10 +90,10 @@ async def ledger_ctx(app: web.Application) -> AsyncIterator[None]:
 
 
 def replay_ledger(ledger: Ledger, acc: Accounting, limiter: Limiter) -> None:
-    """Rebuild /stats (the epoch's rollups and edge rows), the limiter's windows (the last day's admissions: the
+    """Rebuild /stats (the epoch's rollup), the limiter's windows (the last day's admissions: the
     one source of every usage window) and the cost trend (a week of daily sums)."""
-    (started, after_call), now = ledger.epoch(), acc.clock()
-    acc.load(Aggregates.from_summary(started, *ledger.epoch_summary(started, after_call, now)))
+    now = acc.clock()
+    acc.load(Aggregates.from_summary(*ledger.epoch_summary()))
     # Windows come from admissions, written as calls were let through, so calls in flight at a
     # crash still hold their places. A calendar day can start up to a day ago; a window is
     # never longer than that.

@@ -56,7 +56,9 @@ CREATE TABLE IF NOT EXISTS latency_{span} (
 """
 
 
-SCHEMA = _tables("hour") + _tables("day") + """
+# The epoch tables' "bucket" is the stats epoch's id: /stats since a reset is one lookup.
+SPANS = ("hour", "day", "epoch")
+SCHEMA = "".join(_tables(span) for span in SPANS) + """
 CREATE TABLE IF NOT EXISTS meta (name TEXT PRIMARY KEY, value) WITHOUT ROWID;
 """
 LATENCY, TTFT = 0, 1
@@ -72,7 +74,7 @@ def _upsert(table: str, key: tuple[str, ...], sums: tuple[str, ...], last_ts: bo
 
 
 _UPSERT = {span: (_upsert(f"rollup_{span}", KEY, SUMS, True), _upsert(f"users_{span}", ("user",), USER_SUMS, True),
-                  _upsert(f"latency_{span}", ("kind", "idx"), ("n",), False)) for span in ("hour", "day")}
+                  _upsert(f"latency_{span}", ("kind", "idx"), ("n",), False)) for span in SPANS}
 
 
 def in_hour(column: str, op: str) -> str:
@@ -81,20 +83,23 @@ def in_hour(column: str, op: str) -> str:
     return f"({column} {op} {bound} AND CAST({column} / {HOUR} AS INTEGER) {op} ?)"
 
 
-def add_rows(conn: sqlite3.Connection, rows: Sequence[tuple[object, ...]], columns: tuple[str, ...]) -> None:
-    """Fold call rows (tuples in `columns` order, as the writer inserts them) into the rollups."""
+def add_rows(conn: sqlite3.Connection, rows: Sequence[tuple[object, ...]], columns: tuple[str, ...],
+             epoch: int) -> None:
+    """Fold call rows (tuples in `columns` order, as the writer inserts them) of stats epoch
+    `epoch` into the rollups."""
     at = {name: i for i, name in enumerate(columns)}
     i_ts, i_up, i_model, i_type, i_end, i_key, i_out, i_fb, i_final = (at[n] for n in (
         "ts", "upstream", "model", "type", "endpoint", "key_id", "outcome", "fallback_from", "final"))
     i_p, i_c, i_cached, i_est, i_lat, i_ttft, i_cost, i_user = (at[n] for n in (
         "prompt_tokens", "completion_tokens", "cached_tokens", "estimated", "latency_s", "ttft_s", "cost_usd", "user"))
-    for span, size in (("hour", HOUR), ("day", DAY)):
+    for span, size in (("hour", HOUR), ("day", DAY), ("epoch", 0)):
         groups: dict[tuple[object, ...], list[float]] = {}
         users: dict[tuple[object, ...], list[float]] = {}
         latency: dict[tuple[int, int, int], int] = {}
         for row in rows:
             ts = float(row[i_ts])  # type: ignore[arg-type]
-            bucket = int(ts / size)  # SQLite's CAST(ts / size AS INTEGER), the same bucket to the last bit
+            # SQLite's CAST(ts / size AS INTEGER): the back-fill's bucket, to the last bit.
+            bucket = int(ts / size) if size else epoch
             prompt, completion = int(row[i_p]), int(row[i_c])  # type: ignore[call-overload]
             estimated = bool(row[i_est])
             ttft = row[i_ttft]
@@ -146,7 +151,7 @@ def add_rows(conn: sqlite3.Connection, rows: Sequence[tuple[object, ...]], colum
 
 def _backfill_sql(span: str, size: int) -> list[str]:
     """Statements folding the rows with lo < id <= hi into one span's tables, in SQLite's C."""
-    bucket = f"CAST(ts / {size} AS INTEGER)"
+    bucket = f"CAST(ts / {size} AS INTEGER)" if size else ":epoch"
     sums = ("COUNT(*), SUM(prompt_tokens), SUM(completion_tokens), SUM(cached_tokens), SUM(estimated), "
             "SUM(CASE WHEN estimated THEN prompt_tokens + completion_tokens ELSE 0 END), SUM(cost_usd), "
             "SUM(latency_s), COUNT(ttft_s), TOTAL(ttft_s), MAX(ts)")
@@ -169,6 +174,7 @@ def _backfill_sql(span: str, size: int) -> list[str]:
 
 
 _BACKFILL = _backfill_sql("hour", HOUR) + _backfill_sql("day", DAY)
+_BACKFILL_EPOCH = _backfill_sql("epoch", 0)
 
 
 def backfill(conn: sqlite3.Connection) -> None:
@@ -196,6 +202,13 @@ def backfill(conn: sqlite3.Connection) -> None:
         conn.execute("BEGIN IMMEDIATE")
         for statement in _BACKFILL:
             conn.execute(statement, {"lo": upto, "hi": hi})
+        # Each epoch holds the rows after its after_call, up to the next epoch's.
+        epochs = conn.execute("SELECT id, after_call FROM epochs ORDER BY id").fetchall()
+        for (epoch, first), (_, end) in zip(epochs, [*epochs[1:], (None, hi)]):
+            lo, top = max(upto, first), min(hi, end)
+            if top > lo:
+                for statement in _BACKFILL_EPOCH:
+                    conn.execute(statement, {"lo": lo, "hi": top, "epoch": epoch})
         covered += conn.execute("SELECT COUNT(*) FROM calls WHERE id > ? AND id <= ?", (upto, hi)).fetchone()[0]
         upto = hi
         conn.execute("INSERT INTO meta (name, value) VALUES ('rollups_upto', ?) "
@@ -246,6 +259,16 @@ def summary(conn: sqlite3.Connection, start_hour: int, end_hour: int) -> Summary
         out.latency += conn.execute(
             f"SELECT kind, idx, SUM(n) FROM latency_{span} WHERE {where} GROUP BY kind, idx", (first, end)).fetchall()
     return out
+
+
+def epoch_summary(conn: sqlite3.Connection, epoch: int) -> Summary:
+    """Everything the rollups hold for stats epoch `epoch`: a few hundred rows, however long it is."""
+    return Summary(
+        conn.execute(f"SELECT {', '.join(KEY)}, {', '.join(SUMS)}, last_ts FROM rollup_epoch WHERE bucket = ?",
+                     (epoch,)).fetchall(),
+        conn.execute(f"SELECT user, {', '.join(USER_SUMS)}, last_ts FROM users_epoch WHERE bucket = ?",
+                     (epoch,)).fetchall(),
+        conn.execute("SELECT kind, idx, n FROM latency_epoch WHERE bucket = ?", (epoch,)).fetchall())
 
 
 def cost_by_day(conn: sqlite3.Connection, since_day: int) -> dict[int, float]:

@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import math
 import os
 import queue
 import sqlite3
@@ -405,20 +404,19 @@ class Ledger:
         _insert_many(conn, "admissions", _ADMISSION_COLUMNS,
                      [_ADMISSION_ROW(item) for item in batch if isinstance(item, Admission)], ignore=True)
         rows: list[tuple[object, ...]] = []
-        written: list[tuple[object, ...]] = []
+        epoch = conn.execute("SELECT MAX(id) FROM epochs").fetchone()[0]
         for item in batch:
             if isinstance(item, CallRecord):
                 rows.append(_ROW(item))
             elif isinstance(item, _Epoch):
                 _insert_many(conn, "calls", _COLUMNS, rows)
-                written += rows
+                rollups.add_rows(conn, rows, COLUMNS, epoch)
                 rows = []
-                conn.execute("INSERT INTO epochs (started, after_call) "
-                             "SELECT ?, COALESCE(MAX(id), 0) FROM calls", (item.started,))
+                epoch = conn.execute("INSERT INTO epochs (started, after_call) "
+                                     "SELECT ?, COALESCE(MAX(id), 0) FROM calls", (item.started,)).lastrowid
         _insert_many(conn, "calls", _COLUMNS, rows)
-        written += rows
-        if written:
-            rollups.add_rows(conn, written, COLUMNS)
+        if rows:
+            rollups.add_rows(conn, rows, COLUMNS, epoch)
 
     def _after_failure(self, conn: sqlite3.Connection | None, exc: sqlite3.Error,
                        writes: list[CallRecord | _Epoch | Admission]) -> sqlite3.Connection | None:
@@ -459,24 +457,15 @@ class Ledger:
         finally:
             conn.close()
 
-    def epoch_summary(self, started: float, after_call: int, now: float) -> tuple[rollups.Summary, list[CallRecord]]:
-        """The epoch's sums: whole hours and days from the rollups, and the raw rows of the partial
-        hours at its two ends (from its start to the next whole hour, and the hour now running)."""
-        first_hour, this_hour = math.ceil(started / rollups.HOUR), math.floor(now / rollups.HOUR)
+    def epoch_summary(self, epoch: int | None = None) -> tuple[float, rollups.Summary]:
+        """When stats epoch `epoch` (the current one by default) began, and its sums."""
         conn = _connect(self.path)
         try:
-            if this_hour <= first_hour:
-                return rollups.Summary(), self._records(conn, "id > ?", (after_call,))
-            edges = self._records(conn, f"id > ? AND ({rollups.in_hour('ts', '<')} OR {rollups.in_hour('ts', '>=')})",
-                                  (after_call, first_hour, first_hour, this_hour, this_hour))
-            return rollups.summary(conn, first_hour, this_hour), edges
+            row = conn.execute("SELECT id, started FROM epochs WHERE id = COALESCE(?, (SELECT MAX(id) FROM epochs))",
+                               (epoch,)).fetchone()
+            return float(row[1]), rollups.epoch_summary(conn, int(row[0]))
         finally:
             conn.close()
-
-    @staticmethod
-    def _records(conn: sqlite3.Connection, where: str, params: tuple[object, ...]) -> list[CallRecord]:
-        cursor = conn.execute(f"SELECT {', '.join(_COLUMNS)} FROM calls WHERE {where} ORDER BY id", params)
-        return [_record(row) for row in cursor]
 
     def cost_by_day(self, since: float) -> tuple[dict[int, float], float | None]:
         """Cost per UTC day since `since`, and the ledger's first call time: seeds the projection."""
