@@ -106,10 +106,10 @@ def main() -> None:
     timed(f"write {args.rows:,} rows", fill, path, args.rows, now)
     last_day = reports.Filters(since=now - DAY)
     zone = local_zone()
-    timed("history: hour buckets, last day", reports.history, path, "hour", last_day, None, zone, now)
-    timed("history: day buckets by upstream, 30 days", reports.history, path, "day", reports.Filters(), "upstream",
+    timed("history: hour buckets, last day", reports.history, Ledger(path), "hour", last_day, None, zone, now)
+    timed("history: day buckets by upstream, 30 days", reports.history, Ledger(path), "day", reports.Filters(), "upstream",
           zone, now)
-    timed("history: day buckets by user, 30 days", reports.history, path, "day", reports.Filters(), "user", zone, now)
+    timed("history: day buckets by user, 30 days", reports.history, Ledger(path), "day", reports.Filters(), "user", zone, now)
     asyncio.run(serve_and_export(tmp, args.rows))
 
 

@@ -158,7 +158,7 @@ def cmd_export(config: Config, args: argparse.Namespace) -> int:
     filters = reports.Filters(_parse_time(config, args.since), _parse_time(config, args.until))
     out = sys.stdout.buffer if args.csv == "-" else open(args.csv, "wb")
     try:
-        for chunk in reports.csv_chunks(config.db_path, filters, config.stats.tz):
+        for chunk in reports.csv_chunks(Ledger(config.db_path), filters, config.stats.tz):
             out.write(chunk)
     finally:
         if out is not sys.stdout.buffer:

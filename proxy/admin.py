@@ -82,7 +82,7 @@ async def history(request: web.Request) -> web.Response:
     # how many rows it could not include rather than wait.
     written = await request.app[LEDGER].flush(timeout=_REPORT_FLUSH_S)
     data = await asyncio.get_running_loop().run_in_executor(
-        None, reports.history, config.db_path, bucket, filters, group_by, config.stats.tz, acc.clock())
+        None, reports.history, request.app[LEDGER], bucket, filters, group_by, config.stats.tz, acc.clock())
     now = acc.clock()
     if not written:
         data["unwritten_rows"] = request.app[LEDGER].unwritten
@@ -98,7 +98,7 @@ async def export_csv(request: web.Request) -> web.StreamResponse:
     app = request.app
     await app[LEDGER].flush(timeout=_REPORT_FLUSH_S)
     loop = asyncio.get_running_loop()
-    chunks = reports.csv_chunks(app[CONFIG].db_path, filters, app[CONFIG].stats.tz)
+    chunks = reports.csv_chunks(app[LEDGER], filters, app[CONFIG].stats.tz)
     out = web.StreamResponse(headers={"Content-Type": "text/csv; charset=utf-8",
                                       "Content-Disposition": 'attachment; filename="tollgate-ledger.csv"'})
     await out.prepare(request)

@@ -18,6 +18,7 @@ import sqlite3
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from typing import Any
 
 from .histogram import bucket_index
 
@@ -269,6 +270,45 @@ def epoch_summary(conn: sqlite3.Connection, epoch: int) -> Summary:
         conn.execute(f"SELECT user, {', '.join(USER_SUMS)}, last_ts FROM users_epoch WHERE bucket = ?",
                      (epoch,)).fetchall(),
         conn.execute("SELECT kind, idx, n FROM latency_epoch WHERE bucket = ?", (epoch,)).fetchall())
+
+
+def history(conn: sqlite3.Connection, start: int, end: int, equals: tuple[tuple[str, str], ...],
+            group_by: str | None) -> list[tuple[Any, ...]]:
+    """History pieces (UTC hour start, group, requests, prompt, completion, cost, errors,
+    estimated calls) for the whole hours [start, end), calls only (no attempts)."""
+    sums = ("SUM(requests), SUM(prompt_tokens), SUM(completion_tokens), SUM(cost_usd), {errors}, "
+            "SUM(estimated_calls)")
+    if group_by == "user" or any(column == "user" for column, _ in equals):
+        # Per-user sums; the calls that named no user are the hour's total less the users'.
+        user = next((value for column, value in equals if column == "user"), None)
+        where = "bucket >= ? AND bucket < ?" + (" AND user = ?" if user else "")
+        params: list[object] = [start, end]
+        params += [user] if user else []
+        group = "user" if group_by else "NULL"
+        pieces = conn.execute(f"SELECT bucket * {HOUR}, {group}, {sums.format(errors='SUM(errors)')} FROM users_hour "
+                              f"WHERE {where} GROUP BY bucket, {group}", params).fetchall()
+        if group_by and not user:
+            named: dict[int, list[float]] = {}
+            for piece in pieces:
+                into = named.setdefault(piece[0], [0, 0, 0, 0.0, 0, 0])
+                for i, value in enumerate(piece[2:]):
+                    into[i] += value
+            for total in history(conn, start, end, (), None):
+                rest = [t - n for t, n in zip(total[2:], named.get(total[0], [0, 0, 0, 0.0, 0, 0]))]
+                if rest[0]:
+                    pieces.append((total[0], None, *rest))
+        return [tuple(p) for p in pieces]
+    clauses = ["bucket >= ?", "bucket < ?", "final = 1"]
+    values: list[object] = [start, end]
+    for column, value in equals:
+        assert column in ("upstream", "model", "type")  # ours, never the client's text
+        clauses.append(f"{column} = ?")
+        values.append(value)
+    group = group_by or "NULL"
+    errors = "SUM(CASE WHEN outcome != 'ok' THEN requests ELSE 0 END)"
+    return [tuple(p) for p in conn.execute(
+        f"SELECT bucket * {HOUR}, {group}, {sums.format(errors=errors)} FROM rollup_hour "
+        f"WHERE {' AND '.join(clauses)} GROUP BY bucket, {group}", values)]
 
 
 def cost_by_day(conn: sqlite3.Connection, since_day: int) -> dict[int, float]:

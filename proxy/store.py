@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import math
 import os
 import queue
 import sqlite3
@@ -27,8 +28,9 @@ import threading
 import time
 from collections.abc import Iterator
 import operator
-from dataclasses import dataclass, fields
+from dataclasses import dataclass, fields, replace
 from pathlib import Path
+from typing import Any, Literal
 
 from . import rollups
 
@@ -165,6 +167,12 @@ def _connect(path: Path, busy_timeout_s: float = 30.0) -> sqlite3.Connection:
     return conn
 
 
+def _reader(path: Path) -> sqlite3.Connection:
+    """A read-only connection: a report can never write to the ledger. check_same_thread off: a
+    streamed export is read batch by batch from whichever executor thread is free, never two at once."""
+    return sqlite3.connect(f"file:{path}?mode=ro", uri=True, timeout=30.0, check_same_thread=False)
+
+
 def make_private_dir(path: Path) -> None:
     """Create `path` (and parents) readable by the owner only; tighten it if it exists."""
     path.mkdir(mode=0o700, parents=True, exist_ok=True)
@@ -185,6 +193,38 @@ def write_private_atomic(path: Path, data: bytes) -> None:
     finally:
         os.close(fd)
     os.replace(tmp, path)
+
+
+GroupBy = Literal["upstream", "model", "type", "user"]
+GROUPS: tuple[GroupBy, ...] = ("upstream", "model", "type", "user")
+
+
+@dataclass(frozen=True)
+class Filters:
+    """Which rows a report or an export covers."""
+
+    since: float | None = None
+    until: float | None = None
+    equals: tuple[tuple[GroupBy, str], ...] = ()  # e.g. (("upstream", "gpt4o_cloud"),)
+    # Reports count calls; an export shows every row, the attempts before a fallback included.
+    attempts: bool = False
+
+
+def _where(filters: Filters) -> tuple[str, list[Any]]:
+    clauses = ["ts >= ?", "ts < ?"] + ([] if filters.attempts else ["final = 1"])
+    params: list[Any] = [filters.since if filters.since is not None else float("-inf"),
+                         filters.until if filters.until is not None else float("inf")]
+    for column, value in filters.equals:
+        assert column in GROUPS  # the column name is ours, never the client's text
+        clauses.append(f'"{column}" = ?')
+        params.append(value)
+    return " AND ".join(clauses), params
+
+
+# One piece of a history: its UTC start, its group's value, and its sums: requests, prompt and
+# completion tokens, cost, errors, estimated calls. A piece lies within one local hour.
+Piece = tuple[float, Any, int, int, int, float, int, int]
+_QUARTER = 900
 
 
 class LedgerError(Exception):
@@ -440,7 +480,7 @@ class Ledger:
 
     def epoch(self) -> tuple[float, int]:
         """The current stats epoch: when it started, and the last row id before it."""
-        conn = _connect(self.path)
+        conn = _reader(self.path)
         try:
             row = conn.execute("SELECT started, after_call FROM epochs ORDER BY id DESC LIMIT 1").fetchone()
         finally:
@@ -449,7 +489,7 @@ class Ledger:
 
     def replay_rows(self, after_call: int) -> Iterator[CallRecord]:
         """The epoch's rows (id > after_call), in ledger order."""
-        conn = _connect(self.path)
+        conn = _reader(self.path)
         try:
             cursor = conn.execute(f"SELECT {', '.join(_COLUMNS)} FROM calls WHERE id > ? ORDER BY id", (after_call,))
             for row in cursor:
@@ -459,7 +499,7 @@ class Ledger:
 
     def epoch_summary(self, epoch: int | None = None) -> tuple[float, rollups.Summary]:
         """When stats epoch `epoch` (the current one by default) began, and its sums."""
-        conn = _connect(self.path)
+        conn = _reader(self.path)
         try:
             row = conn.execute("SELECT id, started FROM epochs WHERE id = COALESCE(?, (SELECT MAX(id) FROM epochs))",
                                (epoch,)).fetchone()
@@ -469,16 +509,74 @@ class Ledger:
 
     def cost_by_day(self, since: float) -> tuple[dict[int, float], float | None]:
         """Cost per UTC day since `since`, and the ledger's first call time: seeds the projection."""
-        conn = _connect(self.path)
+        conn = _reader(self.path)
         try:
             first = conn.execute("SELECT MIN(ts) FROM calls").fetchone()[0]
             return rollups.cost_by_day(conn, int(since // rollups.DAY)), first
         finally:
             conn.close()
 
+    def history_pieces(self, filters: Filters, group_by: GroupBy | None, whole_hours: bool) -> list[Piece]:
+        """The sums a history folds into its buckets. With `whole_hours` (the stats zone's hours
+        begin on UTC hours), whole hours come from the hourly rollups and only the partial hours at
+        the ends from raw rows, by UTC quarter-hour (every zone's offset is a whole number of them);
+        otherwise, or for a grouping the rollups do not hold, everything comes from raw rows."""
+        columns = {column for column, _ in filters.equals} | ({group_by} if group_by else set())
+        user = "user" in columns
+        if not whole_hours or (user and columns - {"user"}):
+            return self._raw_pieces(filters, group_by, None, None)
+        conn = _reader(self.path)
+        try:
+            first = conn.execute("SELECT MIN(bucket), MAX(bucket) FROM rollup_hour").fetchone()
+        finally:
+            conn.close()
+        if first[0] is None:
+            return self._raw_pieces(filters, group_by, None, None)
+        start = math.ceil(filters.since / rollups.HOUR) if filters.since is not None else int(first[0])
+        end = math.floor(filters.until / rollups.HOUR) if filters.until is not None else int(first[1]) + 1
+        if end <= start:
+            return self._raw_pieces(filters, group_by, None, None)
+        pieces = self._raw_pieces(filters, group_by, start, end)
+        conn = _reader(self.path)
+        try:
+            pieces += rollups.history(conn, start, end, filters.equals, group_by)
+        finally:
+            conn.close()
+        return pieces
+
+    def _raw_pieces(self, filters: Filters, group_by: GroupBy | None, start: int | None,
+                    end: int | None) -> list[Piece]:
+        """Raw rows by UTC quarter-hour; with `start`/`end`, only those outside the whole hours
+        [start, end) the rollups give."""
+        where, params = _where(filters)
+        if start is not None and end is not None:
+            where += f" AND ({rollups.in_hour('ts', '<')} OR {rollups.in_hour('ts', '>=')})"
+            params += [start, start, end, end]
+        group = f'"{group_by}"' if group_by else "NULL"
+        conn = _reader(self.path)
+        try:
+            return [(q * _QUARTER, *rest) for q, *rest in conn.execute(
+                f"""SELECT CAST(ts / {_QUARTER} AS INTEGER) AS q, {group} AS grp,
+                           COUNT(*), SUM(prompt_tokens), SUM(completion_tokens), SUM(cost_usd),
+                           SUM(outcome != 'ok'), SUM(estimated)
+                    FROM calls WHERE {where} GROUP BY q, grp""", params)]
+        finally:
+            conn.close()
+
+    def export_rows(self, filters: Filters, batch: int = 2000) -> Iterator[list[tuple[Any, ...]]]:
+        """Every row the filters cover, attempts included, in time order, `batch` at a time."""
+        where, params = _where(replace(filters, attempts=True))
+        conn = _reader(self.path)
+        try:
+            cursor = conn.execute(f"SELECT {', '.join(COLUMNS)} FROM calls WHERE {where} ORDER BY ts, id", params)
+            while rows := cursor.fetchmany(batch):
+                yield rows
+        finally:
+            conn.close()
+
     def rows(self, since: float | None = None, until: float | None = None) -> Iterator[CallRecord]:
         """Rows in time order, streamed from the database rather than loaded whole."""
-        conn = _connect(self.path)
+        conn = _reader(self.path)
         try:
             cursor = conn.execute(
                 f"SELECT {', '.join(_COLUMNS)} FROM calls WHERE ts >= ? AND ts < ? ORDER BY ts, id",
@@ -493,7 +591,7 @@ class Ledger:
     def replay_admissions(self, since: float) -> Iterator[Admission]:
         """Admissions since `since`, oldest first, each with the real tokens of its call if the
         call finished (and the tokens counted at admission if it never did)."""
-        conn = _connect(self.path)
+        conn = _reader(self.path)
         try:
             cursor = conn.execute(
                 """SELECT a.key, a.ts, a.upstream, a.model, a.user, a.key_id,
@@ -506,7 +604,7 @@ class Ledger:
             conn.close()
 
     def count(self) -> int:
-        conn = _connect(self.path)
+        conn = _reader(self.path)
         try:
             return int(conn.execute("SELECT COUNT(*) FROM calls").fetchone()[0])
         finally:

@@ -9,14 +9,16 @@ import signal
 import sqlite3
 import sys
 from dataclasses import fields, replace
+from datetime import datetime
 from pathlib import Path
 from typing import Any
+from zoneinfo import ZoneInfo
 
 import pytest
 
-from proxy import rollups
+from proxy import reports, rollups
 from proxy.accounting import Aggregates
-from proxy.store import CallRecord, Ledger
+from proxy.store import CallRecord, Filters, Ledger
 
 from .conftest import Serve, to_toml
 
@@ -135,3 +137,62 @@ async def test_an_older_ledger_is_back_filled_once_even_if_killed(tmp_path: Path
     for epoch, part in ((1, rows[:100_000]), (2, rows[100_000:])):
         started, summary = Ledger(path).epoch_summary(epoch)
         same(Aggregates.from_summary(started, summary), replayed(started, part))
+
+
+def reference_history(rows: list[CallRecord], bucket: str, filters: Filters, group_by: str | None,
+                      tz: ZoneInfo) -> tuple[list[dict[str, object]], dict[int, int], dict[str, int]]:
+    """The history as the raw rows say it, one row at a time, in plain Python."""
+    since = filters.since if filters.since is not None else float("-inf")
+    until = filters.until if filters.until is not None else float("inf")
+    folded: dict[tuple[float, object], list[float]] = {}
+    hours: dict[int, int] = {}
+    days: dict[str, int] = {}
+    for rec in rows:
+        if not rec.final or not since <= rec.ts < until or any(getattr(rec, c) != v for c, v in filters.equals):
+            continue
+        key = (reports.local_start(rec.ts, bucket, tz), getattr(rec, group_by) if group_by else None)  # type: ignore[arg-type]
+        into = folded.setdefault(key, [0, 0, 0, 0.0, 0, 0])
+        for i, value in enumerate((1, rec.prompt_tokens, rec.completion_tokens, rec.cost_usd, not rec.ok,
+                                   rec.estimated)):
+            into[i] += value
+        moment = datetime.fromtimestamp(rec.ts, tz)
+        hours[moment.hour] = hours.get(moment.hour, 0) + 1
+        weekday = moment.strftime("%A").lower()
+        days[weekday] = days.get(weekday, 0) + 1
+    buckets = [{"start": start, "group": grp, "requests": int(v[0]), "prompt_tokens": int(v[1]),
+                "completion_tokens": int(v[2]), "cost_usd": pytest.approx(v[3], abs=2e-6), "errors": int(v[4]),
+                "estimated_calls": int(v[5])} for (start, grp), v in folded.items()]
+    return sorted(buckets, key=lambda b: (b["start"], str(b["group"]))), hours, days
+
+
+@pytest.mark.parametrize("zone", ["UTC", "America/Mexico_City", "America/New_York", "Asia/Tokyo",
+                                  "Asia/Kolkata", "Australia/Lord_Howe"])
+async def test_history_from_rollups_is_the_history_from_rows(tmp_path: Path, zone: str) -> None:
+    """Across DST changes (New York, Lord Howe's half hour), and in zones whose hours are not UTC
+    hours (Kolkata: raw rows, by quarter-hour), for every bucket, grouping and filter."""
+    tz = ZoneInfo(zone)
+    rng = random.Random(zone)
+    first = 1_695_168_000.0 + 777.7                 # 2023-09-20, two months across two DST changes
+    rows = [replace(rec, ts=first + (rec.ts - START) * 7) for rec in random_rows(rng, 1500, 9 * 86400)]
+    ledger = Ledger(tmp_path / "ledger.sqlite3")
+    ledger.open(first)
+    for rec in rows:
+        ledger.append(rec)
+    await ledger.flush()
+    ledger.close()
+    periods = [(None, None), (first + 86400 * 3.3, first + 86400 * 40.7), (first + 5000.5, None)]
+    for since, until in periods:
+        for bucket in ("hour", "day"):
+            for group_by, equals in ((None, ()), ("upstream", ()), ("model", (("type", "chat"),)),
+                                     ("type", ()), ("user", ()), (None, (("user", "ana"),)),
+                                     ("user", (("model", "gpt-4o"),))):
+                filters = Filters(since, until, equals)  # type: ignore[arg-type]
+                got = reports.history(ledger, bucket, filters, group_by, tz, rows[-1].ts + 1)  # type: ignore[arg-type]
+                buckets, hours, days = reference_history(rows, bucket, filters, group_by, tz)
+                said = [{"start": b["start"], "group": b.get(group_by) if group_by else None,
+                         **{k: b[k] for k in ("requests", "prompt_tokens", "completion_tokens", "cost_usd",
+                                              "errors", "estimated_calls")}} for b in got["buckets"]]
+                where = (since, until, bucket, group_by, equals)
+                assert said == buckets, where
+                assert {h["hour"]: h["requests"] for h in got["busiest_hours"]} == hours, where
+                assert {d["weekday"]: d["requests"] for d in got["busiest_weekdays"]} == days, where
