@@ -16,6 +16,7 @@ from datetime import datetime, timedelta
 from typing import Any, Literal
 from zoneinfo import ZoneInfo
 
+from .accounting import OTHERS
 from .store import COLUMNS, GROUPS, Filters, GroupBy, Ledger
 
 __all__ = ["GROUPS", "Filters", "GroupBy", "history", "csv_chunks", "parse_time", "local_start", "snapshot_row"]
@@ -78,6 +79,8 @@ def history(ledger: Ledger, bucket: Bucket, filters: Filters, group_by: GroupBy 
             counts = table.setdefault(key, [0, 0])
             counts[0] += int(sums[0])
             counts[1] += int(sums[1] + sums[2])
+    if group_by == "user":
+        folded = _top_users(folded)
     buckets = []
     for (start, grp), (requests, prompt, completion, cost, errors, estimated) in sorted(
             folded.items(), key=lambda kv: (kv[0][0], str(kv[0][1]))):
@@ -96,6 +99,26 @@ def history(ledger: Ledger, bucket: Bucket, filters: Filters, group_by: GroupBy 
         "busiest_hours": [{"hour": h, "requests": n, "tokens": t} for h, (n, t) in busiest],
         "busiest_weekdays": [{"weekday": _WEEKDAYS[d], "requests": n, "tokens": t} for d, (n, t) in weekdays],
     }
+
+
+# A history by user names the period's busiest users; the rest are summed per bucket under
+# OTHERS, so a month of a bot with thousands of users is a reply of kilobytes, not megabytes.
+TOP_USERS = 50
+
+
+def _top_users(folded: dict[tuple[float, Any], list[float]]) -> dict[tuple[float, Any], list[float]]:
+    totals: dict[Any, float] = {}
+    for (_, user), sums in folded.items():
+        totals[user] = totals.get(user, 0) + sums[0]
+    if len(totals) <= TOP_USERS:
+        return folded
+    top = set(sorted(totals, key=lambda u: (-totals[u], str(u)))[:TOP_USERS])
+    out: dict[tuple[float, Any], list[float]] = {}
+    for (start, user), sums in folded.items():
+        into = out.setdefault((start, user if user in top else OTHERS), [0, 0, 0, 0.0, 0, 0])
+        for i, value in enumerate(sums):
+            into[i] += value
+    return out
 
 
 def _local(ts: float, tz: ZoneInfo) -> str:

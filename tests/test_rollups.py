@@ -17,7 +17,7 @@ from zoneinfo import ZoneInfo
 import pytest
 
 from proxy import reports, rollups
-from proxy.accounting import Aggregates
+from proxy.accounting import OTHERS, Aggregates
 from proxy.store import CallRecord, Filters, Ledger
 
 from .conftest import Serve, to_toml
@@ -25,7 +25,10 @@ from .conftest import Serve, to_toml
 START = 1_700_000_000.0 + 1234.5   # not on an hour
 
 
-def random_rows(rng: random.Random, count: int, span_s: float) -> list[CallRecord]:
+USERS: list[str | None] = [None, "ana", "beto", "5215512345678"]
+
+
+def random_rows(rng: random.Random, count: int, span_s: float, users: list[str | None] = USERS) -> list[CallRecord]:
     rows = []
     for i in range(count):
         ts = START + span_s * i / count + rng.random()
@@ -36,7 +39,7 @@ def random_rows(rng: random.Random, count: int, span_s: float) -> list[CallRecor
         rows.append(CallRecord(
             ts=ts, upstream=rng.choice(["cloud", "local", ""]), model=rng.choice(["gpt-4o", "llama3.2", "m'x"]),
             dialect="openai", endpoint=rng.choice(["chat", "embedding", "generate"]),
-            type=rng.choice(["chat", "vision", "documento"]), user=rng.choice([None, "ana", "beto", "5215512345678"]),
+            type=rng.choice(["chat", "vision", "documento"]), user=rng.choice(users),
             stream=rng.random() < 0.5, status=200 if outcome == "ok" else 504, outcome=outcome,
             prompt_tokens=prompt if final else 0, completion_tokens=completion if final else 0,
             cached_tokens=rng.choice([0, 16]), estimated=rng.random() < 0.1, latency_s=rng.lognormvariate(0, 1),
@@ -140,7 +143,7 @@ async def test_an_older_ledger_is_back_filled_once_even_if_killed(tmp_path: Path
 
 
 def reference_history(rows: list[CallRecord], bucket: str, filters: Filters, group_by: str | None,
-                      tz: ZoneInfo) -> tuple[list[dict[str, object]], dict[int, int], dict[str, int]]:
+                      tz: ZoneInfo, top_users: int = reports.TOP_USERS) -> tuple[list[dict[str, object]], dict[int, int], dict[str, int]]:
     """The history as the raw rows say it, one row at a time, in plain Python."""
     since = filters.since if filters.since is not None else float("-inf")
     until = filters.until if filters.until is not None else float("inf")
@@ -159,6 +162,18 @@ def reference_history(rows: list[CallRecord], bucket: str, filters: Filters, gro
         hours[moment.hour] = hours.get(moment.hour, 0) + 1
         weekday = moment.strftime("%A").lower()
         days[weekday] = days.get(weekday, 0) + 1
+    if group_by == "user":   # the period's busiest users, the rest as OTHERS
+        totals: dict[object, float] = {}
+        for (_, grp), v in folded.items():
+            totals[grp] = totals.get(grp, 0) + v[0]
+        top = set(sorted(totals, key=lambda u: (-totals[u], str(u)))[:top_users])
+        merged: dict[tuple[float, object], list[float]] = {}
+        for (start, grp), v in folded.items():
+            into = merged.setdefault((start, grp if grp in top or len(totals) <= top_users else OTHERS),
+                                     [0, 0, 0, 0.0, 0, 0])
+            for i, value in enumerate(v):
+                into[i] += value
+        folded = merged
     buckets = [{"start": start, "group": grp, "requests": int(v[0]), "prompt_tokens": int(v[1]),
                 "completion_tokens": int(v[2]), "cost_usd": pytest.approx(v[3], abs=2e-6), "errors": int(v[4]),
                 "estimated_calls": int(v[5])} for (start, grp), v in folded.items()]
@@ -173,7 +188,8 @@ async def test_history_from_rollups_is_the_history_from_rows(tmp_path: Path, zon
     tz = ZoneInfo(zone)
     rng = random.Random(zone)
     first = 1_695_168_000.0 + 777.7                 # 2023-09-20, two months across two DST changes
-    rows = [replace(rec, ts=first + (rec.ts - START) * 7) for rec in random_rows(rng, 1500, 9 * 86400)]
+    users = [*USERS, *(f"u{i}" for i in range(80))]  # more than a history by user names
+    rows = [replace(rec, ts=first + (rec.ts - START) * 7) for rec in random_rows(rng, 1500, 9 * 86400, users)]
     ledger = Ledger(tmp_path / "ledger.sqlite3")
     ledger.open(first)
     for rec in rows:
