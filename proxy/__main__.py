@@ -156,6 +156,11 @@ def cmd_export(config: Config, args: argparse.Namespace) -> int:
     if not config.db_path.exists():
         raise SystemExit(f"tollgate export: no ledger at {config.db_path} yet")
     filters = reports.Filters(_parse_time(config, args.since), _parse_time(config, args.until))
+    oldest = Ledger(config.db_path).raw_since()
+    if config.ledger.keep_raw_days is not None and oldest is not None and (filters.since or 0.0) < oldest:
+        print(f"tollgate export: rows before {datetime.fromtimestamp(oldest, config.stats.tz).isoformat()} "
+              f"were pruned (ledger.keep_raw_days = {config.ledger.keep_raw_days:g}); /stats and history "
+              f"still count them", file=sys.stderr)
     out = sys.stdout.buffer if args.csv == "-" else open(args.csv, "wb")
     try:
         for chunk in reports.csv_chunks(Ledger(config.db_path), filters, config.stats.tz):

@@ -99,8 +99,14 @@ async def export_csv(request: web.Request) -> web.StreamResponse:
     await app[LEDGER].flush(timeout=_REPORT_FLUSH_S)
     loop = asyncio.get_running_loop()
     chunks = reports.csv_chunks(app[LEDGER], filters, app[CONFIG].stats.tz)
-    out = web.StreamResponse(headers={"Content-Type": "text/csv; charset=utf-8",
-                                      "Content-Disposition": 'attachment; filename="tollgate-ledger.csv"'})
+    headers = {"Content-Type": "text/csv; charset=utf-8",
+               "Content-Disposition": 'attachment; filename="tollgate-ledger.csv"'}
+    if app[CONFIG].ledger.keep_raw_days is not None:
+        # Retention deletes old rows (their sums stay in the rollups): say from when rows exist.
+        oldest = await loop.run_in_executor(None, app[LEDGER].raw_since)
+        if oldest is not None:
+            headers["X-Tollgate-Rows-Since"] = datetime.fromtimestamp(oldest, app[CONFIG].stats.tz).isoformat()
+    out = web.StreamResponse(headers=headers)
     await out.prepare(request)
     try:
         while (chunk := await loop.run_in_executor(None, next, chunks, b"")):

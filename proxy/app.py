@@ -72,8 +72,13 @@ async def encodings_ctx(app: web.Application) -> AsyncIterator[None]:
     yield
 
 
+# How often the ledger is asked to prune what retention lets go (it works through it in batches).
+PRUNE_INTERVAL_S = 600.0
+
+
 async def ledger_ctx(app: web.Application) -> AsyncIterator[None]:
-    """Open the ledger and rebuild /stats and the limiter's windows from it; flush it at the end."""
+    """Open the ledger and rebuild /stats and the limiter's windows from it; prune old rows now
+    and then; flush it at the end."""
     ledger, acc, limiter = app[LEDGER], app[ACCOUNTING], app[LIMITER]
     loop = asyncio.get_running_loop()
 
@@ -82,7 +87,17 @@ async def ledger_ctx(app: web.Application) -> AsyncIterator[None]:
         replay_ledger(ledger, acc, limiter)
 
     await loop.run_in_executor(None, open_and_replay)
-    yield
+
+    async def retention() -> None:
+        keep = app[CONFIG].ledger.keep_raw_days
+        while True:
+            now = acc.clock()
+            # Admissions only ever rebuild the last day's windows; two days keeps a margin.
+            ledger.prune(now - keep * DAY if keep is not None else None, now - 2 * DAY)
+            await asyncio.sleep(PRUNE_INTERVAL_S)
+
+    async with running(retention()):
+        yield
     # A failing ledger gets the drain time to recover, then gives up: shutdown never hangs on it.
     drain = app[CONFIG].server.drain_timeout_s
     await ledger.flush(timeout=drain)

@@ -370,6 +370,18 @@ class Server(Table, frozen=True, kw_only=True):
         return os.environ.get(self.admin_token_env) or None
 
 
+class LedgerPolicy(Table, frozen=True, kw_only=True):
+    """How long the ledger keeps each call's own row. Its hourly, daily and per-epoch sums are
+    kept for good: `/stats`, history and the projection never lose a call to retention; only the
+    CSV export and history's partial hours need the rows themselves."""
+
+    keep_raw_days: Annotated[Positive | None, doc(
+        "call rows older than this many days are deleted, a few hundred at a time between the "
+        "writer's commits; the space they held is given back to the file system (a ledger created "
+        "by an older version reuses it instead). Admissions are kept two days whatever this says",
+        "forever")] = None
+
+
 class Stats(Table, frozen=True, kw_only=True):
     """What `/stats` and its WhatsApp text say, and in which zone."""
 
@@ -423,6 +435,7 @@ class Config(Table, frozen=True, kw_only=True):
 
     source: Annotated[Path, FROM_TABLE_NAME] = Path("<config>")
     server: Server = field(default_factory=Server)
+    ledger: LedgerPolicy = field(default_factory=LedgerPolicy)
     stats: Stats = field(default_factory=Stats)
     routing: Routing = field(default_factory=Routing)
     upstreams: Annotated[dict[str, Upstream], expects("at least one [upstreams.<name>] table")]

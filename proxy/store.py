@@ -141,6 +141,20 @@ class _Epoch:
     started: float
 
 
+@dataclass(slots=True)
+class _Prune:
+    """Delete call rows older than `cutoff` (their sums stay in the rollups) and admissions older
+    than `admissions_cutoff`, a small batch per transaction."""
+
+    cutoff: float | None
+    admissions_cutoff: float
+
+
+# Rows deleted per prune transaction: each holds the writer a few milliseconds at most, and
+# whatever queued meanwhile is written before the next batch.
+PRUNE_BATCH = 500
+
+
 class _Flush:
     """A marker in the write queue: when the writer reaches it, everything before is committed."""
 
@@ -268,6 +282,7 @@ class Ledger:
         self._wake = threading.Event()
         self._abandon = False
         self._dropping = False    # an episode of dropped rows is logged once, at its start
+        self.pruned = 0           # rows and admissions deleted by retention (writer thread)
 
     # --- lifecycle -------------------------------------------------------------------
 
@@ -292,6 +307,9 @@ class Ledger:
         os.chmod(self.path, 0o600)
         conn = _connect(self.path, self.busy_timeout_s)
         try:
+            if conn.execute("SELECT COUNT(*) FROM sqlite_master").fetchone()[0] == 0:
+                # A new ledger returns the pages retention frees (set before the first table).
+                conn.execute("PRAGMA auto_vacuum = INCREMENTAL")
             conn.executescript(_SCHEMA + rollups.SCHEMA)
             # Columns added after the first release: bring an older ledger up to date.
             columns = {row[1] for row in conn.execute("PRAGMA table_info(calls)")}
@@ -385,6 +403,8 @@ class Ledger:
         try:
             while True:
                 pending += self._take(block=not pending)
+                pruning = [item for item in pending if isinstance(item, _Prune)]
+                pending = [item for item in pending if not isinstance(item, _Prune)]
                 writes = [item for item in pending if isinstance(item, (CallRecord, _Epoch, Admission))]
                 try:
                     if writes:
@@ -410,6 +430,9 @@ class Ledger:
                     log.warning("ledger: writing again after %.1f s (%s); caught up",
                                 time.monotonic() - (self._failing_since or 0.0), self._failing)
                     self._failing = self._failing_since = None
+                if pruning:
+                    conn = conn or _connect(self.path, self.busy_timeout_s)
+                    self._prune(conn, pruning[-1])
                 stop = False
                 for item in pending:
                     if isinstance(item, _Flush):
@@ -422,6 +445,31 @@ class Ledger:
         finally:
             if conn is not None:
                 conn.close()
+
+    def _prune(self, conn: sqlite3.Connection, prune: _Prune) -> None:
+        """One batch; if more is left, the request goes back in the queue behind what came since.
+        A failure is left for the next request: pruning is never worth a retry loop."""
+        try:
+            deleted = 0
+            if prune.cutoff is not None:
+                deleted = conn.execute("DELETE FROM calls WHERE id IN (SELECT id FROM calls WHERE ts < ? "
+                                       f"ORDER BY ts LIMIT {PRUNE_BATCH})", (prune.cutoff,)).rowcount
+            deleted += conn.execute("DELETE FROM admissions WHERE key IN (SELECT key FROM admissions WHERE ts < ? "
+                                    f"ORDER BY ts LIMIT {PRUNE_BATCH})", (prune.admissions_cutoff,)).rowcount
+            if deleted:
+                self.pruned += deleted
+                self._queue.put(prune)
+            else:
+                # Give the freed pages back to the file system (auto_vacuum = INCREMENTAL), a
+                # bounded number at a time for the same reason.
+                conn.execute("PRAGMA incremental_vacuum(1000)").fetchall()
+        except sqlite3.Error as exc:
+            log.warning("ledger: pruning old rows failed (%s); will try again", exc)
+
+    def prune(self, cutoff: float | None, admissions_cutoff: float) -> None:
+        """Ask the writer to delete call rows older than `cutoff` (None: keep them all) and
+        admissions older than `admissions_cutoff`, in small batches between the writes."""
+        self._queue.put(_Prune(cutoff, admissions_cutoff))
 
     def _take(self, block: bool) -> list[object]:
         """What has queued: waits for the first item only when nothing is pending. Whatever queued
@@ -507,11 +555,23 @@ class Ledger:
         finally:
             conn.close()
 
+    def raw_since(self) -> float | None:
+        """The time of the oldest call row still kept (older ones may have been pruned)."""
+        conn = _reader(self.path)
+        try:
+            found = conn.execute("SELECT MIN(ts) FROM calls").fetchone()[0]
+            return float(found) if found is not None else None
+        finally:
+            conn.close()
+
     def cost_by_day(self, since: float) -> tuple[dict[int, float], float | None]:
         """Cost per UTC day since `since`, and the ledger's first call time: seeds the projection."""
         conn = _reader(self.path)
         try:
             first = conn.execute("SELECT MIN(ts) FROM calls").fetchone()[0]
+            oldest_day = conn.execute("SELECT MIN(bucket) FROM rollup_day").fetchone()[0]
+            if oldest_day is not None and (first is None or oldest_day < int(first / rollups.DAY)):
+                first = oldest_day * rollups.DAY  # older rows were pruned; their days are still summed
             return rollups.cost_by_day(conn, int(since // rollups.DAY)), first
         finally:
             conn.close()

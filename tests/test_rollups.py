@@ -14,13 +14,14 @@ from pathlib import Path
 from typing import Any
 from zoneinfo import ZoneInfo
 
+import aiohttp
 import pytest
 
 from proxy import reports, rollups
 from proxy.accounting import OTHERS, Aggregates
 from proxy.store import CallRecord, Filters, Ledger
 
-from .conftest import Serve, to_toml
+from .conftest import Clock, Proxy, Serve, settled, to_toml
 
 START = 1_700_000_000.0 + 1234.5   # not on an hour
 
@@ -212,3 +213,48 @@ async def test_history_from_rollups_is_the_history_from_rows(tmp_path: Path, zon
                 assert said == buckets, where
                 assert {h["hour"]: h["requests"] for h in got["busiest_hours"]} == hours, where
                 assert {d["weekday"]: d["requests"] for d in got["busiest_weekdays"]} == days, where
+
+
+async def test_retention_prunes_old_rows_and_keeps_their_sums(raw_config: dict[str, Any], clock: Clock) -> None:
+    """keep_raw_days = 2: rows older than two days go, in small batches; /stats, history and the
+    projection still count them; the export says from when it has rows."""
+    rows = random_rows(random.Random(4), 3000, 6 * 86400)
+    rows = [replace(rec, ts=clock.now - 6 * 86400 + (rec.ts - START)) for rec in rows]
+    data = Path(raw_config["server"]["data_dir"])
+    ledger = Ledger(data / "ledger.sqlite3")
+    ledger.open(rows[0].ts - 1)
+    for rec in rows:
+        ledger.append(rec)
+    await ledger.flush()
+    ledger.close()
+    everything = Proxy(raw_config, clock)
+    await everything.start()
+    before = await settled(everything)
+    month = Filters(since=clock.now - 10 * 86400)
+    history_before = reports.history(everything.ledger, "day", month, "model", ZoneInfo("UTC"), clock.now)
+    await everything.stop()
+
+    raw_config["ledger"] = {"keep_raw_days": 2}
+    proxy = Proxy(raw_config, clock)
+    await proxy.start()
+    cutoff = clock.now - 2 * 86400
+    for _ in range(100):                             # each flush waits for the writer's next batch
+        await proxy.ledger.flush()
+        if (proxy.ledger.raw_since() or 0) >= cutoff:
+            break
+    kept = [rec for rec in rows if rec.ts >= cutoff]
+    assert proxy.ledger.raw_since() == min(rec.ts for rec in kept)
+    assert proxy.ledger.pruned >= len(rows) - len(kept)
+    after = await settled(proxy)
+    for figure in ("total_requests", "tokens", "errores", "costo_estimado_usd", "requests_por_tipo"):
+        assert after[figure] == before[figure], figure
+    history_after = reports.history(proxy.ledger, "day", month, "model", ZoneInfo("UTC"), clock.now)
+    # Whole hours come from the rollups, pruned or not; only partial hours at the ends need rows.
+    assert history_after["buckets"] == history_before["buckets"] and len(history_after["buckets"]) >= 7
+    async with aiohttp.ClientSession() as s:
+        async with s.get(proxy.url + "/stats/export.csv") as r:
+            exported = (await r.text()).splitlines()
+            since = r.headers["X-Tollgate-Rows-Since"]
+    await proxy.stop()
+    assert len(exported) == 1 + len(kept)
+    assert datetime.fromisoformat(since).timestamp() == pytest.approx(min(rec.ts for rec in kept), abs=1e-3)

@@ -27,6 +27,7 @@ END = "<!-- end of config reference -->"
 
 SECTIONS: list[tuple[str, type[msgspec.Struct]]] = [
     ("[server]", c.Server),
+    ("[ledger]", c.LedgerPolicy),
     ("[stats]", c.Stats),
     ("[routing]", c.Routing),
     ("[upstreams.<name>]", c.Upstream),
