@@ -296,7 +296,10 @@ class Ledger:
             cause = exc.strerror if isinstance(exc, OSError) and exc.strerror else str(exc)
             where = getattr(exc, "filename", None) or self.path
             raise LedgerError(f"cannot open the ledger at {where}: {cause}") from None
-        self._thread = threading.Thread(target=self._writer, name="tollgate-ledger", daemon=True)
+        # The writer's connection is opened here, before the server says it is ready: its files
+        # are not a surprise that turns up with the first write.
+        first = _connect(self.path, self.busy_timeout_s)
+        self._thread = threading.Thread(target=self._writer, args=(first,), name="tollgate-ledger", daemon=True)
         self._thread.start()
 
     def _open(self, now: float) -> None:
@@ -396,8 +399,7 @@ class Ledger:
             return False
         return True
 
-    def _writer(self) -> None:
-        conn: sqlite3.Connection | None = None
+    def _writer(self, conn: sqlite3.Connection | None) -> None:
         pending: list[object] = []   # taken from the queue, not yet committed
         backoff = 0.0
         try:
