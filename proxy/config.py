@@ -377,8 +377,10 @@ class LedgerPolicy(Table, frozen=True, kw_only=True):
 
     keep_raw_days: Annotated[Positive | None, doc(
         "call rows older than this many days are deleted, a few hundred at a time between the "
-        "writer's commits; the space they held is given back to the file system (a ledger created "
-        "by an older version reuses it instead). Admissions are kept two days whatever this says",
+        "writer's commits, with the hourly sums per user and per latency bucket (a history by user "
+        "covers the kept days; daily and epoch sums stay); the space they held is given back to the "
+        "file system (a ledger created by an older version reuses it instead). Admissions are kept "
+        "two days whatever this says",
         "forever")] = None
 
 

@@ -281,6 +281,10 @@ def history(conn: sqlite3.Connection, start: int, end: int, equals: tuple[tuple[
     if group_by == "user" or any(column == "user" for column, _ in equals):
         # Per-user sums; the calls that named no user are the hour's total less the users'.
         user = next((value for column, value in equals if column == "user"), None)
+        # Retention deletes the hourly per-user sums with the rows: a history by user covers
+        # the hours still kept.
+        kept = conn.execute("SELECT value FROM meta WHERE name = 'hourly_detail_from'").fetchone()
+        start = max(start, int(kept[0])) if kept is not None else start
         where = "bucket >= ? AND bucket < ?" + (" AND user = ?" if user else "")
         params: list[object] = [start, end]
         params += [user] if user else []

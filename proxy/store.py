@@ -456,6 +456,14 @@ class Ledger:
             if prune.cutoff is not None:
                 deleted = conn.execute("DELETE FROM calls WHERE id IN (SELECT id FROM calls WHERE ts < ? "
                                        f"ORDER BY ts LIMIT {PRUNE_BATCH})", (prune.cutoff,)).rowcount
+                # The hourly detail per user and per latency bucket goes with the rows (a row per
+                # user per hour is nearly a row per call); the daily and epoch sums stay.
+                hour = int(prune.cutoff / rollups.HOUR)
+                conn.execute("INSERT INTO meta (name, value) VALUES ('hourly_detail_from', ?) "
+                             "ON CONFLICT DO UPDATE SET value = MAX(value, excluded.value)", (hour,))
+                for table, key in (("users_hour", "bucket, user"), ("latency_hour", "bucket, kind, idx")):
+                    deleted += conn.execute(f"DELETE FROM {table} WHERE ({key}) IN (SELECT {key} FROM {table} "
+                                            f"WHERE bucket < ? LIMIT {PRUNE_BATCH})", (hour,)).rowcount
             deleted += conn.execute("DELETE FROM admissions WHERE key IN (SELECT key FROM admissions WHERE ts < ? "
                                     f"ORDER BY ts LIMIT {PRUNE_BATCH})", (prune.admissions_cutoff,)).rowcount
             if deleted:
