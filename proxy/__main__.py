@@ -17,12 +17,12 @@ import aiohttp
 import orjson
 
 from . import config as config_mod
-from . import instance, reports, serving, stats
+from . import instance, reports, serving, stats, store
 from .accounting import Accounting
 from .app import create_app, replay_ledger
 from .config import Config, ConfigError
 from .limits import Limiter
-from .store import Ledger, LedgerError
+from .ledger import LedgerError, LedgerStore
 from .upstream import UpstreamClient, UpstreamError
 
 
@@ -36,8 +36,8 @@ def _parse_time(config: Config, value: str | None) -> float | None:
         raise SystemExit(f"tollgate export: {exc}") from None
 
 
-def _ledger(config: Config) -> Ledger | None:
-    return Ledger(config.db_path) if config.db_path.exists() else None
+def _ledger(config: Config) -> LedgerStore | None:
+    return store.ledger_for(config.db_path) if config.db_path.exists() else None
 
 
 def _offline_state(config: Config) -> tuple[Accounting, Limiter]:
@@ -156,14 +156,14 @@ def cmd_export(config: Config, args: argparse.Namespace) -> int:
     if not config.db_path.exists():
         raise SystemExit(f"tollgate export: no ledger at {config.db_path} yet")
     filters = reports.Filters(_parse_time(config, args.since), _parse_time(config, args.until))
-    oldest = Ledger(config.db_path).raw_since()
+    oldest = store.ledger_for(config.db_path).raw_since()
     if config.ledger.keep_raw_days is not None and oldest is not None and (filters.since or 0.0) < oldest:
         print(f"tollgate export: rows before {datetime.fromtimestamp(oldest, config.stats.tz).isoformat()} "
               f"were pruned (ledger.keep_raw_days = {config.ledger.keep_raw_days:g}); /stats and history "
               f"still count them", file=sys.stderr)
     out = sys.stdout.buffer if args.csv == "-" else open(args.csv, "wb")
     try:
-        for chunk in reports.csv_chunks(Ledger(config.db_path), filters, config.stats.tz):
+        for chunk in reports.csv_chunks(store.ledger_for(config.db_path), filters, config.stats.tz):
             out.write(chunk)
     finally:
         if out is not sys.stdout.buffer:
@@ -178,7 +178,7 @@ def cmd_reset(config: Config, args: argparse.Namespace) -> int:
         answer = orjson.loads(asyncio.run(_ask(config, server, "POST", "/metrics/reset")))
         print(f"tollgate reset: reset {server}", file=sys.stderr)
     else:
-        ledger = Ledger(config.db_path)
+        ledger = store.ledger_for(config.db_path)
         now = time.time()
         ledger.open(now)
         ledger.new_epoch(now)

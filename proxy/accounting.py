@@ -17,8 +17,7 @@ from typing import Any
 
 from .errors import OUTCOMES
 from .histogram import Histogram
-from .rollups import LATENCY, Summary
-from .store import CallRecord, Ledger
+from .ledger import LATENCY, CallRecord, LedgerStore, Summary
 
 DAY = 86_400.0
 # The endpoints whose successful calls are chat messages (/stats' conversation count).
@@ -212,7 +211,7 @@ class Aggregates:
 
 
 class Accounting:
-    def __init__(self, ledger: Ledger | None, clock: Callable[[], float] = time.time) -> None:
+    def __init__(self, ledger: LedgerStore | None, clock: Callable[[], float] = time.time) -> None:
         self.ledger = ledger
         self.clock = clock
         self.process_started = clock()

@@ -23,7 +23,7 @@ from aiohttp import web
 from .accounting import Accounting
 from .config import AlertRule, Config, Webhook
 from .limits import Limiter
-from .store import CallRecord
+from .ledger import CallRecord
 from .tasks import running
 
 log = logging.getLogger("tollgate.alerts")

@@ -24,7 +24,7 @@ from .limits import Limiter
 from .metrics import Metrics
 from .routes import setup_routes
 from .sessions import Sessions
-from .store import CallRecord, Ledger
+from .ledger import CallRecord, LedgerStore
 from .tasks import running
 from .tokens import Estimator
 from .upstream import UpstreamClient
@@ -37,7 +37,7 @@ def create_app(config: Config, clock: Callable[[], float] = time.time) -> web.Ap
     logs.install()  # aiohttp's own logging of malformed requests: one short, redacted line
     app = web.Application(middlewares=[error_middleware, guard], client_max_size=config.server.max_body_bytes)
 
-    ledger = Ledger(config.db_path, config.server.ledger_busy_timeout_s, config.server.ledger_max_backlog,
+    ledger = store.ledger_for(config.db_path, config.server.ledger_busy_timeout_s, config.server.ledger_max_backlog,
                     drop_when_full=config.server.on_ledger_full == "serve")
     app[CONFIG] = config
     app[LEDGER] = ledger
@@ -104,7 +104,7 @@ async def ledger_ctx(app: web.Application) -> AsyncIterator[None]:
     await loop.run_in_executor(None, ledger.close, 1.0)
 
 
-def replay_ledger(ledger: Ledger, acc: Accounting, limiter: Limiter) -> None:
+def replay_ledger(ledger: LedgerStore, acc: Accounting, limiter: Limiter) -> None:
     """Rebuild /stats (the epoch's rollup), the limiter's windows (the last day's admissions: the
     one source of every usage window) and the cost trend (a week of daily sums)."""
     now = acc.clock()

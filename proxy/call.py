@@ -9,7 +9,7 @@ from .config import Config, Upstream
 from .dialects import CallInfo, Dialect, Usage
 from .errors import ProxyError
 from .limits import Ticket
-from .store import CallRecord
+from .ledger import CallRecord
 from .tokens import Estimator
 
 

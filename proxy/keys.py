@@ -11,13 +11,13 @@ from .config import Config
 from .limits import Limiter
 from .metrics import Metrics
 from .sessions import Sessions
-from .store import Ledger
+from .ledger import LedgerStore
 from .tokens import Estimator
 from .upstream import UpstreamClient
 
 CONFIG = web.AppKey("config", Config)
 ACCOUNTING = web.AppKey("accounting", Accounting)
-LEDGER = web.AppKey("ledger", Ledger)
+LEDGER = web.AppKey("ledger", LedgerStore)
 ESTIMATOR = web.AppKey("estimator", Estimator)
 LIMITER = web.AppKey("limiter", Limiter)
 ADMISSION = web.AppKey("admission", Admission)

@@ -27,7 +27,7 @@ from datetime import datetime, timedelta
 from zoneinfo import ZoneInfo
 
 from .config import Config, Limits
-from .store import Admission
+from .ledger import Admission
 
 MINUTE, DAY = 60.0, 86_400.0
 

@@ -19,7 +19,7 @@ from prometheus_client.registry import Collector
 from .admission import WaitLines
 from .alerts import Alerts
 from .limits import Limiter
-from .store import CallRecord, Ledger
+from .ledger import CallRecord, LedgerStore
 
 MAX_MODELS = 50
 # Seconds: from a cached local reply (a few ms) to a long cloud generation (minutes).
@@ -50,17 +50,17 @@ class _LimitCollector(Collector):
 
 
 class _LedgerCollector(Collector):
-    def __init__(self, ledger: Ledger) -> None:
+    def __init__(self, ledger: LedgerStore) -> None:
         self.ledger = ledger
 
     def collect(self) -> Iterator[GaugeMetricFamily | CounterMetricFamily]:
         health = self.ledger.health()
         yield GaugeMetricFamily("tollgate_ledger_unwritten_rows",
-                                "Ledger rows waiting in memory to be written (a backlog that grows: the "
+                                "LedgerStore rows waiting in memory to be written (a backlog that grows: the "
                                 "ledger is failing).", value=health.unwritten)
         yield GaugeMetricFamily("tollgate_ledger_failing", "1 while ledger writes fail (full disk, lock...).",
                                 value=0 if health.failing is None else 1)
-        yield CounterMetricFamily("tollgate_ledger_dropped_rows", "Ledger rows given up because the backlog "
+        yield CounterMetricFamily("tollgate_ledger_dropped_rows", "LedgerStore rows given up because the backlog "
                                   "was full (on_ledger_full = serve).", value=health.dropped)
 
 
@@ -78,7 +78,7 @@ class _AlertCollector(Collector):
 
 
 class Metrics:
-    def __init__(self, limiter: Limiter, lines: WaitLines, ledger: Ledger, alerts: Alerts) -> None:
+    def __init__(self, limiter: Limiter, lines: WaitLines, ledger: LedgerStore, alerts: Alerts) -> None:
         self.registry = CollectorRegistry()
         r = self.registry
         self.requests = Counter("tollgate_requests", "Calls by upstream, model, type and outcome.",

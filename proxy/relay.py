@@ -29,7 +29,7 @@ from .inbound import read_body
 from .keys import ACCOUNTING, ADMISSION, CONFIG, ESTIMATOR, LEDGER, LIMITER, METRICS, UPSTREAMS
 from .reply import relay_reply
 from .endpoints import Prefix
-from .store import Admission, CallRecord
+from .ledger import Admission, CallRecord
 from .upstream import Unreachable, UpstreamClient, UpstreamTimeout, request_headers
 
 

@@ -1,7 +1,7 @@
 """Reports over the ledger: usage per hour or day, busiest hours and weekdays, CSV exports.
 
 The ledger gives sums by UTC piece (whole hours from its rollups, quarter-hours of raw rows at
-the edges, `Ledger.history_pieces`); this module folds them into local hours and days of the
+the edges, `LedgerStore.history_pieces`); this module folds them into local hours and days of the
 stats zone, right across DST changes: each piece folds into the local hour or day it falls in,
 with zoneinfo's rules for that instant. The hour repeated when clocks go back is two buckets,
 as it is two hours. It runs on the caller's thread: the app calls it through an executor.
@@ -17,7 +17,7 @@ from typing import Any, Literal
 from zoneinfo import ZoneInfo
 
 from .accounting import OTHERS
-from .store import COLUMNS, GROUPS, Filters, GroupBy, Ledger
+from .ledger import COLUMNS, GROUPS, Filters, GroupBy, LedgerStore
 
 __all__ = ["GROUPS", "Filters", "GroupBy", "history", "csv_chunks", "parse_time", "local_start", "snapshot_row"]
 
@@ -63,7 +63,7 @@ def whole_hours(tz: ZoneInfo, since: float | None, until: float | None) -> bool:
         moment = min(moment + step, last)
 
 
-def history(ledger: Ledger, bucket: Bucket, filters: Filters, group_by: GroupBy | None,
+def history(ledger: LedgerStore, bucket: Bucket, filters: Filters, group_by: GroupBy | None,
             tz: ZoneInfo, now: float) -> dict[str, Any]:
     pieces = ledger.history_pieces(filters, group_by, whole_hours(tz, filters.since, filters.until or now))
     folded: dict[tuple[float, Any], list[float]] = {}
@@ -125,7 +125,7 @@ def _local(ts: float, tz: ZoneInfo) -> str:
     return datetime.fromtimestamp(ts, tz).replace(tzinfo=None).isoformat(timespec="seconds")
 
 
-def csv_chunks(ledger: Ledger, filters: Filters, tz: ZoneInfo) -> Generator[bytes, None, None]:
+def csv_chunks(ledger: LedgerStore, filters: Filters, tz: ZoneInfo) -> Generator[bytes, None, None]:
     """The ledger's rows as CSV, a header then a batch of rows at a time: memory stays flat. Each
     row carries its time twice: `ts` (unix seconds) and `time` (ISO 8601 with the stats zone's offset)."""
     buffer = io.StringIO()

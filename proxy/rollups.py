@@ -17,10 +17,10 @@ import logging
 import sqlite3
 import time
 from collections.abc import Sequence
-from dataclasses import dataclass, field
 from typing import Any
 
 from .histogram import bucket_index
+from .ledger import LATENCY, TTFT, Summary
 
 log = logging.getLogger("tollgate.ledger")
 
@@ -62,7 +62,6 @@ SPANS = ("hour", "day", "epoch")
 SCHEMA = "".join(_tables(span) for span in SPANS) + """
 CREATE TABLE IF NOT EXISTS meta (name TEXT PRIMARY KEY, value) WITHOUT ROWID;
 """
-LATENCY, TTFT = 0, 1
 
 
 def _upsert(table: str, key: tuple[str, ...], sums: tuple[str, ...], last_ts: bool) -> str:
@@ -221,15 +220,6 @@ def backfill(conn: sqlite3.Connection) -> None:
 
 
 # --- reading -------------------------------------------------------------------------------
-
-
-@dataclass
-class Summary:
-    """Sums over whole hours and days, in engine-neutral rows (see the column tuples above)."""
-
-    calls: list[tuple[object, ...]] = field(default_factory=list)     # KEY..., SUMS..., last_ts
-    users: list[tuple[object, ...]] = field(default_factory=list)     # user, USER_SUMS..., last_ts
-    latency: list[tuple[int, int, int]] = field(default_factory=list)  # kind, idx, n
 
 
 def spans(start_hour: int, end_hour: int) -> list[tuple[str, int, int]]:

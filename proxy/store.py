@@ -30,64 +30,16 @@ from collections.abc import Iterator
 import operator
 from dataclasses import dataclass, fields, replace
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 
 from . import rollups
+from .ledger import (COLUMNS, GROUPS, Admission, CallRecord, Filters, GroupBy, LedgerError, LedgerHealth,
+                     LedgerStore, Piece, Summary)
 
 log = logging.getLogger("tollgate.ledger")
 
 
-@dataclass(slots=True)
-class CallRecord:
-    ts: float                 # wall clock (unix seconds) when the call finished
-    upstream: str             # upstream that served it, "" when none was chosen
-    model: str                # the model name the client used
-    dialect: str              # "openai" or "ollama"
-    endpoint: str             # chat, completion, embedding, responses, generate, embed, ...
-    type: str                 # request type (chat, presentacion, ...)
-    user: str | None
-    stream: bool
-    status: int               # HTTP status the client saw
-    outcome: str              # errors.OUTCOMES
-    prompt_tokens: int
-    completion_tokens: int
-    cached_tokens: int
-    estimated: bool           # tokens are tiktoken estimates, not the upstream's report
-    latency_s: float
-    ttft_s: float | None      # time to first streamed chunk
-    cost_usd: float
-    fallback_from: str | None = None  # the upstream that could not take the call
-    key_id: str | None = None         # the proxy key's name (never the key itself)
-    admission: str | None = None      # the key of its row in `admissions`, if a limit admitted it
-    # False for an attempt that did not answer the client: refused by a limit or failed at its
-    # upstream, after which a fallback took the call (whose row is final, with fallback_from).
-    final: bool = True
-
-    @property
-    def total_tokens(self) -> int:
-        return self.prompt_tokens + self.completion_tokens
-
-    @property
-    def ok(self) -> bool:
-        return self.outcome == "ok"
-
-
-@dataclass(slots=True)
-class Admission:
-    """A call let through the limiter, written when it is let through, not when it ends: after a
-    crash the windows still count the calls that were in flight."""
-
-    key: str
-    ts: float                 # limiter clock at admission
-    upstream: str
-    model: str
-    user: str | None
-    key_id: str | None
-    tokens: int               # what admission counted; the finished call's row has the real figure
-
-
-_COLUMNS = [f.name for f in fields(CallRecord)]
-COLUMNS = tuple(_COLUMNS)
+_COLUMNS = list(COLUMNS)
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS calls (
     id INTEGER PRIMARY KEY,
@@ -209,21 +161,6 @@ def write_private_atomic(path: Path, data: bytes) -> None:
     os.replace(tmp, path)
 
 
-GroupBy = Literal["upstream", "model", "type", "user"]
-GROUPS: tuple[GroupBy, ...] = ("upstream", "model", "type", "user")
-
-
-@dataclass(frozen=True)
-class Filters:
-    """Which rows a report or an export covers."""
-
-    since: float | None = None
-    until: float | None = None
-    equals: tuple[tuple[GroupBy, str], ...] = ()  # e.g. (("upstream", "gpt4o_cloud"),)
-    # Reports count calls; an export shows every row, the attempts before a fallback included.
-    attempts: bool = False
-
-
 def _where(filters: Filters) -> tuple[str, list[Any]]:
     clauses = ["ts >= ?", "ts < ?"] + ([] if filters.attempts else ["final = 1"])
     params: list[Any] = [filters.since if filters.since is not None else float("-inf"),
@@ -235,33 +172,7 @@ def _where(filters: Filters) -> tuple[str, list[Any]]:
     return " AND ".join(clauses), params
 
 
-# One piece of a history: its UTC start, its group's value, and its sums: requests, prompt and
-# completion tokens, cost, errors, estimated calls. A piece lies within one local hour.
-Piece = tuple[float, Any, int, int, int, float, int, int]
 _QUARTER = 900
-
-
-class LedgerError(Exception):
-    """The ledger cannot be opened or written at start; the message is one line for the operator."""
-
-
-@dataclass(frozen=True)
-class LedgerHealth:
-    """What the writer is doing now: for /healthz, /stats, /metrics and the alert rule."""
-
-    failing: str | None       # the last write's error while it has not succeeded since
-    failing_since: float | None
-    unwritten: int            # rows and admissions queued or being retried
-    dropped: int              # rows given up because the backlog was full (on_ledger_full = "serve")
-    full: bool                # the backlog has reached its bound
-
-    @property
-    def ok(self) -> bool:
-        return self.failing is None and not self.full
-
-    def as_dict(self) -> dict[str, object]:
-        return {"ok": self.ok, "failing": self.failing, "unwritten_rows": self.unwritten,
-                "dropped_rows": self.dropped, "full": self.full}
 
 
 class Ledger:
@@ -555,7 +466,7 @@ class Ledger:
         finally:
             conn.close()
 
-    def epoch_summary(self, epoch: int | None = None) -> tuple[float, rollups.Summary]:
+    def epoch_summary(self, epoch: int | None = None) -> tuple[float, Summary]:
         """When stats epoch `epoch` (the current one by default) began, and its sums."""
         conn = _reader(self.path)
         try:
@@ -689,3 +600,13 @@ def _record(row: tuple[object, ...]) -> CallRecord:
     for index in _BOOLEANS:
         values[index] = bool(values[index])
     return CallRecord(*values)  # type: ignore[arg-type]
+
+
+def ledger_for(path: Path, busy_timeout_s: float = 5.0, max_backlog: int = 100_000,
+               drop_when_full: bool = False) -> LedgerStore:
+    """The ledger at `path`: the one place that picks the engine (SQLite; PostgreSQL next)."""
+    return Ledger(path, busy_timeout_s, max_backlog, drop_when_full)
+
+
+__all__ = ["COLUMNS", "GROUPS", "Admission", "CallRecord", "Filters", "GroupBy", "Ledger", "LedgerError",
+           "LedgerHealth", "Piece", "ledger_for", "make_private_dir", "write_private_atomic"]

@@ -21,7 +21,8 @@ from proxy.accounting import Accounting
 from proxy.app import create_app
 from proxy.config import Config
 from proxy.keys import ACCOUNTING, LEDGER, METRICS
-from proxy.store import CallRecord, Ledger
+from proxy.ledger import LedgerStore
+from proxy.store import CallRecord
 
 from .fake_upstream import Behavior, FakeUpstream
 
@@ -106,7 +107,7 @@ class Proxy:
         return self.server.app[ACCOUNTING]
 
     @property
-    def ledger(self) -> Ledger:
+    def ledger(self) -> LedgerStore:
         assert self.server is not None
         return self.server.app[LEDGER]
 

@@ -258,3 +258,19 @@ async def test_retention_prunes_old_rows_and_keeps_their_sums(raw_config: dict[s
     await proxy.stop()
     assert len(exported) == 1 + len(kept)
     assert datetime.fromisoformat(since).timestamp() == pytest.approx(min(rec.ts for rec in kept), abs=1e-3)
+
+
+def test_only_the_storage_modules_know_the_engine() -> None:
+    """Reports, accounting, metrics, the app and the CLI use a LedgerStore from store.ledger_for:
+    a second engine (PostgreSQL) is a new module and one line in ledger_for, nothing else."""
+    import ast
+
+    engine = {"store.py", "rollups.py"}
+    for path in (Path(__file__).resolve().parent.parent / "proxy").glob("*.py"):
+        if path.name in engine:
+            continue
+        tree = ast.parse(path.read_text())
+        imported = {alias.name for node in ast.walk(tree) if isinstance(node, (ast.Import, ast.ImportFrom))
+                    for alias in node.names} | {node.module or "" for node in ast.walk(tree)
+                                                if isinstance(node, ast.ImportFrom)}
+        assert not imported & {"sqlite3", "rollups", "Ledger"}, path.name
