@@ -12,6 +12,9 @@ from typing import Any
 import aiohttp
 import pytest
 
+from proxy.accounting import Aggregates
+from proxy.store import Ledger
+
 from .conftest import Serve, to_toml
 from .fake_upstream import Behavior, FakeUpstream
 
@@ -76,6 +79,16 @@ async def test_sigkill_under_load(serve: Serve, fake: FakeUpstream, raw_config: 
         conn.close()
     assert len(committed) >= 500 and committed <= users
     assert admissions >= len(committed) + 5
+    # The rollups were committed with the rows, so the kill left them agreeing, to the call.
+    ledger = Ledger(db)
+    started, summary = ledger.epoch_summary()
+    from_rows = Aggregates(epoch_started=started)
+    for rec in ledger.rows():
+        from_rows.add(rec)
+    from_rollups = Aggregates.from_summary(started, summary)
+    assert from_rollups.totals.requests == from_rows.totals.requests == len(users)
+    assert (from_rollups.totals.total_tokens, from_rollups.latency.buckets) == \
+           (from_rows.totals.total_tokens, from_rows.latency.buckets)
 
     fake.stall.set()
     await serve.start()
