@@ -62,7 +62,7 @@ async def test_sigkill_under_load(serve: Serve, fake: FakeUpstream, raw_config: 
     await stop.wait()
     # What the ledger has committed, read by another connection while the load goes on: every
     # one of these rows must survive the kill (how far the ledger trails the calls is a
-    # benchmark's figure, bench/soak.py, not a bound for a test on a shared machine).
+    # benchmark's figure, bench/crash_lag.py, not a bound for a test on a shared machine).
     reader = sqlite3.connect(f"file:{db}?mode=ro", uri=True)
     committed = {u for (u,) in reader.execute("SELECT user FROM calls")}
     reader.close()
