@@ -69,13 +69,18 @@ def history(ledger: LedgerStore, bucket: Bucket, filters: Filters, group_by: Gro
     folded: dict[tuple[float, Any], list[float]] = {}
     hours: dict[int, list[int]] = {}
     days: dict[int, list[int]] = {}
+    # Many pieces share a start (one per group in each hour): its local facts are worked out once.
+    places: dict[float, tuple[float, int, int]] = {}
     for start, grp, *sums in pieces:
-        into = folded.setdefault((local_start(start, bucket, tz), grp), [0, 0, 0, 0.0, 0, 0])
+        place = places.get(start)
+        if place is None:
+            moment = datetime.fromtimestamp(start, tz)
+            # isoweekday: Monday 1 .. Sunday 7; % 7 makes Sunday 0, as _WEEKDAYS lists them.
+            place = places[start] = (local_start(start, bucket, tz), moment.hour, moment.isoweekday() % 7)
+        into = folded.setdefault((place[0], grp), [0, 0, 0, 0.0, 0, 0])
         for i, value in enumerate(sums):
             into[i] += value
-        moment = datetime.fromtimestamp(start, tz)
-        # isoweekday: Monday 1 .. Sunday 7; % 7 makes Sunday 0, as _WEEKDAYS lists them.
-        for table, key in ((hours, moment.hour), (days, moment.isoweekday() % 7)):
+        for table, key in ((hours, place[1]), (days, place[2])):
             counts = table.setdefault(key, [0, 0])
             counts[0] += int(sums[0])
             counts[1] += int(sums[1] + sums[2])

@@ -508,7 +508,9 @@ class Ledger:
             return self._raw_pieces(filters, group_by, None, None)
         conn = _reader(self.path)
         try:
-            first = conn.execute("SELECT MIN(bucket), MAX(bucket) FROM rollup_hour").fetchone()
+            # Two queries: MIN and MAX together would read the whole table, each alone one page.
+            first = (conn.execute("SELECT MIN(bucket) FROM rollup_hour").fetchone()[0],
+                     conn.execute("SELECT MAX(bucket) FROM rollup_hour").fetchone()[0])
         finally:
             conn.close()
         if first[0] is None:
@@ -529,18 +531,25 @@ class Ledger:
                     end: int | None) -> list[Piece]:
         """Raw rows by UTC quarter-hour; with `start`/`end`, only those outside the whole hours
         [start, end) the rollups give."""
-        where, params = _where(filters)
-        if start is not None and end is not None:
-            where += f" AND ({rollups.in_hour('ts', '<')} OR {rollups.in_hour('ts', '>=')})"
-            params += [start, start, end, end]
+        since = filters.since if filters.since is not None else float("-inf")
+        until = filters.until if filters.until is not None else float("inf")
+        # Two narrow ranges on the ts index, each with one lower and one upper bound (SQLite
+        # uses one of each; an OR, or a second bound, scanned the whole period between).
+        ranges = [(since, until, "")] if start is None or end is None else [
+            (since, min(until, start * rollups.HOUR + 1), f" AND CAST(ts / {rollups.HOUR} AS INTEGER) < {start}"),
+            (max(since, end * rollups.HOUR - 1), until, f" AND CAST(ts / {rollups.HOUR} AS INTEGER) >= {end}")]
         group = f'"{group_by}"' if group_by else "NULL"
         conn = _reader(self.path)
         try:
-            return [(q * _QUARTER, *rest) for q, *rest in conn.execute(
-                f"""SELECT CAST(ts / {_QUARTER} AS INTEGER) AS q, {group} AS grp,
-                           COUNT(*), SUM(prompt_tokens), SUM(completion_tokens), SUM(cost_usd),
-                           SUM(outcome != 'ok'), SUM(estimated)
-                    FROM calls WHERE {where} GROUP BY q, grp""", params)]
+            pieces: list[Piece] = []
+            for lo, hi, clause in ranges:
+                where, params = _where(replace(filters, since=lo, until=hi))
+                pieces += [(q * _QUARTER, *rest) for q, *rest in conn.execute(
+                    f"""SELECT CAST(ts / {_QUARTER} AS INTEGER) AS q, {group} AS grp,
+                               COUNT(*), SUM(prompt_tokens), SUM(completion_tokens), SUM(cost_usd),
+                               SUM(outcome != 'ok'), SUM(estimated)
+                        FROM calls WHERE {where}{clause} GROUP BY q, grp""", params)]
+            return pieces
         finally:
             conn.close()
 
