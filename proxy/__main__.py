@@ -17,11 +17,11 @@ import aiohttp
 import orjson
 
 from . import config as config_mod
-from . import instance, reports, serving, stats, store
+from . import instance, limits, reports, serving, stats, store
 from .accounting import Accounting
 from .app import create_app, replay_ledger
 from .config import Config, ConfigError
-from .limits import Limiter
+from .limits import WindowStore
 from .ledger import LedgerError, LedgerStore
 from .upstream import UpstreamClient, UpstreamError
 
@@ -40,9 +40,9 @@ def _ledger(config: Config) -> LedgerStore | None:
     return store.ledger_for(config.db_path) if config.db_path.exists() else None
 
 
-def _offline_state(config: Config) -> tuple[Accounting, Limiter]:
+def _offline_state(config: Config) -> tuple[Accounting, WindowStore]:
     """/stats' state rebuilt from the ledger, as the server does at start."""
-    acc, limiter = Accounting(None), Limiter(config, time.time)
+    acc, limiter = Accounting(None), limits.windows_for(config, time.time)
     ledger = _ledger(config)
     if ledger is not None:
         replay_ledger(ledger, acc, limiter)

@@ -17,7 +17,7 @@ from . import routing
 from .config import Config, Upstream
 from .dialects import CallInfo
 from .errors import BadRequest, PayloadTooLarge, RateLimited
-from .limits import Denial, Limiter, Scope, Ticket
+from .limits import Denial, Scope, Ticket, WindowStore
 from .tokens import Estimator
 
 
@@ -86,7 +86,7 @@ class Plan:
 @dataclass
 class Admission:
     config: Config
-    limiter: Limiter
+    limiter: WindowStore
     lines: WaitLines
     estimator: Estimator
 

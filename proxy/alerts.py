@@ -22,7 +22,7 @@ from aiohttp import web
 
 from .accounting import Accounting
 from .config import AlertRule, Config, Webhook
-from .limits import Limiter
+from .limits import WindowStore
 from .ledger import CallRecord
 from .tasks import running
 
@@ -63,7 +63,7 @@ class Alert:
 class Alerts:
     config: Config
     acc: Accounting
-    limiter: Limiter
+    limiter: WindowStore
     queue: asyncio.Queue[tuple[Webhook, Alert]] = field(default_factory=lambda: asyncio.Queue(maxsize=256))
     # Deliveries so far, for /metrics (tollgate_alert_deliveries_total).
     sent: int = 0

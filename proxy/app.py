@@ -11,7 +11,7 @@ from datetime import datetime, timezone
 import orjson
 from aiohttp import web
 
-from . import logs, stats, store, tokens
+from . import limits, logs, stats, store, tokens
 from .accounting import DAY, Accounting, Aggregates, CostTrend
 from .config import Config
 from .dialects import Dialect, error_body
@@ -20,7 +20,7 @@ from .admission import Admission, WaitLines
 from .alerts import Alerts
 from .guard import guard
 from .keys import ACCOUNTING, ADMISSION, ALERTS, CONFIG, ESTIMATOR, LEDGER, LIMITER, METRICS, SESSIONS, UPSTREAMS
-from .limits import Limiter
+from .limits import WindowStore
 from .metrics import Metrics
 from .routes import setup_routes
 from .sessions import Sessions
@@ -45,7 +45,7 @@ def create_app(config: Config, clock: Callable[[], float] = time.time) -> web.Ap
     app[ESTIMATOR] = Estimator(config.stats.estimate_max_chars)
     app[UPSTREAMS] = {name: UpstreamClient(u) for name, u in config.upstreams.items()}
     app[SESSIONS] = Sessions(config.server.session_ttl_h * 3600.0, clock)
-    app[LIMITER] = Limiter(config, clock)
+    app[LIMITER] = limits.windows_for(config, clock)
     app[ADMISSION] = Admission(config, app[LIMITER], WaitLines(), app[ESTIMATOR])
     app[ALERTS] = Alerts(config, app[ACCOUNTING], app[LIMITER])
     app[METRICS] = Metrics(app[LIMITER], app[ADMISSION].lines, ledger, app[ALERTS])
@@ -104,7 +104,7 @@ async def ledger_ctx(app: web.Application) -> AsyncIterator[None]:
     await loop.run_in_executor(None, ledger.close, 1.0)
 
 
-def replay_ledger(ledger: LedgerStore, acc: Accounting, limiter: Limiter) -> None:
+def replay_ledger(ledger: LedgerStore, acc: Accounting, limiter: WindowStore) -> None:
     """Rebuild /stats (the epoch's rollup), the limiter's windows (the last day's admissions: the
     one source of every usage window) and the cost trend (a week of daily sums)."""
     now = acc.clock()

@@ -8,7 +8,7 @@ from .accounting import Accounting
 from .admission import Admission
 from .alerts import Alerts
 from .config import Config
-from .limits import Limiter
+from .limits import WindowStore
 from .metrics import Metrics
 from .sessions import Sessions
 from .ledger import LedgerStore
@@ -19,7 +19,7 @@ CONFIG = web.AppKey("config", Config)
 ACCOUNTING = web.AppKey("accounting", Accounting)
 LEDGER = web.AppKey("ledger", LedgerStore)
 ESTIMATOR = web.AppKey("estimator", Estimator)
-LIMITER = web.AppKey("limiter", Limiter)
+LIMITER = web.AppKey("limiter", WindowStore)
 ADMISSION = web.AppKey("admission", Admission)
 METRICS = web.AppKey("metrics", Metrics)
 ALERTS = web.AppKey("alerts", Alerts)

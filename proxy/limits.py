@@ -23,6 +23,7 @@ from collections import deque
 from itertools import repeat
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
+from typing import Protocol
 from datetime import datetime, timedelta
 from zoneinfo import ZoneInfo
 
@@ -181,7 +182,37 @@ class Ticket:
     done: bool = False
 
 
+class WindowStore(Protocol):
+    """The limiter's windows as the rest of Tollgate uses them: which scopes a call is in, admit
+    and finish, an upstream's own 429, the ledger's admissions at start, and the figures read
+    from them (headers, /stats, /metrics, alerts). Kept in this process's memory today
+    (`Limiter`); a shared engine (Redis, one atomic script per admission) is the next one, and
+    callers get theirs from `windows_for` without knowing which it is."""
+
+    clock: Callable[[], float]
+
+    def scopes(self, upstream: str, model: str, user: str | None, key: str | None = None) -> list[Scope]: ...
+    def needs_estimate(self, scopes: list[Scope]) -> bool: ...
+    def caps(self, scopes: list[Scope]) -> tuple[int | None, int | None]: ...
+    def admit(self, scopes: list[Scope], tokens: int) -> Ticket | Denial: ...
+    def finish(self, ticket: Ticket, tokens: int) -> None: ...
+    def upstream_refused(self, upstream: str, retry_after: float | None) -> None: ...
+    def replay(self, admission: Admission) -> None: ...
+    def headers(self, scopes: list[Scope]) -> dict[str, str]: ...
+    def usage(self, upstream: str, model: str, kind: str) -> tuple[int, int | None]: ...
+    def report(self) -> list[dict[str, object]]: ...
+    @property
+    def tracked_users(self) -> int: ...
+
+
+def windows_for(config: Config, clock: Callable[[], float]) -> WindowStore:
+    """The limiter's window store for `config`: the one place that picks the engine (memory)."""
+    return Limiter(config, clock)
+
+
 class Limiter:
+    """The windows in this process's memory: exact, and one synchronous step per admission."""
+
     def __init__(self, config: Config, clock: Callable[[], float]) -> None:
         self.config = config
         self.clock = clock

@@ -18,7 +18,7 @@ from prometheus_client.registry import Collector
 
 from .admission import WaitLines
 from .alerts import Alerts
-from .limits import Limiter
+from .limits import WindowStore
 from .ledger import CallRecord, LedgerStore
 
 MAX_MODELS = 50
@@ -28,7 +28,7 @@ _TTFT_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30)
 
 
 class _LimitCollector(Collector):
-    def __init__(self, limiter: Limiter) -> None:
+    def __init__(self, limiter: WindowStore) -> None:
         self.limiter = limiter
 
     def collect(self) -> Iterator[GaugeMetricFamily]:
@@ -78,7 +78,7 @@ class _AlertCollector(Collector):
 
 
 class Metrics:
-    def __init__(self, limiter: Limiter, lines: WaitLines, ledger: LedgerStore, alerts: Alerts) -> None:
+    def __init__(self, limiter: WindowStore, lines: WaitLines, ledger: LedgerStore, alerts: Alerts) -> None:
         self.registry = CollectorRegistry()
         r = self.registry
         self.requests = Counter("tollgate_requests", "Calls by upstream, model, type and outcome.",

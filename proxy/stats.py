@@ -13,7 +13,7 @@ from typing import Any
 from .accounting import OTHERS, Accounting, Aggregates, Tally
 from .config import Config, Upstream
 from .errors import REFUSED_OUTCOMES
-from .limits import Limiter
+from .limits import WindowStore
 
 _TEXT = {
     "es": {
@@ -98,7 +98,7 @@ def limits_upstream(config: Config) -> Upstream | None:
     return next((u for u in config.upstreams.values() if u.limits.any), None)
 
 
-def rate_limits(config: Config, limiter: Limiter) -> dict[str, Any]:
+def rate_limits(config: Config, limiter: WindowStore) -> dict[str, Any]:
     """The seed's four strings, read from the limiter's own windows for the configured scope."""
     upstream = limits_upstream(config)
     if upstream is None:
@@ -133,7 +133,7 @@ def _tallies(table: dict[str, Tally], limit: int = TOP) -> dict[str, Any]:
     return {k: v.as_dict() for k, v in _top(table, limit)}
 
 
-def stats_json(config: Config, acc: Accounting, limiter: Limiter, running: bool = True) -> dict[str, Any]:
+def stats_json(config: Config, acc: Accounting, limiter: WindowStore, running: bool = True) -> dict[str, Any]:
     """The seed's /stats; `running` is False when `tollgate stats` reads the ledger of a stopped server."""
     now = acc.clock()
     agg = acc.current
@@ -197,7 +197,7 @@ def stats_json(config: Config, acc: Accounting, limiter: Limiter, running: bool 
     }
 
 
-def stats_text(config: Config, acc: Accounting, limiter: Limiter, lang: str = "es", running: bool = True) -> str:
+def stats_text(config: Config, acc: Accounting, limiter: WindowStore, lang: str = "es", running: bool = True) -> str:
     words = _TEXT.get(lang, _TEXT["es"])
     data = stats_json(config, acc, limiter)
     agg = acc.current
