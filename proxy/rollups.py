@@ -20,7 +20,7 @@ from collections.abc import Sequence
 from typing import Any
 
 from .histogram import bucket_index
-from .ledger import LATENCY, TTFT, Summary
+from .ledger import LATENCY, TTFT, CallRecord, Summary
 
 log = logging.getLogger("tollgate.ledger")
 
@@ -77,72 +77,54 @@ _UPSERT = {span: (_upsert(f"rollup_{span}", KEY, SUMS, True), _upsert(f"users_{s
                   _upsert(f"latency_{span}", ("kind", "idx"), ("n",), False)) for span in SPANS}
 
 
-def in_hour(column: str, op: str) -> str:
-    """`column`'s hour compared with a parameter, as the rollups bucket it (indexable on ts too)."""
-    bound = "? * 3600 + 1" if op == "<" else "? * 3600 - 1"
-    return f"({column} {op} {bound} AND CAST({column} / {HOUR} AS INTEGER) {op} ?)"
+def _measure(sums: list[float], rec: CallRecord, at: int) -> None:
+    """Add a call's tokens, estimate and cost to `sums` from index `at`: prompt, completion,
+    cached, estimated calls, estimated tokens, cost (the order of SUMS and USER_SUMS)."""
+    sums[at] += rec.prompt_tokens
+    sums[at + 1] += rec.completion_tokens
+    sums[at + 2] += rec.cached_tokens
+    if rec.estimated:
+        sums[at + 3] += 1
+        sums[at + 4] += rec.total_tokens
+    sums[at + 5] += rec.cost_usd
 
 
-def add_rows(conn: sqlite3.Connection, rows: Sequence[tuple[object, ...]], columns: tuple[str, ...],
-             epoch: int) -> None:
-    """Fold call rows (tuples in `columns` order, as the writer inserts them) of stats epoch
-    `epoch` into the rollups."""
-    at = {name: i for i, name in enumerate(columns)}
-    i_ts, i_up, i_model, i_type, i_end, i_key, i_out, i_fb, i_final = (at[n] for n in (
-        "ts", "upstream", "model", "type", "endpoint", "key_id", "outcome", "fallback_from", "final"))
-    i_p, i_c, i_cached, i_est, i_lat, i_ttft, i_cost, i_user = (at[n] for n in (
-        "prompt_tokens", "completion_tokens", "cached_tokens", "estimated", "latency_s", "ttft_s", "cost_usd", "user"))
+def add_rows(conn: sqlite3.Connection, records: Sequence[CallRecord], epoch: int) -> None:
+    """Fold the records of stats epoch `epoch` into the hourly, daily and epoch rollups."""
     for span, size in (("hour", HOUR), ("day", DAY), ("epoch", 0)):
         groups: dict[tuple[object, ...], list[float]] = {}
-        users: dict[tuple[object, ...], list[float]] = {}
+        users: dict[tuple[int, str], list[float]] = {}
         latency: dict[tuple[int, int, int], int] = {}
-        for row in rows:
-            ts = float(row[i_ts])  # type: ignore[arg-type]
+        for rec in records:
             # SQLite's CAST(ts / size AS INTEGER): the back-fill's bucket, to the last bit.
-            bucket = int(ts / size) if size else epoch
-            prompt, completion = int(row[i_p]), int(row[i_c])  # type: ignore[call-overload]
-            estimated = bool(row[i_est])
-            ttft = row[i_ttft]
-            tokens = prompt + completion
-            key = (bucket, row[i_up], row[i_model], row[i_type], row[i_end], row[i_key] or "", row[i_out],
-                   row[i_fb] or "", int(bool(row[i_final])))
+            bucket = int(rec.ts / size) if size else epoch
+            key = (bucket, rec.upstream, rec.model, rec.type, rec.endpoint, rec.key_id or "", rec.outcome,
+                   rec.fallback_from or "", int(rec.final))
             sums = groups.get(key)
             if sums is None:
-                sums = groups[key] = [0, 0, 0, 0, 0, 0, 0.0, 0.0, 0, 0.0, ts]
+                sums = groups[key] = [0, 0, 0, 0, 0, 0, 0.0, 0.0, 0, 0.0, rec.ts]
             sums[0] += 1
-            sums[1] += prompt
-            sums[2] += completion
-            sums[3] += int(row[i_cached])  # type: ignore[call-overload]
-            if estimated:
-                sums[4] += 1
-                sums[5] += tokens
-            sums[6] += float(row[i_cost])  # type: ignore[arg-type]
-            sums[7] += float(row[i_lat])  # type: ignore[arg-type]
-            if ttft is not None:
+            _measure(sums, rec, 1)
+            sums[7] += rec.latency_s
+            if rec.ttft_s is not None:
                 sums[8] += 1
-                sums[9] += float(ttft)  # type: ignore[arg-type]
-            sums[10] = max(sums[10], ts)
-            if not row[i_final]:
+                sums[9] += rec.ttft_s
+            sums[10] = max(sums[10], rec.ts)
+            if not rec.final:
                 continue  # an attempt a fallback took over: not a call of its user's, no latency of its own
-            index = (bucket, LATENCY, bucket_index(float(row[i_lat])))  # type: ignore[arg-type]
+            index = (bucket, LATENCY, bucket_index(rec.latency_s))
             latency[index] = latency.get(index, 0) + 1
-            if ttft is not None:
-                index = (bucket, TTFT, bucket_index(float(ttft)))  # type: ignore[arg-type]
+            if rec.ttft_s is not None:
+                index = (bucket, TTFT, bucket_index(rec.ttft_s))
                 latency[index] = latency.get(index, 0) + 1
-            if row[i_user] is not None:
-                user = users.get((bucket, row[i_user]))
+            if rec.user is not None:
+                user = users.get((bucket, rec.user))
                 if user is None:
-                    user = users[(bucket, row[i_user])] = [0, 0, 0, 0, 0, 0, 0, 0.0, ts]
+                    user = users[(bucket, rec.user)] = [0, 0, 0, 0, 0, 0, 0, 0.0, rec.ts]
                 user[0] += 1
-                user[1] += row[i_out] != "ok"
-                user[2] += prompt
-                user[3] += completion
-                user[4] += int(row[i_cached])  # type: ignore[call-overload]
-                if estimated:
-                    user[5] += 1
-                    user[6] += tokens
-                user[7] += float(row[i_cost])  # type: ignore[arg-type]
-                user[8] = max(user[8], ts)
+                user[1] += not rec.ok
+                _measure(user, rec, 2)
+                user[8] = max(user[8], rec.ts)
         rollup, per_user, hist = _UPSERT[span]
         conn.executemany(rollup, [(*k, *v) for k, v in groups.items()])
         conn.executemany(per_user, [(*k, *v) for k, v in users.items()])

@@ -412,20 +412,20 @@ class Ledger:
         rollups take the same rows in the same transaction: they never disagree with the rows."""
         _insert_many(conn, "admissions", _ADMISSION_COLUMNS,
                      [_ADMISSION_ROW(item) for item in batch if isinstance(item, Admission)], ignore=True)
-        rows: list[tuple[object, ...]] = []
+        records: list[CallRecord] = []
         epoch = conn.execute("SELECT MAX(id) FROM epochs").fetchone()[0]
         for item in batch:
             if isinstance(item, CallRecord):
-                rows.append(_ROW(item))
+                records.append(item)
             elif isinstance(item, _Epoch):
-                _insert_many(conn, "calls", _COLUMNS, rows)
-                rollups.add_rows(conn, rows, COLUMNS, epoch)
-                rows = []
+                _insert_many(conn, "calls", _COLUMNS, [_ROW(rec) for rec in records])
+                rollups.add_rows(conn, records, epoch)
+                records = []
                 epoch = conn.execute("INSERT INTO epochs (started, after_call) "
                                      "SELECT ?, COALESCE(MAX(id), 0) FROM calls", (item.started,)).lastrowid
-        _insert_many(conn, "calls", _COLUMNS, rows)
-        if rows:
-            rollups.add_rows(conn, rows, COLUMNS, epoch)
+        if records:
+            _insert_many(conn, "calls", _COLUMNS, [_ROW(rec) for rec in records])
+            rollups.add_rows(conn, records, epoch)
 
     def _after_failure(self, conn: sqlite3.Connection | None, exc: sqlite3.Error,
                        writes: list[CallRecord | _Epoch | Admission]) -> sqlite3.Connection | None:

@@ -14,6 +14,8 @@ from typing import Any
 import aiohttp
 import pytest
 
+from proxy.store import CallRecord, Ledger
+
 from .conftest import Proxy, Serve, to_toml
 from .fake_upstream import Behavior, FakeUpstream
 
@@ -163,18 +165,21 @@ async def test_config_after_the_subcommand(config_file: Path) -> None:
     assert code == 0 and "--config" in out
 
 
-async def test_a_reader_that_stops_early_gets_no_traceback(config_file: Path, raw_config: dict[str, Any]) -> None:
-    """`tollgate export --csv - | head -1`: the reader leaves long before the rows are written."""
-    from proxy.store import CallRecord, Ledger
-
+def fill_ledger(raw_config: dict[str, Any], rows: int) -> None:
+    """`rows` calls in the config's ledger, written as the server writes them."""
     ledger = Ledger(Path(raw_config["server"]["data_dir"]) / "ledger.sqlite3")
     ledger.open(1_700_000_000.0)
-    for i in range(5000):
+    for i in range(rows):
         ledger.append(CallRecord(ts=1_700_000_000.0 + i, upstream="gpt4o_cloud", model="gpt-4o", dialect="openai",
                                  endpoint="chat", type="chat", user=f"user-{i}", stream=False, status=200,
                                  outcome="ok", prompt_tokens=3, completion_tokens=2, cached_tokens=0,
                                  estimated=False, latency_s=0.01, ttft_s=None, cost_usd=0.0))
     ledger.close()
+
+
+async def test_a_reader_that_stops_early_gets_no_traceback(config_file: Path, raw_config: dict[str, Any]) -> None:
+    """`tollgate export --csv - | head -1`: the reader leaves long before the rows are written."""
+    fill_ledger(raw_config, 5000)
     for _ in range(3):
         proc = await asyncio.create_subprocess_exec(
             sys.executable, "-m", "proxy", "-c", str(config_file), "export", "--csv", "-",
@@ -206,16 +211,7 @@ async def test_a_reader_gone_before_stats_writes_gets_no_traceback(config_file: 
 
 async def test_ctrl_c_ends_a_command_without_a_traceback(config_file: Path, raw_config: dict[str, Any]) -> None:
     """SIGINT while `export` is blocked writing to a reader that does not read; and while `serve` runs."""
-    from proxy.store import CallRecord, Ledger
-
-    ledger = Ledger(Path(raw_config["server"]["data_dir"]) / "ledger.sqlite3")
-    ledger.open(1_700_000_000.0)
-    for i in range(20_000):
-        ledger.append(CallRecord(ts=1_700_000_000.0 + i, upstream="gpt4o_cloud", model="gpt-4o", dialect="openai",
-                                 endpoint="chat", type="chat", user=f"user-{i}", stream=False, status=200,
-                                 outcome="ok", prompt_tokens=3, completion_tokens=2, cached_tokens=0,
-                                 estimated=False, latency_s=0.01, ttft_s=None, cost_usd=0.0))
-    ledger.close()
+    fill_ledger(raw_config, 20_000)
     proc = await asyncio.create_subprocess_exec(
         sys.executable, "-m", "proxy", "-c", str(config_file), "export", "--csv", "-",
         stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE)
