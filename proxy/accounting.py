@@ -17,7 +17,7 @@ from typing import Any
 
 from .errors import OUTCOMES
 from .histogram import Histogram
-from .ledger import LATENCY, CallRecord, LedgerStore, Summary
+from .ledger import LATENCY, OTHERS, CallRecord, LedgerStore, Summary
 
 DAY = 86_400.0
 # The endpoints whose successful calls are chat messages (/stats' conversation count).
@@ -112,7 +112,6 @@ class CostTrend:
 # Clients name models and users, so their tables are bounded: past this many distinct names in
 # an epoch, newcomers are counted together under OTHERS. Reports show the top of each anyway.
 MAX_DISTINCT = 10_000
-OTHERS = "(others)"
 
 
 def _bounded(table: dict[str, Tally], key: str) -> str:
@@ -145,7 +144,7 @@ class Aggregates:
         """The epoch's aggregates from the ledger's rollups, and rows the rollups do not hold yet:
         equal to adding every row of the epoch one by one."""
         agg = cls(epoch_started=started)
-        for (upstream, model, type_, endpoint, _key, outcome, fallback_from, final, requests, prompt, completion,
+        for (upstream, model, type_, endpoint, _key, outcome, fallback_from, final, _named, requests, prompt, completion,
              cached, estimated_calls, estimated_tokens, cost, latency_sum, _ttft_count, ttft_sum,
              last_ts) in summary.calls:
             n = int(requests)  # type: ignore[call-overload]

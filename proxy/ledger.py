@@ -86,6 +86,9 @@ class Filters:
 Piece = tuple[float, Any, int, int, int, float, int, int]
 
 
+# Where a table names only its busiest entries, the rest are summed under this name.
+OTHERS = "(others)"
+
 # Summary.latency's kinds.
 LATENCY, TTFT = 0, 1
 
@@ -93,7 +96,7 @@ LATENCY, TTFT = 0, 1
 @dataclass
 class Summary:
     """An epoch's sums, in engine-neutral rows: `calls` are (upstream, model, type, endpoint,
-    key_id, outcome, fallback_from, final, requests, prompt, completion, cached, estimated calls,
+    key_id, outcome, fallback_from, final, named, requests, prompt, completion, cached, estimated calls,
     estimated tokens, cost, latency sum, TTFT count, TTFT sum, last time); `users` are (user,
     requests, errors, prompt, completion, cached, estimated calls, estimated tokens, cost, last
     time); `latency` are (kind, bucket index, count)."""
@@ -150,7 +153,8 @@ class LedgerStore(Protocol):
     def epoch_summary(self, epoch: int | None = None) -> tuple[float, Summary]: ...
     def replay_admissions(self, since: float) -> Iterator[Admission]: ...
     def cost_by_day(self, since: float) -> tuple[dict[int, float], float | None]: ...
-    def history_pieces(self, filters: Filters, group_by: GroupBy | None, whole_hours: bool) -> list[Piece]: ...
+    def history_pieces(self, filters: Filters, group_by: GroupBy | None, whole_hours: bool,
+                       top_users: int | None = None) -> list[Piece]: ...
     def export_rows(self, filters: Filters, batch: int = 2000) -> Iterator[list[tuple[Any, ...]]]: ...
     def raw_since(self) -> float | None: ...
     def rows(self, since: float | None = None, until: float | None = None) -> Iterator[CallRecord]: ...

@@ -16,8 +16,7 @@ from datetime import datetime, timedelta
 from typing import Any, Literal
 from zoneinfo import ZoneInfo
 
-from .accounting import OTHERS
-from .ledger import COLUMNS, GROUPS, Filters, GroupBy, LedgerStore
+from .ledger import COLUMNS, GROUPS, OTHERS, Filters, GroupBy, LedgerStore
 
 __all__ = ["GROUPS", "Filters", "GroupBy", "history", "csv_chunks", "parse_time", "local_start", "snapshot_row"]
 
@@ -65,7 +64,8 @@ def whole_hours(tz: ZoneInfo, since: float | None, until: float | None) -> bool:
 
 def history(ledger: LedgerStore, bucket: Bucket, filters: Filters, group_by: GroupBy | None,
             tz: ZoneInfo, now: float) -> dict[str, Any]:
-    pieces = ledger.history_pieces(filters, group_by, whole_hours(tz, filters.since, filters.until or now))
+    pieces = ledger.history_pieces(filters, group_by, whole_hours(tz, filters.since, filters.until or now),
+                                   TOP_USERS)
     folded: dict[tuple[float, Any], list[float]] = {}
     hours: dict[int, list[int]] = {}
     days: dict[int, list[int]] = {}
@@ -107,17 +107,19 @@ def history(ledger: LedgerStore, bucket: Bucket, filters: Filters, group_by: Gro
 
 
 # A history by user names the period's busiest users; the rest are summed per bucket under
-# OTHERS, so a month of a bot with thousands of users is a reply of kilobytes, not megabytes.
+# OTHERS (the calls that named no user stay apart, as None), so a month of a bot with thousands
+# of users is a reply of kilobytes, not megabytes.
 TOP_USERS = 50
 
 
 def _top_users(folded: dict[tuple[float, Any], list[float]]) -> dict[tuple[float, Any], list[float]]:
     totals: dict[Any, float] = {}
     for (_, user), sums in folded.items():
-        totals[user] = totals.get(user, 0) + sums[0]
+        if user is not None and user != OTHERS:
+            totals[user] = totals.get(user, 0) + sums[0]
     if len(totals) <= TOP_USERS:
         return folded
-    top = set(sorted(totals, key=lambda u: (-totals[u], str(u)))[:TOP_USERS])
+    top = set(sorted(totals, key=lambda u: (-totals[u], u))[:TOP_USERS]) | {None}
     out: dict[tuple[float, Any], list[float]] = {}
     for (start, user), sums in folded.items():
         into = out.setdefault((start, user if user in top else OTHERS), [0, 0, 0, 0.0, 0, 0])

@@ -20,7 +20,7 @@ from collections.abc import Sequence
 from typing import Any
 
 from .histogram import bucket_index
-from .ledger import LATENCY, TTFT, CallRecord, Summary
+from .ledger import LATENCY, OTHERS, TTFT, CallRecord, Summary
 
 log = logging.getLogger("tollgate.ledger")
 
@@ -29,7 +29,8 @@ VERSION = 2          # PRAGMA user_version once the rollups hold every row
 CHUNK = 250_000      # rows per back-fill transaction
 
 # What identifies a rollup row besides its bucket; NULLs are stored as "" so the key is unique.
-KEY = ("upstream", "model", "type", "endpoint", "key_id", "outcome", "fallback_from", "final")
+# `named`: the call named its user (the calls of users the per-user tables hold).
+KEY = ("upstream", "model", "type", "endpoint", "key_id", "outcome", "fallback_from", "final", "named")
 SUMS = ("requests", "prompt_tokens", "completion_tokens", "cached_tokens", "estimated_calls", "estimated_tokens",
         "cost_usd", "latency_sum", "ttft_count", "ttft_sum")
 USER_SUMS = ("requests", "errors", "prompt_tokens", "completion_tokens", "cached_tokens", "estimated_calls",
@@ -39,7 +40,7 @@ USER_SUMS = ("requests", "errors", "prompt_tokens", "completion_tokens", "cached
 def _tables(span: str) -> str:
     return f"""
 CREATE TABLE IF NOT EXISTS rollup_{span} (
-    bucket INTEGER NOT NULL, {', '.join(f'{k} {"INTEGER" if k == "final" else "TEXT"} NOT NULL' for k in KEY)},
+    bucket INTEGER NOT NULL, {', '.join(f'{k} {"INTEGER" if k in ("final", "named") else "TEXT"} NOT NULL' for k in KEY)},
     {', '.join(f'{s} {"REAL" if s in ("cost_usd", "latency_sum", "ttft_sum") else "INTEGER"} NOT NULL' for s in SUMS)},
     last_ts REAL NOT NULL,
     PRIMARY KEY (bucket, {', '.join(KEY)})
@@ -60,6 +61,7 @@ CREATE TABLE IF NOT EXISTS latency_{span} (
 # The epoch tables' "bucket" is the stats epoch's id: /stats since a reset is one lookup.
 SPANS = ("hour", "day", "epoch")
 SCHEMA = "".join(_tables(span) for span in SPANS) + """
+CREATE INDEX IF NOT EXISTS users_hour_user ON users_hour(user, bucket);
 CREATE TABLE IF NOT EXISTS meta (name TEXT PRIMARY KEY, value) WITHOUT ROWID;
 """
 
@@ -99,7 +101,7 @@ def add_rows(conn: sqlite3.Connection, records: Sequence[CallRecord], epoch: int
             # SQLite's CAST(ts / size AS INTEGER): the back-fill's bucket, to the last bit.
             bucket = int(rec.ts / size) if size else epoch
             key = (bucket, rec.upstream, rec.model, rec.type, rec.endpoint, rec.key_id or "", rec.outcome,
-                   rec.fallback_from or "", int(rec.final))
+                   rec.fallback_from or "", int(rec.final), int(rec.user is not None))
             sums = groups.get(key)
             if sums is None:
                 sums = groups[key] = [0, 0, 0, 0, 0, 0, 0.0, 0.0, 0, 0.0, rec.ts]
@@ -137,7 +139,8 @@ def _backfill_sql(span: str, size: int) -> list[str]:
     sums = ("COUNT(*), SUM(prompt_tokens), SUM(completion_tokens), SUM(cached_tokens), SUM(estimated), "
             "SUM(CASE WHEN estimated THEN prompt_tokens + completion_tokens ELSE 0 END), SUM(cost_usd), "
             "SUM(latency_s), COUNT(ttft_s), TOTAL(ttft_s), MAX(ts)")
-    key = "upstream, model, type, endpoint, COALESCE(key_id, ''), outcome, COALESCE(fallback_from, ''), final"
+    key = ("upstream, model, type, endpoint, COALESCE(key_id, ''), outcome, COALESCE(fallback_from, ''), final, "
+           "user IS NOT NULL")
     rollup, users, latency = (sql.split(" VALUES ")[0] for sql in _UPSERT[span])
     conflict = [sql.split(" VALUES ")[1].split(") ", 1)[1] for sql in _UPSERT[span]]
     user_sums = ("COUNT(*), SUM(outcome != 'ok'), SUM(prompt_tokens), SUM(completion_tokens), SUM(cached_tokens), "
@@ -145,7 +148,7 @@ def _backfill_sql(span: str, size: int) -> list[str]:
                  "SUM(cost_usd), MAX(ts)")
     rows = "FROM calls WHERE id > :lo AND id <= :hi"
     return [
-        f"{rollup} SELECT {bucket}, {key}, {sums} {rows} GROUP BY 1, 2, 3, 4, 5, 6, 7, 8, 9 {conflict[0]}",
+        f"{rollup} SELECT {bucket}, {key}, {sums} {rows} GROUP BY 1, 2, 3, 4, 5, 6, 7, 8, 9, 10 {conflict[0]}",
         f"{users} SELECT {bucket}, user, {user_sums} {rows} AND final = 1 AND user IS NOT NULL "
         f"GROUP BY 1, 2 {conflict[1]}",
         f"{latency} SELECT {bucket}, {LATENCY}, tollgate_bucket(latency_s), COUNT(*) {rows} AND final = 1 "
@@ -218,20 +221,45 @@ def spans(start_hour: int, end_hour: int) -> list[tuple[str, int, int]]:
     return out
 
 
-def summary(conn: sqlite3.Connection, start_hour: int, end_hour: int) -> Summary:
-    """Everything the rollups hold for the whole hours [start_hour, end_hour)."""
-    out = Summary()
-    for span, first, end in spans(start_hour, end_hour):
-        where = "bucket >= ? AND bucket < ?"
-        out.calls += conn.execute(
-            f"SELECT {', '.join(KEY)}, {', '.join(f'SUM({s})' for s in SUMS)}, MAX(last_ts) FROM rollup_{span} "
-            f"WHERE {where} GROUP BY {', '.join(KEY)}", (first, end)).fetchall()
-        out.users += conn.execute(
-            f"SELECT user, {', '.join(f'SUM({s})' for s in USER_SUMS)}, MAX(last_ts) FROM users_{span} "
-            f"WHERE {where} GROUP BY user", (first, end)).fetchall()
-        out.latency += conn.execute(
-            f"SELECT kind, idx, SUM(n) FROM latency_{span} WHERE {where} GROUP BY kind, idx", (first, end)).fetchall()
-    return out
+def user_history(conn: sqlite3.Connection, start: int, end: int, edge_totals: dict[str, int],
+                 top: int) -> tuple[list[tuple[Any, ...]], set[str]]:
+    """History pieces by user for the whole hours [start, end), the period's `top` busiest users
+    named and the rest summed as OTHERS per hour, the calls that named no user as None; and the
+    set of users named. `edge_totals` are the requests per user in the raw partial hours, so the
+    ranking is over the exact period. Cost: the period's daily per-user rows to rank, then only
+    the named users' hours (an index on user), not every user's every hour."""
+    kept = conn.execute("SELECT value FROM meta WHERE name = 'hourly_detail_from'").fetchone()
+    start = max(start, int(kept[0])) if kept is not None else start
+    totals = dict(edge_totals)
+    for span, first, last in spans(start, end):
+        for user, requests in conn.execute(f"SELECT user, SUM(requests) FROM users_{span} "
+                                           "WHERE bucket >= ? AND bucket < ? GROUP BY user", (first, last)):
+            totals[user] = totals.get(user, 0) + requests
+    named = set(sorted(totals, key=lambda u: (-totals[u], u))[:top])
+    sums = "SUM(requests), SUM(prompt_tokens), SUM(completion_tokens), SUM(cost_usd)"
+    pieces: list[tuple[Any, ...]] = []
+    if named:
+        marks = ", ".join("?" * len(named))
+        pieces += conn.execute(
+            f"SELECT bucket * {HOUR}, user, requests, prompt_tokens, completion_tokens, cost_usd, errors, "
+            f"estimated_calls FROM users_hour WHERE user IN ({marks}) AND bucket >= ? AND bucket < ?",
+            (*named, start, end)).fetchall()
+    by_hour: dict[int, list[float]] = {}
+    for piece in pieces:
+        into = by_hour.setdefault(piece[0], [0, 0, 0, 0.0, 0, 0])
+        for i, value in enumerate(piece[2:]):
+            into[i] += value
+    errors = "SUM(CASE WHEN outcome != 'ok' THEN requests ELSE 0 END)"
+    for hour, has_user, *figures in conn.execute(
+            f"SELECT bucket * {HOUR}, named, {sums}, {errors}, SUM(estimated_calls) FROM rollup_hour "
+            "WHERE bucket >= ? AND bucket < ? AND final = 1 GROUP BY bucket, named", (start, end)):
+        if not has_user:
+            pieces.append((hour, None, *figures))
+            continue
+        rest = [total - part for total, part in zip(figures, by_hour.get(hour, [0, 0, 0, 0.0, 0, 0]))]
+        if rest[0]:
+            pieces.append((hour, OTHERS, *rest))
+    return pieces, named
 
 
 def epoch_summary(conn: sqlite3.Connection, epoch: int) -> Summary:

@@ -10,7 +10,8 @@ from __future__ import annotations
 from datetime import datetime
 from typing import Any
 
-from .accounting import OTHERS, Accounting, Aggregates, Tally
+from .accounting import Accounting, Aggregates, Tally
+from .ledger import OTHERS
 from .config import Config, Upstream
 from .errors import REFUSED_OUTCOMES
 from .limits import WindowStore

@@ -33,8 +33,8 @@ from pathlib import Path
 from typing import Any
 
 from . import rollups
-from .ledger import (COLUMNS, GROUPS, Admission, CallRecord, Filters, GroupBy, LedgerError, LedgerHealth,
-                     LedgerStore, Piece, Summary)
+from .ledger import (COLUMNS, GROUPS, OTHERS, Admission, CallRecord, Filters, GroupBy, LedgerError,
+                     LedgerHealth, LedgerStore, Piece, Summary)
 
 log = logging.getLogger("tollgate.ledger")
 
@@ -497,7 +497,8 @@ class Ledger:
         finally:
             conn.close()
 
-    def history_pieces(self, filters: Filters, group_by: GroupBy | None, whole_hours: bool) -> list[Piece]:
+    def history_pieces(self, filters: Filters, group_by: GroupBy | None, whole_hours: bool,
+                       top_users: int | None = None) -> list[Piece]:
         """The sums a history folds into its buckets. With `whole_hours` (the stats zone's hours
         begin on UTC hours), whole hours come from the hourly rollups and only the partial hours at
         the ends from raw rows, by UTC quarter-hour (every zone's offset is a whole number of them);
@@ -522,6 +523,15 @@ class Ledger:
         pieces = self._raw_pieces(filters, group_by, start, end)
         conn = _reader(self.path)
         try:
+            if group_by == "user" and not filters.equals and top_users is not None:
+                # Only the busiest users are named: read their hours, not every user's.
+                edge: dict[str, int] = {}
+                for piece in pieces:
+                    if piece[1] is not None:
+                        edge[piece[1]] = edge.get(piece[1], 0) + piece[2]
+                hours, named = rollups.user_history(conn, start, end, edge, top_users)
+                return [(p[0], OTHERS if p[1] is not None and p[1] not in named else p[1], *p[2:])
+                        for p in pieces] + hours
             pieces += rollups.history(conn, start, end, filters.equals, group_by)
         finally:
             conn.close()

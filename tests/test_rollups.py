@@ -18,7 +18,8 @@ import aiohttp
 import pytest
 
 from proxy import reports, rollups
-from proxy.accounting import OTHERS, Aggregates
+from proxy.accounting import Aggregates
+from proxy.ledger import OTHERS
 from proxy.store import CallRecord, Filters, Ledger
 
 from .conftest import Clock, Proxy, Serve, settled, to_toml
@@ -166,8 +167,9 @@ def reference_history(rows: list[CallRecord], bucket: str, filters: Filters, gro
     if group_by == "user":   # the period's busiest users, the rest as OTHERS
         totals: dict[object, float] = {}
         for (_, grp), v in folded.items():
-            totals[grp] = totals.get(grp, 0) + v[0]
-        top = set(sorted(totals, key=lambda u: (-totals[u], str(u)))[:top_users])
+            if grp is not None:           # the calls that named no user are their own group
+                totals[grp] = totals.get(grp, 0) + v[0]
+        top = set(sorted(totals, key=lambda u: (-totals[u], str(u)))[:top_users]) | {None}
         merged: dict[tuple[float, object], list[float]] = {}
         for (start, grp), v in folded.items():
             into = merged.setdefault((start, grp if grp in top or len(totals) <= top_users else OTHERS),
