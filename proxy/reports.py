@@ -87,9 +87,13 @@ def history(ledger: LedgerStore, bucket: Bucket, filters: Filters, group_by: Gro
     if group_by == "user":
         folded = _top_users(folded)
     buckets = []
+    named: dict[float, str] = {}  # each bucket's local name, once per bucket rather than per group
     for (start, grp), (requests, prompt, completion, cost, errors, estimated) in sorted(
             folded.items(), key=lambda kv: (kv[0][0], str(kv[0][1]))):
-        entry: dict[str, Any] = {"start": start, "start_local": _local(start, tz),
+        local = named.get(start)
+        if local is None:
+            local = named[start] = _local(start, tz)
+        entry: dict[str, Any] = {"start": start, "start_local": local,
                                  "requests": int(requests), "prompt_tokens": int(prompt),
                                  "completion_tokens": int(completion), "total_tokens": int(prompt + completion),
                                  "cost_usd": round(cost, 6), "errors": int(errors), "estimated_calls": int(estimated)}
@@ -106,10 +110,10 @@ def history(ledger: LedgerStore, bucket: Bucket, filters: Filters, group_by: Gro
     }
 
 
-# A history by user names the period's busiest users; the rest are summed per bucket under
-# OTHERS (the calls that named no user stay apart, as None), so a month of a bot with thousands
-# of users is a reply of kilobytes, not megabytes.
-TOP_USERS = 50
+# A history by user names the period's 20 busiest users (a chart of 20 lines); the rest are
+# summed per bucket under OTHERS (the calls that named no user stay apart, as None), so a month
+# of a bot with thousands of users is a reply of kilobytes, not megabytes.
+TOP_USERS = 20
 
 
 def _top_users(folded: dict[tuple[float, Any], list[float]]) -> dict[tuple[float, Any], list[float]]:

@@ -246,11 +246,12 @@ def user_history(conn: sqlite3.Connection, start: int, end: int, edge_totals: di
             f"SELECT bucket * {HOUR}, user, requests, prompt_tokens, completion_tokens, cost_usd, errors, "
             f"estimated_calls FROM users_hour WHERE user IN ({marks}) AND bucket >= ? AND bucket < ?",
             (*named, start, end)).fetchall()
-    by_hour: dict[int, list[float]] = {}
-    for piece in pieces:
-        into = by_hour.setdefault(piece[0], [0, 0, 0, 0.0, 0, 0])
-        for i, value in enumerate(piece[2:]):
-            into[i] += value
+        # Each hour's sum over the named users, added up by SQLite rather than piece by piece.
+        by_hour = {row[0]: row[1:] for row in conn.execute(
+            f"SELECT bucket * {HOUR}, {sums}, SUM(errors), SUM(estimated_calls) FROM users_hour "
+            f"WHERE user IN ({marks}) AND bucket >= ? AND bucket < ? GROUP BY bucket", (*named, start, end))}
+    else:
+        by_hour = {}
     errors = "SUM(CASE WHEN outcome != 'ok' THEN requests ELSE 0 END)"
     for hour, has_user, *figures in conn.execute(
             f"SELECT bucket * {HOUR}, named, {sums}, {errors}, SUM(estimated_calls) FROM rollup_hour "
@@ -258,7 +259,7 @@ def user_history(conn: sqlite3.Connection, start: int, end: int, edge_totals: di
         if not has_user:
             pieces.append((hour, None, *figures))
             continue
-        rest = [total - part for total, part in zip(figures, by_hour.get(hour, [0, 0, 0, 0.0, 0, 0]))]
+        rest = [total - part for total, part in zip(figures, by_hour.get(hour, (0, 0, 0, 0.0, 0, 0)))]
         if rest[0]:
             pieces.append((hour, OTHERS, *rest))
     return pieces, named
