@@ -104,7 +104,7 @@ class _Prune:
 
 # Rows deleted per prune transaction: each holds the writer a few milliseconds at most, and
 # whatever queued meanwhile is written before the next batch.
-PRUNE_BATCH = 500
+PRUNE_BATCH = 100
 
 
 class _Flush:
