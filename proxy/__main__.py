@@ -45,6 +45,12 @@ def _offline_state(config: Config) -> tuple[Accounting, WindowStore]:
     acc, limiter = Accounting(None), limits.windows_for(config, time.time)
     ledger = _ledger(config)
     if ledger is not None:
+        # Opening brings a ledger an older version left up to date (its one-time back-fill),
+        # as `serve` would; no server is running, so nobody else is writing it.
+        try:
+            ledger.open(time.time())
+        finally:
+            ledger.close()
         replay_ledger(ledger, acc, limiter)
     return acc, limiter
 
@@ -262,6 +268,9 @@ def main(argv: list[str] | None = None) -> int:
         return code
     except ConfigError as exc:
         print(f"tollgate: config error: {exc}", file=sys.stderr)
+        return 1
+    except LedgerError as exc:  # a ledger a command cannot open (read-only, full disk): one line
+        print(f"tollgate: {exc}", file=sys.stderr)
         return 1
     except BrokenPipeError:
         # `tollgate stats --text | head -1`: the reader has what it wanted. Point stdout at

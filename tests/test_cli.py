@@ -229,3 +229,24 @@ async def test_ctrl_c_ends_a_command_without_a_traceback(config_file: Path, raw_
     assert await server.signal(signal.SIGINT) == 0
     await asyncio.wait_for(server.proc.wait(), 60)  # type: ignore[union-attr]
     assert not any("Traceback" in line for line in server.log)
+
+
+async def test_stats_of_a_stopped_server_on_an_older_ledger(config_file: Path, raw_config: dict[str, Any]) -> None:
+    """A ledger an older version left (no rollups) and no server running: `tollgate stats` brings
+    it up to date once, as `serve` would, and counts every call."""
+    import sqlite3
+
+    from proxy import rollups
+
+    fill_ledger(raw_config, 300)
+    conn = sqlite3.connect(Path(raw_config["server"]["data_dir"]) / "ledger.sqlite3")
+    for span in rollups.SPANS:
+        for table in ("rollup", "users", "latency"):
+            conn.execute(f"DROP TABLE {table}_{span}")
+    conn.execute("DROP TABLE meta")
+    conn.execute("PRAGMA user_version = 0")
+    conn.commit()
+    conn.close()
+    code, out, err = await tollgate("-c", str(config_file), "stats")
+    assert code == 0, err
+    assert json.loads(out)["total_requests"] == 300
