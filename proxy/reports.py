@@ -52,7 +52,8 @@ def whole_hours(tz: ZoneInfo, since: float | None, until: float | None) -> bool:
     start = since if since is not None else 0.0
     end = until if until is not None else datetime.now().timestamp()
     moment, last = datetime.fromtimestamp(max(start, 0.0), tz), datetime.fromtimestamp(max(end, 0.0), tz)
-    step = timedelta(days=1)
+    # Weekly samples: every offset a zone has kept (a DST season, a half-hour zone) lasts weeks.
+    step = timedelta(days=7)
     while True:
         offset = moment.utcoffset()
         if offset is None or offset.total_seconds() % 3600:
