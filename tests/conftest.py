@@ -10,7 +10,7 @@ import socket
 import sys
 from collections.abc import AsyncIterator, Callable, Iterator
 from pathlib import Path
-from typing import Any
+from typing import Any, NoReturn
 
 import aiohttp
 import pytest
@@ -340,6 +340,46 @@ def to_toml(data: dict[str, Any], prefix: str = "") -> str:
 CHROMIUM = "/usr/bin/chromium"
 
 
+def _missing(what: str) -> NoReturn:
+    """A component the suite needs is not on this machine: skipped here, a failure in CI."""
+    import os
+
+    message = f"{what} is missing (.ci/run installs it)"
+    if os.environ.get("CI") == "true":
+        pytest.fail(message)
+    pytest.skip(message)
+
+
+@pytest.fixture(scope="session")
+def redis_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    """A real redis-server for the session, on a unix socket (no TCP port to race for), with no
+    persistence; yields its URL. Ready when it says so."""
+    import shutil
+    import subprocess
+    import threading
+
+    binary = shutil.which("redis-server")
+    if binary is None:
+        _missing("redis-server")
+    where = tmp_path_factory.mktemp("redis")
+    sock = where / "redis.sock"
+    proc = subprocess.Popen([binary, "--port", "0", "--unixsocket", str(sock), "--unixsocketperm", "700",
+                             "--save", "", "--appendonly", "no", "--dir", str(where)],
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    assert proc.stdout is not None
+    for line in proc.stdout:  # bounded: the server ends the stream if it exits
+        if "ready to accept connections" in line.lower():
+            break
+    else:
+        raise RuntimeError("redis-server exited before it was ready")
+    # Its later log lines are read off, so a full pipe never blocks it.
+    threading.Thread(target=lambda: [None for _ in proc.stdout or ()], daemon=True).start()
+    yield f"unix://{sock}"
+    proc.terminate()
+    proc.wait(30)
+    proc.stdout.close()
+
+
 @pytest.fixture(scope="session")
 def chromium() -> str:
     """Debian's chromium, which .ci/run installs. Without it the browser test is skipped here,
@@ -347,8 +387,5 @@ def chromium() -> str:
     import os
 
     if not os.path.exists(CHROMIUM):
-        message = f"{CHROMIUM} is missing: apt-get install chromium (.ci/run does)"
-        if os.environ.get("CI") == "true":
-            pytest.fail(message)
-        pytest.skip(message)
+        _missing(f"{CHROMIUM} (Debian's chromium)")
     return CHROMIUM

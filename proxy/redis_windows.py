@@ -1,0 +1,154 @@
+"""The limiter's windows in Redis: one atomic script per admission, shared by every process.
+
+A building block of the shared limiter (not yet selectable in the config): `admit` runs one Lua
+script that, on Redis's own clock, checks every window of a call (requests per minute or day,
+rolling or since a given midnight; tokens per minute; concurrency leases; an upstream's own 429
+hold) and records the call in all of them only when none refuses, so a refused call costs
+nothing and N processes together never admit more than a limit. A refusal says exactly when a
+place frees, as the in-memory windows do. Every key of a deployment carries one hash tag, so
+the script runs on Redis Cluster; every key expires once its window is empty.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Literal
+
+import redis.asyncio as aioredis
+
+Kind = Literal["requests", "tokens", "concurrency", "hold"]
+
+# Windows, each as five ARGV fields after the three fixed ones: kind, limit, span (seconds; for
+# a calendar day, 0), start (a calendar day's midnight, else 0), end (its next midnight, else 0).
+_ADMIT = """
+local t = redis.call('TIME')
+local now = tonumber(t[1]) + tonumber(t[2]) / 1000000
+local id, tokens, lease = ARGV[1], tonumber(ARGV[2]), tonumber(ARGV[3])
+local function ends(span, stop, ts) if span > 0 then return ts + span end return stop end
+for i = 1, #KEYS do
+  local base = 3 + (i - 1) * 5
+  local kind, limit = ARGV[base + 1], tonumber(ARGV[base + 2])
+  local span, start, stop = tonumber(ARGV[base + 3]), tonumber(ARGV[base + 4]), tonumber(ARGV[base + 5])
+  local key = KEYS[i]
+  if kind == 'hold' then
+    local until_ = tonumber(redis.call('GET', key) or '0')
+    if until_ > now then return {0, i, math.ceil((until_ - now) * 1000)} end
+  elseif kind == 'concurrency' then
+    redis.call('ZREMRANGEBYSCORE', key, '-inf', now)
+    if redis.call('ZCARD', key) >= limit then return {0, i, -2} end
+  else
+    local from = span > 0 and now - span or start
+    redis.call('ZREMRANGEBYSCORE', key, '-inf', '(' .. from)
+    if kind == 'requests' then
+      local used = redis.call('ZCARD', key)
+      if 1 > limit then return {0, i, -1} end
+      if used + 1 > limit then
+        local oldest = redis.call('ZRANGE', key, used - limit, used - limit, 'WITHSCORES')
+        return {0, i, math.max(0, math.ceil((ends(span, stop, tonumber(oldest[2])) - now) * 1000))}
+      end
+    else
+      if tokens > limit then return {0, i, -1} end
+      local entries = redis.call('ZRANGE', key, 0, -1, 'WITHSCORES')
+      local used = 0
+      for j = 1, #entries, 2 do used = used + tonumber(string.match(entries[j], ':(%d+)$')) end
+      local excess = used + tokens - limit
+      if excess > 0 then
+        local freed = 0
+        for j = 1, #entries, 2 do
+          freed = freed + tonumber(string.match(entries[j], ':(%d+)$'))
+          if freed >= excess then
+            return {0, i, math.max(0, math.ceil((ends(span, stop, tonumber(entries[j + 1])) - now) * 1000))}
+          end
+        end
+      end
+    end
+  end
+end
+-- No window refused: the call takes its place in every one of them.
+for i = 1, #KEYS do
+  local base = 3 + (i - 1) * 5
+  local kind, span, stop = ARGV[base + 1], tonumber(ARGV[base + 3]), tonumber(ARGV[base + 5])
+  local key = KEYS[i]
+  if kind == 'concurrency' then
+    redis.call('ZADD', key, now + lease, id)
+    redis.call('EXPIRE', key, math.ceil(lease) + 1)
+  elseif kind ~= 'hold' then
+    redis.call('ZADD', key, now, kind == 'tokens' and (id .. ':' .. tokens) or id)
+    redis.call('EXPIREAT', key, math.ceil(ends(span, stop, now)) + 1)
+  end
+end
+return {1, 0, 0}
+"""
+
+# KEYS: the call's token windows, then its concurrency windows; ARGV: id, tokens admitted,
+# tokens used, the number of token windows.
+_FINISH = """
+local id, admitted, used, n = ARGV[1], ARGV[2], ARGV[3], tonumber(ARGV[4])
+for i = 1, #KEYS do
+  if i <= n then
+    local score = redis.call('ZSCORE', KEYS[i], id .. ':' .. admitted)
+    if score then
+      redis.call('ZREM', KEYS[i], id .. ':' .. admitted)
+      redis.call('ZADD', KEYS[i], score, id .. ':' .. used)
+    end
+  else
+    redis.call('ZREM', KEYS[i], id)
+  end
+end
+return 1
+"""
+
+
+@dataclass(frozen=True)
+class WindowSpec:
+    """One window of one scope, as the script reads it."""
+
+    scope: str               # "upstream:gpt4o_cloud"
+    kind: Kind
+    limit: int
+    span: float = 0.0        # rolling windows: their length in seconds
+    start: float = 0.0       # a calendar day: its midnight (unix time) ...
+    end: float = 0.0         # ... and the next one
+
+
+@dataclass(frozen=True)
+class Decision:
+    admitted: bool
+    refused_by: WindowSpec | None = None
+    retry_after: float | None = None   # seconds; None: never (alone over the limit) or unknown
+
+
+class RedisWindows:
+    """The windows of every process of a deployment, in one Redis."""
+
+    def __init__(self, client: aioredis.Redis, prefix: str = "tollgate", lease_s: float = 30.0) -> None:
+        self.client = client
+        self.tag = "{" + prefix + "}"  # one hash slot for every key: the script may touch them all
+        self.lease_s = lease_s
+        self._admit = client.register_script(_ADMIT)
+        self._finish = client.register_script(_FINISH)
+
+    def key(self, spec: WindowSpec) -> str:
+        return f"{self.tag}:{spec.scope}:{spec.kind}:{spec.span:g}"
+
+    async def admit(self, call_id: str, windows: list[WindowSpec], tokens: int) -> Decision:
+        argv: list[str | int | float] = [call_id, tokens, self.lease_s]
+        for spec in windows:
+            argv += [spec.kind, spec.limit, spec.span, spec.start, spec.end]
+        admitted, index, wait_ms = await self._admit(keys=[self.key(w) for w in windows], args=argv)
+        if admitted:
+            return Decision(True)
+        spec = windows[int(index) - 1]
+        return Decision(False, spec, None if int(wait_ms) < 0 else int(wait_ms) / 1000)
+
+    async def finish(self, call_id: str, windows: list[WindowSpec], admitted_tokens: int, used_tokens: int) -> None:
+        """The call is over: its token entries hold what it really used, its leases are given back."""
+        token_keys = [self.key(w) for w in windows if w.kind == "tokens"]
+        lease_keys = [self.key(w) for w in windows if w.kind == "concurrency"]
+        await self._finish(keys=token_keys + lease_keys,
+                           args=[call_id, admitted_tokens, used_tokens, len(token_keys)])
+
+    async def hold(self, scope: str, until: float) -> None:
+        """An upstream's own 429: hold its calls until `until` (Redis time, unix seconds)."""
+        spec = WindowSpec(scope, "hold", 0)
+        await self.client.set(self.key(spec), until, exat=int(until) + 1)

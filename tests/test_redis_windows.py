@@ -1,0 +1,114 @@
+"""The shared windows' admission script against a real redis-server: exact across processes, a
+refused call costs nothing, waits are exact."""
+
+from __future__ import annotations
+
+import asyncio
+import sys
+import uuid
+from collections.abc import AsyncIterator
+
+import pytest
+import redis.asyncio as aioredis
+
+from proxy.redis_windows import RedisWindows, WindowSpec
+
+RPM = WindowSpec("upstream:cloud", "requests", 10, span=60)
+
+
+@pytest.fixture
+async def windows(redis_server: str) -> AsyncIterator[RedisWindows]:
+    client = aioredis.Redis.from_url(redis_server)
+    yield RedisWindows(client, prefix=f"t{uuid.uuid4().hex}")  # a deployment of its own per test
+    await client.aclose()
+
+
+CHILD = """
+import asyncio, sys
+import redis.asyncio as aioredis
+from proxy.redis_windows import RedisWindows, WindowSpec
+
+async def main():
+    client = aioredis.Redis.from_url(sys.argv[1], max_connections=100)
+    windows = RedisWindows(client, prefix=sys.argv[2])
+    spec = WindowSpec("upstream:cloud", "requests", 10, span=60)
+    go = asyncio.Event()
+    async def one(i):
+        await go.wait()
+        return (await windows.admit(f"{sys.argv[3]}-{i}", [spec], 1)).admitted
+    calls = [asyncio.create_task(one(i)) for i in range(100)]
+    print("ready", flush=True)
+    sys.stdin.readline()          # every process starts its 100 calls at once
+    go.set()
+    print(sum(await asyncio.gather(*calls)), flush=True)
+    await client.aclose()
+
+asyncio.run(main())
+"""
+
+
+async def test_four_processes_of_a_hundred_callers_admit_exactly_the_limit(redis_server: str) -> None:
+    prefix = f"t{uuid.uuid4().hex}"
+    children = [await asyncio.create_subprocess_exec(
+        sys.executable, "-c", CHILD, redis_server, prefix, str(n),
+        stdin=asyncio.subprocess.PIPE, stdout=asyncio.subprocess.PIPE) for n in range(4)]
+    for child in children:
+        assert child.stdout is not None
+        assert await asyncio.wait_for(child.stdout.readline(), 60) == b"ready\n"
+    for child in children:
+        assert child.stdin is not None
+        child.stdin.write(b"go\n")
+        await child.stdin.drain()
+    admitted = [int((await asyncio.wait_for(child.communicate(), 60))[0]) for child in children]
+    assert sum(admitted) == 10, admitted
+
+
+async def test_a_refused_call_costs_nothing_and_says_when_to_come_back(windows: RedisWindows) -> None:
+    wide = WindowSpec("upstream:cloud", "requests", 100, span=60)
+    narrow = WindowSpec("user:ana", "requests", 1, span=60)
+    assert (await windows.admit("a", [wide, narrow], 1)).admitted
+    refused = await windows.admit("b", [wide, narrow], 1)
+    assert not refused.admitted and refused.refused_by == narrow
+    assert refused.retry_after is not None and 59.0 < refused.retry_after <= 60.0
+    # The refused call took no place in the wide window: 99 more fit there, not 98.
+    for n in range(99):
+        assert (await windows.admit(f"w{n}", [wide], 1)).admitted
+    assert not (await windows.admit("x", [wide], 1)).admitted
+
+
+async def test_tokens_per_minute_count_what_the_call_really_used(windows: RedisWindows) -> None:
+    tpm = WindowSpec("upstream:cloud", "tokens", 1000, span=60)
+    never = await windows.admit("big", [tpm], 1001)
+    assert not never.admitted and never.retry_after is None      # alone over the limit
+    assert (await windows.admit("a", [tpm], 800)).admitted
+    assert not (await windows.admit("b", [tpm], 300)).admitted
+    await windows.finish("a", [tpm], 800, 500)                   # it used less than estimated
+    assert (await windows.admit("b", [tpm], 300)).admitted
+    late = await windows.admit("c", [tpm], 300)
+    assert not late.admitted and late.retry_after is not None and 59.0 < late.retry_after <= 60.0
+
+
+async def test_concurrency_places_come_back_when_calls_finish(windows: RedisWindows) -> None:
+    places = WindowSpec("upstream:cloud", "concurrency", 2)
+    assert (await windows.admit("a", [places], 0)).admitted
+    assert (await windows.admit("b", [places], 0)).admitted
+    full = await windows.admit("c", [places], 0)
+    assert not full.admitted and full.retry_after is None       # no exact time: a call must end
+    await windows.finish("a", [places], 0, 0)
+    assert (await windows.admit("c", [places], 0)).admitted
+
+
+async def test_a_calendar_day_ends_at_its_midnight(windows: RedisWindows) -> None:
+    now = float((await windows.client.time())[0])
+    day = WindowSpec("model:gpt-4o", "requests", 1, start=now - 3600, end=now + 7200)
+    assert (await windows.admit("a", [day], 1)).admitted
+    refused = await windows.admit("b", [day], 1)
+    assert refused.retry_after is not None and 7198 < refused.retry_after <= 7200
+
+
+async def test_an_upstream_429_holds_its_calls(windows: RedisWindows) -> None:
+    now = float((await windows.client.time())[0])
+    await windows.hold("upstream:cloud", now + 20)
+    held = await windows.admit("a", [WindowSpec("upstream:cloud", "hold", 0), RPM], 1)
+    assert not held.admitted and held.retry_after is not None and 18 < held.retry_after <= 20
+    assert (await windows.admit("b", [RPM], 1)).admitted          # the hold cost the window nothing
