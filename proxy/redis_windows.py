@@ -18,18 +18,20 @@ import redis.asyncio as aioredis
 
 Kind = Literal["requests", "tokens", "concurrency", "hold"]
 
-# Windows, each as five ARGV fields after the three fixed ones: kind, limit, span (seconds; for
-# a calendar day, 0), start (a calendar day's midnight, else 0), end (its next midnight, else 0).
+# Windows, each as two KEYS (its sorted set, and the running sum of a token window: every key a
+# script touches is named, as Redis Cluster requires) and five ARGV fields after the three fixed
+# ones: kind, limit, span (seconds; for a calendar day, 0), start (a calendar day's midnight,
+# else 0), end (its next midnight, else 0).
 _ADMIT = """
 local t = redis.call('TIME')
 local now = tonumber(t[1]) + tonumber(t[2]) / 1000000
 local id, tokens, lease = ARGV[1], tonumber(ARGV[2]), tonumber(ARGV[3])
 local function ends(span, stop, ts) if span > 0 then return ts + span end return stop end
-for i = 1, #KEYS do
+for i = 1, #KEYS / 2 do
   local base = 3 + (i - 1) * 5
   local kind, limit = ARGV[base + 1], tonumber(ARGV[base + 2])
   local span, start, stop = tonumber(ARGV[base + 3]), tonumber(ARGV[base + 4]), tonumber(ARGV[base + 5])
-  local key = KEYS[i]
+  local key, sum = KEYS[2 * i - 1], KEYS[2 * i]
   if kind == 'hold' then
     local until_ = tonumber(redis.call('GET', key) or '0')
     if until_ > now then return {0, i, math.ceil((until_ - now) * 1000)} end
@@ -38,6 +40,14 @@ for i = 1, #KEYS do
     if redis.call('ZCARD', key) >= limit then return {0, i, -2} end
   else
     local from = span > 0 and now - span or start
+    if kind == 'tokens' then
+      -- The window's sum is kept beside it: what leaves is taken off, so no admission reads
+      -- every entry.
+      local gone = redis.call('ZRANGEBYSCORE', key, '-inf', '(' .. from)
+      local out = 0
+      for j = 1, #gone do out = out + tonumber(string.match(gone[j], ':(%d+)$')) end
+      if out > 0 then redis.call('DECRBY', sum, out) end
+    end
     redis.call('ZREMRANGEBYSCORE', key, '-inf', '(' .. from)
     if kind == 'requests' then
       local used = redis.call('ZCARD', key)
@@ -48,53 +58,59 @@ for i = 1, #KEYS do
       end
     else
       if tokens > limit then return {0, i, -1} end
-      local entries = redis.call('ZRANGE', key, 0, -1, 'WITHSCORES')
-      local used = 0
-      for j = 1, #entries, 2 do used = used + tonumber(string.match(entries[j], ':(%d+)$')) end
-      local excess = used + tokens - limit
+      local excess = tonumber(redis.call('GET', sum) or '0') + tokens - limit
       if excess > 0 then
-        local freed = 0
-        for j = 1, #entries, 2 do
-          freed = freed + tonumber(string.match(entries[j], ':(%d+)$'))
-          if freed >= excess then
-            return {0, i, math.max(0, math.ceil((ends(span, stop, tonumber(entries[j + 1])) - now) * 1000))}
+        -- Only a refusal reads entries, oldest first, and only until enough would have left.
+        local freed, offset = 0, 0
+        while true do
+          local entries = redis.call('ZRANGE', key, offset, offset + 99, 'WITHSCORES')
+          if #entries == 0 then return {0, i, -1} end
+          for j = 1, #entries, 2 do
+            freed = freed + tonumber(string.match(entries[j], ':(%d+)$'))
+            if freed >= excess then
+              return {0, i, math.max(0, math.ceil((ends(span, stop, tonumber(entries[j + 1])) - now) * 1000))}
+            end
           end
+          offset = offset + 100
         end
       end
     end
   end
 end
 -- No window refused: the call takes its place in every one of them.
-for i = 1, #KEYS do
+for i = 1, #KEYS / 2 do
   local base = 3 + (i - 1) * 5
   local kind, span, stop = ARGV[base + 1], tonumber(ARGV[base + 3]), tonumber(ARGV[base + 5])
-  local key = KEYS[i]
+  local key, sum = KEYS[2 * i - 1], KEYS[2 * i]
   if kind == 'concurrency' then
     redis.call('ZADD', key, now + lease, id)
     redis.call('EXPIRE', key, math.ceil(lease) + 1)
   elseif kind ~= 'hold' then
     redis.call('ZADD', key, now, kind == 'tokens' and (id .. ':' .. tokens) or id)
     redis.call('EXPIREAT', key, math.ceil(ends(span, stop, now)) + 1)
+    if kind == 'tokens' then
+      redis.call('INCRBY', sum, tokens)
+      redis.call('EXPIREAT', sum, math.ceil(ends(span, stop, now)) + 1)
+    end
   end
 end
 return {1, 0, 0}
 """
 
-# KEYS: the call's token windows, then its concurrency windows; ARGV: id, tokens admitted,
-# tokens used, the number of token windows.
+# KEYS: the call's token windows and their sums (in pairs), then its concurrency windows;
+# ARGV: id, tokens admitted, tokens used, the number of token windows.
 _FINISH = """
 local id, admitted, used, n = ARGV[1], ARGV[2], ARGV[3], tonumber(ARGV[4])
-for i = 1, #KEYS do
-  if i <= n then
-    local score = redis.call('ZSCORE', KEYS[i], id .. ':' .. admitted)
-    if score then
-      redis.call('ZREM', KEYS[i], id .. ':' .. admitted)
-      redis.call('ZADD', KEYS[i], score, id .. ':' .. used)
-    end
-  else
-    redis.call('ZREM', KEYS[i], id)
+for i = 1, n do
+  local key, sum = KEYS[2 * i - 1], KEYS[2 * i]
+  local score = redis.call('ZSCORE', key, id .. ':' .. admitted)
+  if score then  -- still in its window: it counts what it used, and so does the sum
+    redis.call('ZREM', key, id .. ':' .. admitted)
+    redis.call('ZADD', key, score, id .. ':' .. used)
+    redis.call('INCRBY', sum, tonumber(used) - tonumber(admitted))
   end
 end
+for i = 2 * n + 1, #KEYS do redis.call('ZREM', KEYS[i], id) end
 return 1
 """
 
@@ -135,7 +151,8 @@ class RedisWindows:
         argv: list[str | int | float] = [call_id, tokens, self.lease_s]
         for spec in windows:
             argv += [spec.kind, spec.limit, spec.span, spec.start, spec.end]
-        admitted, index, wait_ms = await self._admit(keys=[self.key(w) for w in windows], args=argv)
+        keys = [name for w in windows for name in (self.key(w), self.key(w) + ":sum")]
+        admitted, index, wait_ms = await self._admit(keys=keys, args=argv)
         if admitted:
             return Decision(True)
         spec = windows[int(index) - 1]
@@ -143,10 +160,10 @@ class RedisWindows:
 
     async def finish(self, call_id: str, windows: list[WindowSpec], admitted_tokens: int, used_tokens: int) -> None:
         """The call is over: its token entries hold what it really used, its leases are given back."""
-        token_keys = [self.key(w) for w in windows if w.kind == "tokens"]
+        token_keys = [name for w in windows if w.kind == "tokens" for name in (self.key(w), self.key(w) + ":sum")]
         lease_keys = [self.key(w) for w in windows if w.kind == "concurrency"]
         await self._finish(keys=token_keys + lease_keys,
-                           args=[call_id, admitted_tokens, used_tokens, len(token_keys)])
+                           args=[call_id, admitted_tokens, used_tokens, len(token_keys) // 2])
 
     async def hold(self, scope: str, until: float) -> None:
         """An upstream's own 429: hold its calls until `until` (Redis time, unix seconds)."""
