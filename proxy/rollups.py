@@ -281,8 +281,9 @@ def history(conn: sqlite3.Connection, start: int, end: int, equals: tuple[tuple[
     estimated calls) for the whole hours [start, end), calls only (no attempts)."""
     sums = ("SUM(requests), SUM(prompt_tokens), SUM(completion_tokens), SUM(cost_usd), {errors}, "
             "SUM(estimated_calls)")
+    errors = "SUM(CASE WHEN outcome != 'ok' THEN requests ELSE 0 END)"
     if group_by == "user" or any(column == "user" for column, _ in equals):
-        # Per-user sums; the calls that named no user are the hour's total less the users'.
+        # Per-user sums; the calls that named no user are the rollups' unnamed ones.
         user = next((value for column, value in equals if column == "user"), None)
         # Retention deletes the hourly per-user sums with the rows: a history by user covers
         # the hours still kept.
@@ -295,15 +296,9 @@ def history(conn: sqlite3.Connection, start: int, end: int, equals: tuple[tuple[
         pieces = conn.execute(f"SELECT bucket * {HOUR}, {group}, {sums.format(errors='SUM(errors)')} FROM users_hour "
                               f"WHERE {where} GROUP BY bucket, {group}", params).fetchall()
         if group_by and not user:
-            named: dict[int, list[float]] = {}
-            for piece in pieces:
-                into = named.setdefault(piece[0], [0, 0, 0, 0.0, 0, 0])
-                for i, value in enumerate(piece[2:]):
-                    into[i] += value
-            for total in history(conn, start, end, (), None):
-                rest = [t - n for t, n in zip(total[2:], named.get(total[0], [0, 0, 0, 0.0, 0, 0]))]
-                if rest[0]:
-                    pieces.append((total[0], None, *rest))
+            pieces += conn.execute(
+                f"SELECT bucket * {HOUR}, NULL, {sums.format(errors=errors)} FROM rollup_hour "
+                "WHERE bucket >= ? AND bucket < ? AND final = 1 AND named = 0 GROUP BY bucket", (start, end)).fetchall()
         return [tuple(p) for p in pieces]
     clauses = ["bucket >= ?", "bucket < ?", "final = 1"]
     values: list[object] = [start, end]
@@ -312,7 +307,6 @@ def history(conn: sqlite3.Connection, start: int, end: int, equals: tuple[tuple[
         clauses.append(f"{column} = ?")
         values.append(value)
     group = group_by or "NULL"
-    errors = "SUM(CASE WHEN outcome != 'ok' THEN requests ELSE 0 END)"
     return [tuple(p) for p in conn.execute(
         f"SELECT bucket * {HOUR}, {group}, {sums.format(errors=errors)} FROM rollup_hour "
         f"WHERE {' AND '.join(clauses)} GROUP BY bucket, {group}", values)]
