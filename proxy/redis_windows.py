@@ -115,6 +115,20 @@ return 1
 """
 
 
+# KEYS: the call's concurrency windows; ARGV: id, lease seconds. A lease still held is pushed on.
+_RENEW = """
+local t = redis.call('TIME')
+local now = tonumber(t[1]) + tonumber(t[2]) / 1000000
+for i = 1, #KEYS do
+  if redis.call('ZSCORE', KEYS[i], ARGV[1]) then
+    redis.call('ZADD', KEYS[i], now + tonumber(ARGV[2]), ARGV[1])
+    redis.call('EXPIRE', KEYS[i], math.ceil(tonumber(ARGV[2])) + 1)
+  end
+end
+return 1
+"""
+
+
 @dataclass(frozen=True)
 class WindowSpec:
     """One window of one scope, as the script reads it."""
@@ -143,6 +157,7 @@ class RedisWindows:
         self.lease_s = lease_s
         self._admit = client.register_script(_ADMIT)
         self._finish = client.register_script(_FINISH)
+        self._renew = client.register_script(_RENEW)
 
     def key(self, spec: WindowSpec) -> str:
         return f"{self.tag}:{spec.scope}:{spec.kind}:{spec.span:g}"
@@ -164,6 +179,13 @@ class RedisWindows:
         lease_keys = [self.key(w) for w in windows if w.kind == "concurrency"]
         await self._finish(keys=token_keys + lease_keys,
                            args=[call_id, admitted_tokens, used_tokens, len(token_keys) // 2])
+
+    async def renew(self, call_id: str, windows: list[WindowSpec]) -> None:
+        """The call is still running: its concurrency places are its for another lease. A process
+        that dies stops renewing, and its places free themselves when the lease runs out."""
+        keys = [self.key(w) for w in windows if w.kind == "concurrency"]
+        if keys:
+            await self._renew(keys=keys, args=[call_id, self.lease_s])
 
     async def hold(self, scope: str, until: float) -> None:
         """An upstream's own 429: hold its calls until `until` (Redis time, unix seconds)."""

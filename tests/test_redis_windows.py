@@ -112,3 +112,49 @@ async def test_an_upstream_429_holds_its_calls(windows: RedisWindows) -> None:
     held = await windows.admit("a", [WindowSpec("upstream:cloud", "hold", 0), RPM], 1)
     assert not held.admitted and held.retry_after is not None and 18 < held.retry_after <= 20
     assert (await windows.admit("b", [RPM], 1)).admitted          # the hold cost the window nothing
+
+
+LEASED = """
+import asyncio, sys
+import redis.asyncio as aioredis
+from proxy.redis_windows import RedisWindows, WindowSpec
+
+async def main():
+    client = aioredis.Redis.from_url(sys.argv[1])
+    windows = RedisWindows(client, prefix=sys.argv[2], lease_s=float(sys.argv[3]))
+    assert (await windows.admit("dying", [WindowSpec("upstream:cloud", "concurrency", 1)], 0)).admitted
+    print("admitted", flush=True)
+    await asyncio.Event().wait()  # a call that runs until the process is killed
+
+asyncio.run(main())
+"""
+
+
+async def test_a_killed_process_places_free_when_its_lease_ends(redis_server: str) -> None:
+    places = WindowSpec("upstream:cloud", "concurrency", 1)
+    client = aioredis.Redis.from_url(redis_server)
+    for lease, frees in ((30.0, False), (0.2, True)):
+        windows = RedisWindows(client, prefix=f"t{uuid.uuid4().hex}", lease_s=lease)
+        child = await asyncio.create_subprocess_exec(sys.executable, "-c", LEASED, redis_server,
+                                                     windows.tag[1:-1], str(lease),
+                                                     stdout=asyncio.subprocess.PIPE)
+        assert child.stdout is not None
+        assert await asyncio.wait_for(child.stdout.readline(), 60) == b"admitted\n"
+        child.kill()
+        await child.wait()
+        expires = await client.zscore(windows.key(places), "dying")
+        assert expires is not None
+        # Wait on Redis's own clock (no sleep), bounded by the lease, until the lease is over.
+        while frees:
+            seconds, micros = await client.time()
+            if seconds + micros / 1e6 > expires:
+                break
+        assert (await windows.admit("next", [places], 0)).admitted is frees
+    # A call still running pushes its lease on.
+    windows = RedisWindows(client, prefix=f"t{uuid.uuid4().hex}", lease_s=30.0)
+    assert (await windows.admit("long", [places], 0)).admitted
+    before = await client.zscore(windows.key(places), "long")
+    await windows.renew("long", [places])
+    after = await client.zscore(windows.key(places), "long")
+    assert before is not None and after is not None and after > before
+    await client.aclose()
