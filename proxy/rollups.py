@@ -2,7 +2,8 @@
 
 A report's cost must follow the period it asks for, not the ledger's size: a year of calls is
 8,760 hours, however many calls they held. So for every UTC hour and UTC day the writer keeps
-one row per (upstream, model, type, endpoint, key, outcome, fallback origin, final) with the
+one row per (upstream, model, type, endpoint, key, outcome, fallback origin, final, whether the
+call named its user) with the
 sums /stats and the history need, one row per user, and the latency and time-to-first-token
 histograms in the same log buckets the live aggregates use (histogram.bucket_index). A reader
 takes whole hours and days from here and only the partial hours at the edges from raw rows.
@@ -21,6 +22,7 @@ from typing import Any
 
 from .histogram import bucket_index
 from .ledger import LATENCY, OTHERS, TTFT, CallRecord, Summary
+from .sqlite_batch import insert_many
 
 log = logging.getLogger("tollgate.ledger")
 
@@ -68,13 +70,15 @@ CREATE TABLE IF NOT EXISTS meta (name TEXT PRIMARY KEY, value) WITHOUT ROWID;
 """
 
 
-def _upsert(table: str, key: tuple[str, ...], sums: tuple[str, ...], last_ts: bool) -> str:
+def _upsert(table: str, key: tuple[str, ...], sums: tuple[str, ...], last_ts: bool) -> tuple[str, str, int]:
+    """An upsert that adds to what a row holds: its INSERT head, its ON CONFLICT tail, and how
+    many values a row has. The writer puts rows of VALUES between them, the back-fill a SELECT."""
     columns = ("bucket", *key, *sums) + (("last_ts",) if last_ts else ())
     updates = [f"{s} = {s} + excluded.{s}" for s in sums]
     if last_ts:
         updates.append("last_ts = MAX(last_ts, excluded.last_ts)")
-    return (f"INSERT INTO {table} ({', '.join(columns)}) VALUES ({', '.join('?' * len(columns))}) "
-            f"ON CONFLICT DO UPDATE SET {', '.join(updates)}")
+    return (f"INSERT INTO {table} ({', '.join(columns)})", f"ON CONFLICT DO UPDATE SET {', '.join(updates)}",
+            len(columns))
 
 
 _UPSERT = {span: (_upsert(f"rollup_{span}", KEY, SUMS, True), _upsert(f"users_{span}", ("user",), USER_SUMS, True),
@@ -129,10 +133,11 @@ def add_rows(conn: sqlite3.Connection, records: Sequence[CallRecord], epoch: int
                 user[1] += not rec.ok
                 _measure(user, rec, 2)
                 user[8] = max(user[8], rec.ts)
+        # Multi-row upserts, not executemany: one GIL hand-off a statement, not one a row.
         rollup, per_user, hist = _UPSERT[span]
-        conn.executemany(rollup, [(*k, *v) for k, v in groups.items()])
-        conn.executemany(per_user, [(*k, *v) for k, v in users.items()])
-        conn.executemany(hist, [(*k, n) for k, n in latency.items()])
+        insert_many(conn, rollup[0], rollup[2], [(*k, *v) for k, v in groups.items()], rollup[1])
+        insert_many(conn, per_user[0], per_user[2], [(*k, *v) for k, v in users.items()], per_user[1])
+        insert_many(conn, hist[0], hist[2], [(*k, n) for k, n in latency.items()], hist[1])
 
 
 def _backfill_sql(span: str, size: int) -> list[str]:
@@ -143,20 +148,19 @@ def _backfill_sql(span: str, size: int) -> list[str]:
             "SUM(latency_s), COUNT(ttft_s), TOTAL(ttft_s), MAX(ts)")
     key = ("upstream, model, type, endpoint, COALESCE(key_id, ''), outcome, COALESCE(fallback_from, ''), final, "
            "user IS NOT NULL")
-    rollup, users, latency = (sql.split(" VALUES ")[0] for sql in _UPSERT[span])
-    conflict = [sql.split(" VALUES ")[1].split(") ", 1)[1] for sql in _UPSERT[span]]
+    (rollup, rollup_tail, _), (users, users_tail, _), (latency, latency_tail, _) = _UPSERT[span]
     user_sums = ("COUNT(*), SUM(outcome != 'ok'), SUM(prompt_tokens), SUM(completion_tokens), SUM(cached_tokens), "
                  "SUM(estimated), SUM(CASE WHEN estimated THEN prompt_tokens + completion_tokens ELSE 0 END), "
                  "SUM(cost_usd), MAX(ts)")
     rows = "FROM calls WHERE id > :lo AND id <= :hi"
     return [
-        f"{rollup} SELECT {bucket}, {key}, {sums} {rows} GROUP BY 1, 2, 3, 4, 5, 6, 7, 8, 9, 10 {conflict[0]}",
+        f"{rollup} SELECT {bucket}, {key}, {sums} {rows} GROUP BY 1, 2, 3, 4, 5, 6, 7, 8, 9, 10 {rollup_tail}",
         f"{users} SELECT {bucket}, user, {user_sums} {rows} AND final = 1 AND user IS NOT NULL "
-        f"GROUP BY 1, 2 {conflict[1]}",
+        f"GROUP BY 1, 2 {users_tail}",
         f"{latency} SELECT {bucket}, {LATENCY}, tollgate_bucket(latency_s), COUNT(*) {rows} AND final = 1 "
-        f"GROUP BY 1, 3 {conflict[2]}",
+        f"GROUP BY 1, 3 {latency_tail}",
         f"{latency} SELECT {bucket}, {TTFT}, tollgate_bucket(ttft_s), COUNT(*) {rows} AND final = 1 "
-        f"AND ttft_s IS NOT NULL GROUP BY 1, 3 {conflict[2]}",
+        f"AND ttft_s IS NOT NULL GROUP BY 1, 3 {latency_tail}",
     ]
 
 
@@ -182,8 +186,8 @@ def backfill(conn: sqlite3.Connection) -> None:
     began, covered = time.monotonic(), 0
     while upto < last:
         # The id CHUNK rows on: ids have gaps where rows were pruned, so count rows, not ids.
-        hi = conn.execute(f"SELECT MAX(id) FROM (SELECT id FROM calls WHERE id > ? ORDER BY id LIMIT {CHUNK})",
-                          (upto,)).fetchone()[0]
+        rows, hi = conn.execute(f"SELECT COUNT(*), MAX(id) FROM (SELECT id FROM calls WHERE id > ? ORDER BY id "
+                                f"LIMIT {CHUNK})", (upto,)).fetchone()
         if hi is None:
             break
         conn.execute("BEGIN IMMEDIATE")
@@ -196,7 +200,7 @@ def backfill(conn: sqlite3.Connection) -> None:
             if top > lo:
                 for statement in _BACKFILL_EPOCH:
                     conn.execute(statement, {"lo": lo, "hi": top, "epoch": epoch})
-        covered += conn.execute("SELECT COUNT(*) FROM calls WHERE id > ? AND id <= ?", (upto, hi)).fetchone()[0]
+        covered += rows
         upto = hi
         conn.execute("INSERT INTO meta (name, value) VALUES ('rollups_upto', ?) "
                      "ON CONFLICT DO UPDATE SET value = excluded.value", (upto,))

@@ -33,6 +33,7 @@ from pathlib import Path
 from typing import Any
 
 from . import rollups
+from .sqlite_batch import insert_many
 from .ledger import (COLUMNS, GROUPS, OTHERS, Admission, CallRecord, Filters, GroupBy, LedgerError,
                      LedgerHealth, LedgerStore, Piece, Summary)
 
@@ -67,25 +68,10 @@ CREATE TABLE IF NOT EXISTS epochs (id INTEGER PRIMARY KEY, started REAL NOT NULL
 _ROW = operator.attrgetter(*_COLUMNS)
 _ADMISSION_COLUMNS = [f.name for f in fields(Admission)]
 _ADMISSION_ROW = operator.attrgetter(*_ADMISSION_COLUMNS)
-# Rows per INSERT statement (SQLite allows 32,766 parameters; 18 columns x 500 is well under).
-_ROWS_PER_STATEMENT = 500
-
-
 def _insert_many(conn: sqlite3.Connection, table: str, columns: list[str], rows: list[tuple[object, ...]],
                  ignore: bool = False) -> None:
-    """Insert `rows` with multi-row statements rather than executemany.
-
-    The sqlite3 module lets go of the GIL around every statement step; executemany steps once
-    per row, and against a busy event loop each step can wait a whole switch interval (5 ms) to
-    get the GIL back, so a burst of rows fell hundreds of milliseconds behind. One step per
-    500 rows keeps the ledger within a few milliseconds of the calls.
-    """
     verb = "INSERT OR IGNORE" if ignore else "INSERT"
-    one = "(" + ", ".join("?" * len(columns)) + ")"
-    for start in range(0, len(rows), _ROWS_PER_STATEMENT):
-        chunk = rows[start:start + _ROWS_PER_STATEMENT]
-        conn.execute(f"{verb} INTO {table} ({', '.join(columns)}) VALUES {', '.join([one] * len(chunk))}",
-                     [value for row in chunk for value in row])
+    insert_many(conn, f"{verb} INTO {table} ({', '.join(columns)})", len(columns), rows)
 
 
 @dataclass(slots=True)
