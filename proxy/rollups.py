@@ -1,15 +1,18 @@
-"""The ledger's hourly and daily summaries, kept by the writer in the same transaction as the rows.
+"""The ledger's hourly, daily and per-epoch sums, kept by the writer in the same transaction as
+the rows.
 
 A report's cost must follow the period it asks for, not the ledger's size: a year of calls is
-8,760 hours, however many calls they held. So for every UTC hour and UTC day the writer keeps
-one row per (upstream, model, type, endpoint, key, outcome, fallback origin, final, whether the
-call named its user) with the
-sums /stats and the history need, one row per user, and the latency and time-to-first-token
-histograms in the same log buckets the live aggregates use (histogram.bucket_index). A reader
-takes whole hours and days from here and only the partial hours at the edges from raw rows.
+8,760 hours, however many calls they held. So for every UTC hour, UTC day and stats epoch the
+writer keeps one row per (upstream, model, type, endpoint, key, outcome, fallback origin, final,
+whether the call named its user) with the sums /stats and the history need, one row per user,
+and the latency and time-to-first-token histograms in the same log buckets the live aggregates
+use (histogram.bucket_index). A reader takes whole hours and days from here and only the
+partial hours at the edges from raw rows.
 
-An older ledger is back-filled once, in chunks of rows each committed with the id it reached,
-so an interrupted back-fill resumes where it stopped; `PRAGMA user_version` says it is done.
+The sums are computed one way, in SQL over a range of row ids (`add_range`): by the writer for
+the rows it has just inserted, and once, in chunks, for a ledger an older version left (each
+chunk committed with the id it reached, so an interrupted back-fill resumes where it stopped;
+`PRAGMA user_version` says it is done).
 """
 
 from __future__ import annotations
@@ -17,12 +20,10 @@ from __future__ import annotations
 import logging
 import sqlite3
 import time
-from collections.abc import Sequence
 from typing import Any
 
-from .histogram import bucket_index
-from .ledger import LATENCY, OTHERS, TTFT, CallRecord, Summary
-from .sqlite_batch import insert_many
+from .histogram import _BASE, _FLOOR, bucket_index
+from .ledger import LATENCY, OTHERS, TTFT, Summary
 
 log = logging.getLogger("tollgate.ledger")
 
@@ -70,85 +71,30 @@ CREATE TABLE IF NOT EXISTS meta (name TEXT PRIMARY KEY, value) WITHOUT ROWID;
 """
 
 
-def _upsert(table: str, key: tuple[str, ...], sums: tuple[str, ...], last_ts: bool) -> tuple[str, str, int]:
-    """An upsert that adds to what a row holds: its INSERT head, its ON CONFLICT tail, and how
-    many values a row has. The writer puts rows of VALUES between them, the back-fill a SELECT."""
+def _upsert(table: str, key: tuple[str, ...], sums: tuple[str, ...], last_ts: bool) -> tuple[str, str]:
+    """An upsert that adds to what a row holds: its INSERT head and its ON CONFLICT tail, for a
+    SELECT to go between."""
     columns = ("bucket", *key, *sums) + (("last_ts",) if last_ts else ())
     updates = [f"{s} = {s} + excluded.{s}" for s in sums]
     if last_ts:
         updates.append("last_ts = MAX(last_ts, excluded.last_ts)")
-    return (f"INSERT INTO {table} ({', '.join(columns)})", f"ON CONFLICT DO UPDATE SET {', '.join(updates)}",
-            len(columns))
+    return f"INSERT INTO {table} ({', '.join(columns)})", f"ON CONFLICT DO UPDATE SET {', '.join(updates)}"
 
 
 _UPSERT = {span: (_upsert(f"rollup_{span}", KEY, SUMS, True), _upsert(f"users_{span}", ("user",), USER_SUMS, True),
                   _upsert(f"latency_{span}", ("kind", "idx"), ("n",), False)) for span in SPANS}
 
 
-def _measure(sums: list[float], rec: CallRecord, at: int) -> None:
-    """Add a call's tokens, estimate and cost to `sums` from index `at`: prompt, completion,
-    cached, estimated calls, estimated tokens, cost (the order of SUMS and USER_SUMS)."""
-    sums[at] += rec.prompt_tokens
-    sums[at + 1] += rec.completion_tokens
-    sums[at + 2] += rec.cached_tokens
-    if rec.estimated:
-        sums[at + 3] += 1
-        sums[at + 4] += rec.total_tokens
-    sums[at + 5] += rec.cost_usd
-
-
-def add_rows(conn: sqlite3.Connection, records: Sequence[CallRecord], epoch: int) -> None:
-    """Fold the records of stats epoch `epoch` into the hourly, daily and epoch rollups."""
-    for span, size in (("hour", HOUR), ("day", DAY), ("epoch", 0)):
-        groups: dict[tuple[object, ...], list[float]] = {}
-        users: dict[tuple[int, str], list[float]] = {}
-        latency: dict[tuple[int, int, int], int] = {}
-        for rec in records:
-            # SQLite's CAST(ts / size AS INTEGER): the back-fill's bucket, to the last bit.
-            bucket = int(rec.ts / size) if size else epoch
-            key = (bucket, rec.upstream, rec.model, rec.type, rec.endpoint, rec.key_id or "", rec.outcome,
-                   rec.fallback_from or "", int(rec.final), int(rec.user is not None))
-            sums = groups.get(key)
-            if sums is None:
-                sums = groups[key] = [0, 0, 0, 0, 0, 0, 0.0, 0.0, 0, 0.0, rec.ts]
-            sums[0] += 1
-            _measure(sums, rec, 1)
-            sums[7] += rec.latency_s
-            if rec.ttft_s is not None:
-                sums[8] += 1
-                sums[9] += rec.ttft_s
-            sums[10] = max(sums[10], rec.ts)
-            if not rec.final:
-                continue  # an attempt a fallback took over: not a call of its user's, no latency of its own
-            index = (bucket, LATENCY, bucket_index(rec.latency_s))
-            latency[index] = latency.get(index, 0) + 1
-            if rec.ttft_s is not None:
-                index = (bucket, TTFT, bucket_index(rec.ttft_s))
-                latency[index] = latency.get(index, 0) + 1
-            if rec.user is not None:
-                user = users.get((bucket, rec.user))
-                if user is None:
-                    user = users[(bucket, rec.user)] = [0, 0, 0, 0, 0, 0, 0, 0.0, rec.ts]
-                user[0] += 1
-                user[1] += not rec.ok
-                _measure(user, rec, 2)
-                user[8] = max(user[8], rec.ts)
-        # Multi-row upserts, not executemany: one GIL hand-off a statement, not one a row.
-        rollup, per_user, hist = _UPSERT[span]
-        insert_many(conn, rollup[0], rollup[2], [(*k, *v) for k, v in groups.items()], rollup[1])
-        insert_many(conn, per_user[0], per_user[2], [(*k, *v) for k, v in users.items()], per_user[1])
-        insert_many(conn, hist[0], hist[2], [(*k, n) for k, n in latency.items()], hist[1])
-
-
-def _backfill_sql(span: str, size: int) -> list[str]:
-    """Statements folding the rows with lo < id <= hi into one span's tables, in SQLite's C."""
+def _fold_sql(span: str, size: int, bucket_of: str) -> list[str]:
+    """Statements folding the call rows with lo < id <= hi into one span's tables, in SQLite's C.
+    `bucket_of` names the SQL that gives a latency's histogram bucket."""
     bucket = f"CAST(ts / {size} AS INTEGER)" if size else ":epoch"
     sums = ("COUNT(*), SUM(prompt_tokens), SUM(completion_tokens), SUM(cached_tokens), SUM(estimated), "
             "SUM(CASE WHEN estimated THEN prompt_tokens + completion_tokens ELSE 0 END), SUM(cost_usd), "
             "SUM(latency_s), COUNT(ttft_s), TOTAL(ttft_s), MAX(ts)")
     key = ("upstream, model, type, endpoint, COALESCE(key_id, ''), outcome, COALESCE(fallback_from, ''), final, "
            "user IS NOT NULL")
-    (rollup, rollup_tail, _), (users, users_tail, _), (latency, latency_tail, _) = _UPSERT[span]
+    (rollup, rollup_tail), (users, users_tail), (latency, latency_tail) = _UPSERT[span]
     user_sums = ("COUNT(*), SUM(outcome != 'ok'), SUM(prompt_tokens), SUM(completion_tokens), SUM(cached_tokens), "
                  "SUM(estimated), SUM(CASE WHEN estimated THEN prompt_tokens + completion_tokens ELSE 0 END), "
                  "SUM(cost_usd), MAX(ts)")
@@ -157,15 +103,38 @@ def _backfill_sql(span: str, size: int) -> list[str]:
         f"{rollup} SELECT {bucket}, {key}, {sums} {rows} GROUP BY 1, 2, 3, 4, 5, 6, 7, 8, 9, 10 {rollup_tail}",
         f"{users} SELECT {bucket}, user, {user_sums} {rows} AND final = 1 AND user IS NOT NULL "
         f"GROUP BY 1, 2 {users_tail}",
-        f"{latency} SELECT {bucket}, {LATENCY}, tollgate_bucket(latency_s), COUNT(*) {rows} AND final = 1 "
+        f"{latency} SELECT {bucket}, {LATENCY}, {bucket_of.format('latency_s')}, COUNT(*) {rows} AND final = 1 "
         f"GROUP BY 1, 3 {latency_tail}",
-        f"{latency} SELECT {bucket}, {TTFT}, tollgate_bucket(ttft_s), COUNT(*) {rows} AND final = 1 "
+        f"{latency} SELECT {bucket}, {TTFT}, {bucket_of.format('ttft_s')}, COUNT(*) {rows} AND final = 1 "
         f"AND ttft_s IS NOT NULL GROUP BY 1, 3 {latency_tail}",
     ]
 
 
-_BACKFILL = _backfill_sql("hour", HOUR) + _backfill_sql("day", DAY)
-_BACKFILL_EPOCH = _backfill_sql("epoch", 0)
+# histogram.bucket_index in SQL: SQLite's ln and floor call the same C library as Python's
+# math.log and math.floor, so the buckets are the same to the last bit. A SQLite built without
+# its math functions calls bucket_index itself (a call per row, each taking the GIL back).
+_BUCKET_SQL = f"CAST(floor(ln(max({{}}, {_FLOOR!r})) / ln({_BASE!r})) AS INTEGER)"
+_BUCKET_UDF = "tollgate_bucket({})"
+_FOLD = {bucket_of: [statement for span, size in (("hour", HOUR), ("day", DAY), ("epoch", 0))
+                     for statement in _fold_sql(span, size, bucket_of)] for bucket_of in (_BUCKET_SQL, _BUCKET_UDF)}
+
+
+def _bucket_of(conn: sqlite3.Connection) -> str:
+    try:
+        conn.execute("SELECT ln(1.0), floor(1.5)").fetchone()
+    except sqlite3.OperationalError:
+        conn.create_function("tollgate_bucket", 1, bucket_index, deterministic=True)
+        return _BUCKET_UDF
+    return _BUCKET_SQL
+
+
+def add_range(conn: sqlite3.Connection, lo: int, hi: int, epoch: int) -> None:
+    """Fold the call rows lo < id <= hi, all of stats epoch `epoch`, into the hourly, daily and
+    epoch rollups. The writer calls it for the rows it has just inserted, in their transaction,
+    and the back-fill for each chunk of an older ledger: one computation for both, in SQLite's C,
+    a dozen statement steps however many rows (each step hands the GIL back once)."""
+    for statement in _FOLD[_bucket_of(conn)]:
+        conn.execute(statement, {"lo": lo, "hi": hi, "epoch": epoch})
 
 
 def backfill(conn: sqlite3.Connection) -> None:
@@ -175,7 +144,6 @@ def backfill(conn: sqlite3.Connection) -> None:
     are SQLite's; the latency buckets are histogram.bucket_index's, the writer's own function."""
     if conn.execute("PRAGMA user_version").fetchone()[0] >= VERSION:
         return
-    conn.create_function("tollgate_bucket", 1, bucket_index, deterministic=True)
     done = conn.execute("SELECT value FROM meta WHERE name = 'rollups_upto'").fetchone()
     upto = int(done[0]) if done else 0
     last = conn.execute("SELECT COALESCE(MAX(id), 0) FROM calls").fetchone()[0]
@@ -191,15 +159,12 @@ def backfill(conn: sqlite3.Connection) -> None:
         if hi is None:
             break
         conn.execute("BEGIN IMMEDIATE")
-        for statement in _BACKFILL:
-            conn.execute(statement, {"lo": upto, "hi": hi})
         # Each epoch holds the rows after its after_call, up to the next epoch's.
         epochs = conn.execute("SELECT id, after_call FROM epochs ORDER BY id").fetchall()
         for (epoch, first), (_, end) in zip(epochs, [*epochs[1:], (None, hi)]):
             lo, top = max(upto, first), min(hi, end)
             if top > lo:
-                for statement in _BACKFILL_EPOCH:
-                    conn.execute(statement, {"lo": lo, "hi": top, "epoch": epoch})
+                add_range(conn, lo, top, epoch)
         covered += rows
         upto = hi
         conn.execute("INSERT INTO meta (name, value) VALUES ('rollups_upto', ?) "
