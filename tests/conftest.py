@@ -6,6 +6,7 @@ import asyncio
 import copy
 import logging
 import re
+import signal
 import socket
 import sys
 from collections.abc import AsyncIterator, Callable, Iterator
@@ -251,6 +252,22 @@ class Serve:
         assert self.proc is not None
         self.proc.send_signal(sig)
         return await asyncio.wait_for(self.proc.wait(), 60)
+
+    async def __aenter__(self) -> Serve:
+        await self.start()
+        return self
+
+    async def __aexit__(self, *_: object) -> None:
+        """A server the test has not stopped is killed: none outlives its test."""
+        if self.proc is not None and self.proc.returncode is None:
+            await self.signal(signal.SIGKILL)
+
+
+def write_config(raw: dict[str, Any], directory: Path) -> Path:
+    """`raw` as the config.toml a `tollgate` child reads."""
+    path = directory / "config.toml"
+    path.write_text(to_toml(raw))
+    return path
 
 
 async def settled(proxy: Proxy) -> dict[str, Any]:

@@ -16,7 +16,7 @@ import pytest
 
 from proxy.store import CallRecord, Ledger
 
-from .conftest import Proxy, Serve, to_toml
+from .conftest import Proxy, Serve, to_toml, write_config
 from .fake_upstream import Behavior, FakeUpstream
 
 
@@ -31,9 +31,7 @@ async def tollgate(*args: str, env_ok: bool = True) -> tuple[int, str, str]:
 
 @pytest.fixture
 def config_file(raw_config: dict[str, Any], tmp_path: Path) -> Path:
-    path = tmp_path / "config.toml"
-    path.write_text(to_toml(raw_config))
-    return path
+    return write_config(raw_config, tmp_path)
 
 
 async def test_stats_and_reset_reach_the_server_where_it_really_listens(

@@ -4,27 +4,21 @@ from __future__ import annotations
 
 import asyncio
 import os
-import signal
 from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
 import pytest
 
-from .conftest import Serve, to_toml
+from .conftest import Serve, write_config
 from .fake_upstream import FakeUpstream
 
 
 @pytest.fixture
 async def serve(raw_config: dict[str, Any], tmp_path: Path, fake: FakeUpstream) -> AsyncIterator[Serve]:
     raw_config["server"].update(max_connections=20, idle_timeout_s=1)
-    config = tmp_path / "config.toml"
-    config.write_text(to_toml(raw_config))
-    server = Serve(config)
-    await server.start()
-    yield server
-    if server.proc is not None and server.proc.returncode is None:
-        await server.signal(signal.SIGKILL)
+    async with Serve(write_config(raw_config, tmp_path)) as server:
+        yield server
 
 
 def fds(pid: int) -> int:

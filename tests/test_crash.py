@@ -15,7 +15,7 @@ import pytest
 from proxy.accounting import Aggregates
 from proxy.store import Ledger
 
-from .conftest import Serve, to_toml
+from .conftest import Serve, write_config
 from .fake_upstream import Behavior, FakeUpstream
 
 
@@ -23,13 +23,8 @@ from .fake_upstream import Behavior, FakeUpstream
 async def serve(raw_config: dict[str, Any], tmp_path: Path) -> AsyncIterator[Serve]:
     raw_config["server"].update(drain_timeout_s=20)
     raw_config["upstreams"]["gpt4o_cloud"]["limits"] = {"rpd": 100_000}
-    path = tmp_path / "config.toml"
-    path.write_text(to_toml(raw_config))
-    server = Serve(path)
-    await server.start()
-    yield server
-    if server.proc is not None and server.proc.returncode is None:
-        await server.signal(signal.SIGKILL)
+    async with Serve(write_config(raw_config, tmp_path)) as server:
+        yield server
 
 
 async def test_sigkill_under_load(serve: Serve, fake: FakeUpstream, raw_config: dict[str, Any]) -> None:

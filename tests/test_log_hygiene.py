@@ -12,7 +12,7 @@ from aiohttp import http_exceptions
 
 from proxy.logs import MalformedRequests
 
-from .conftest import Serve, to_toml
+from .conftest import Serve, write_config
 from .fake_upstream import FakeUpstream
 
 SECRETS = ("sk-leak-header-0123", "tok-leak-query-4567", "sk-leak-long-89ab", "Bearer-raw-cdef")
@@ -27,22 +27,19 @@ HOSTILE = [
 
 async def test_a_hostile_run_leaves_no_secret_and_no_flood_in_the_log(raw_config: dict[str, Any], tmp_path: Path,
                                                                      fake: FakeUpstream) -> None:
-    config = tmp_path / "config.toml"
-    config.write_text(to_toml(raw_config))
-    serve = Serve(config)
-    await serve.start()
-    sent = 0
-    for _ in range(40):
-        for raw in HOSTILE:
-            reader, writer = await asyncio.open_connection("127.0.0.1", serve.port)
-            writer.write(raw)
-            await writer.drain()
-            reply = await reader.read(4096)
-            writer.close()
-            await writer.wait_closed()
-            assert reply.startswith(b"HTTP/1.") and b" 400 " in reply.split(b"\r\n", 1)[0]
-            sent += 1
-    assert await serve.signal(signal.SIGTERM) == 0
+    async with Serve(write_config(raw_config, tmp_path)) as serve:
+        sent = 0
+        for _ in range(40):
+            for raw in HOSTILE:
+                reader, writer = await asyncio.open_connection("127.0.0.1", serve.port)
+                writer.write(raw)
+                await writer.drain()
+                reply = await reader.read(4096)
+                writer.close()
+                await writer.wait_closed()
+                assert reply.startswith(b"HTTP/1.") and b" 400 " in reply.split(b"\r\n", 1)[0]
+                sent += 1
+        assert await serve.signal(signal.SIGTERM) == 0
     log = "".join(serve.log)
     assert sent == 200
     assert not [s for s in SECRETS if s in log]
