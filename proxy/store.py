@@ -510,27 +510,24 @@ class Ledger:
         """The sums a history folds into its buckets. With `whole_hours` (the stats zone's hours
         begin on UTC hours), whole hours come from the hourly rollups and only the partial hours at
         the ends from raw rows, by UTC quarter-hour (every zone's offset is a whole number of them);
-        otherwise, or for a grouping the rollups do not hold, everything comes from raw rows."""
+        otherwise, or for a grouping the rollups do not hold, everything comes from raw rows. One
+        connection, one read transaction: the rows and the rollups are read from one snapshot."""
         columns = {column for column, _ in filters.equals} | ({group_by} if group_by else set())
-        user = "user" in columns
-        if not whole_hours or (user and columns - {"user"}):
-            return self._raw_pieces(filters, group_by, None, None)
         conn = _reader(self.path)
         try:
+            conn.execute("BEGIN")
+            if not whole_hours or ("user" in columns and columns - {"user"}):
+                return self._raw_pieces(conn, filters, group_by, None, None)
             # Two queries: MIN and MAX together would read the whole table, each alone one page.
-            first = (conn.execute("SELECT MIN(bucket) FROM rollup_hour").fetchone()[0],
-                     conn.execute("SELECT MAX(bucket) FROM rollup_hour").fetchone()[0])
-        finally:
-            conn.close()
-        if first[0] is None:
-            return self._raw_pieces(filters, group_by, None, None)
-        start = math.ceil(filters.since / rollups.HOUR) if filters.since is not None else int(first[0])
-        end = math.floor(filters.until / rollups.HOUR) if filters.until is not None else int(first[1]) + 1
-        if end <= start:
-            return self._raw_pieces(filters, group_by, None, None)
-        pieces = self._raw_pieces(filters, group_by, start, end)
-        conn = _reader(self.path)
-        try:
+            first = conn.execute("SELECT MIN(bucket) FROM rollup_hour").fetchone()[0]
+            last = conn.execute("SELECT MAX(bucket) FROM rollup_hour").fetchone()[0]
+            if first is None:
+                return self._raw_pieces(conn, filters, group_by, None, None)
+            start = math.ceil(filters.since / rollups.HOUR) if filters.since is not None else int(first)
+            end = math.floor(filters.until / rollups.HOUR) if filters.until is not None else int(last) + 1
+            if end <= start:
+                return self._raw_pieces(conn, filters, group_by, None, None)
+            pieces = self._raw_pieces(conn, filters, group_by, start, end)
             if group_by == "user" and not filters.equals and top_users is not None:
                 # Only the busiest users are named: read their hours, not every user's.
                 edge: dict[str, int] = {}
@@ -540,12 +537,12 @@ class Ledger:
                 hours, named = rollups.user_history(conn, start, end, edge, top_users)
                 return [(p[0], OTHERS if p[1] is not None and p[1] not in named else p[1], *p[2:])
                         for p in pieces] + hours
-            pieces += rollups.history(conn, start, end, filters.equals, group_by)
+            return pieces + rollups.history(conn, start, end, filters.equals, group_by)
         finally:
             conn.close()
-        return pieces
 
-    def _raw_pieces(self, filters: Filters, group_by: GroupBy | None, start: int | None,
+    @staticmethod
+    def _raw_pieces(conn: sqlite3.Connection, filters: Filters, group_by: GroupBy | None, start: int | None,
                     end: int | None) -> list[Piece]:
         """Raw rows by UTC quarter-hour; with `start`/`end`, only those outside the whole hours
         [start, end) the rollups give."""
@@ -557,19 +554,15 @@ class Ledger:
             (since, min(until, start * rollups.HOUR + 1), f" AND CAST(ts / {rollups.HOUR} AS INTEGER) < {start}"),
             (max(since, end * rollups.HOUR - 1), until, f" AND CAST(ts / {rollups.HOUR} AS INTEGER) >= {end}")]
         group = f'"{group_by}"' if group_by else "NULL"
-        conn = _reader(self.path)
-        try:
-            pieces: list[Piece] = []
-            for lo, hi, clause in ranges:
-                where, params = _where(replace(filters, since=lo, until=hi))
-                pieces += [(q * _QUARTER, *rest) for q, *rest in conn.execute(
-                    f"""SELECT CAST(ts / {_QUARTER} AS INTEGER) AS q, {group} AS grp,
-                               COUNT(*), SUM(prompt_tokens), SUM(completion_tokens), SUM(cost_usd),
-                               SUM(outcome != 'ok'), SUM(estimated)
-                        FROM calls WHERE {where}{clause} GROUP BY q, grp""", params)]
-            return pieces
-        finally:
-            conn.close()
+        pieces: list[Piece] = []
+        for lo, hi, clause in ranges:
+            where, params = _where(replace(filters, since=lo, until=hi))
+            pieces += [(q * _QUARTER, *rest) for q, *rest in conn.execute(
+                f"""SELECT CAST(ts / {_QUARTER} AS INTEGER) AS q, {group} AS grp,
+                           COUNT(*), SUM(prompt_tokens), SUM(completion_tokens), SUM(cost_usd),
+                           SUM(outcome != 'ok'), SUM(estimated)
+                    FROM calls WHERE {where}{clause} GROUP BY q, grp""", params)]
+        return pieces
 
     def export_rows(self, filters: Filters, batch: int = 2000) -> Iterator[list[tuple[Any, ...]]]:
         """Every row the filters cover, attempts included, in time order, `batch` at a time."""
