@@ -455,25 +455,6 @@ class Ledger:
 
     # --- reading (own connection, any thread) ----------------------------------------------
 
-    def epoch(self) -> tuple[float, int]:
-        """The current stats epoch: when it started, and the last row id before it."""
-        conn = _reader(self.path)
-        try:
-            row = conn.execute("SELECT started, after_call FROM epochs ORDER BY id DESC LIMIT 1").fetchone()
-        finally:
-            conn.close()
-        return float(row[0]), int(row[1])
-
-    def replay_rows(self, after_call: int) -> Iterator[CallRecord]:
-        """The epoch's rows (id > after_call), in ledger order."""
-        conn = _reader(self.path)
-        try:
-            cursor = conn.execute(f"SELECT {', '.join(_COLUMNS)} FROM calls WHERE id > ? ORDER BY id", (after_call,))
-            for row in cursor:
-                yield _record(row)
-        finally:
-            conn.close()
-
     def epoch_summary(self, epoch: int | None = None) -> tuple[float, Summary]:
         """When stats epoch `epoch` (the current one by default) began, and its sums."""
         conn = _reader(self.path)
