@@ -42,7 +42,7 @@ def pure(total: int) -> None:
     start_t = time.perf_counter()
     for i in range(total):
         now[0] += 0.002  # 500 calls per second of simulated time
-        ticket = limiter.admit(limiter.scopes("cloud", "gpt-4o", users[i % len(users)]), 120)
+        ticket = limiter.admit_now(limiter.scopes("cloud", "gpt-4o", users[i % len(users)]), 120)
         assert isinstance(ticket, Ticket)
         limiter.finish(ticket, 100)
     elapsed = time.perf_counter() - start_t

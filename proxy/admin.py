@@ -39,6 +39,7 @@ def _json(data: object, status: int = 200) -> web.Response:
 async def get_stats(request: web.Request) -> web.Response:
     require_admin(request)
     config, acc = request.app[CONFIG], request.app[ACCOUNTING]
+    await request.app[LIMITER].refresh()
     if request.query.get("format") == "text":
         lang = request.query.get("lang", "es")
         return web.Response(text=stats.stats_text(config, acc, request.app[LIMITER], lang), content_type="text/plain")
@@ -121,6 +122,7 @@ async def snapshot_csv(request: web.Request) -> web.Response:
     """The seed's one-line CSV snapshot, for a cron job that appends it to a file."""
     require_admin(request)
     config, acc = request.app[CONFIG], request.app[ACCOUNTING]
+    await request.app[LIMITER].refresh()
     buffer = io.StringIO()
     csv.writer(buffer).writerow(reports.snapshot_row(stats.stats_json(config, acc, request.app[LIMITER]), datetime.now()))
     return web.Response(text=buffer.getvalue(), content_type="text/csv")
@@ -128,6 +130,7 @@ async def snapshot_csv(request: web.Request) -> web.Response:
 
 async def metrics(request: web.Request) -> web.Response:
     require_admin(request)
+    await request.app[LIMITER].refresh()
     response = web.Response(body=request.app[METRICS].exposition())
     response.headers["Content-Type"] = CONTENT_TYPE_LATEST
     return response

@@ -129,7 +129,7 @@ class Admission:
                     if line is not None:
                         held = await self._join(line, deadline)
                         continue
-                decision = self.limiter.admit(scopes, tokens)
+                decision = await self.limiter.admit(scopes, tokens)
                 if isinstance(decision, Ticket):
                     return Plan(upstream, model, decision, clamp, fallback_from, tuple(refused), held is not None)
                 fallback = routing.fallback_for(self.config, upstream, tried, info.dialect)

@@ -5,7 +5,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from datetime import datetime, timezone
 
 import orjson
@@ -24,6 +24,7 @@ from .limits import WindowStore
 from .metrics import Metrics
 from .routes import setup_routes
 from .sessions import Sessions
+from . import ledger as ledger_mod
 from .ledger import CallRecord, LedgerStore
 from .tasks import running
 from .tokens import Estimator
@@ -45,8 +46,9 @@ def create_app(config: Config, clock: Callable[[], float] = time.time) -> web.Ap
     app[ESTIMATOR] = Estimator(config.stats.estimate_max_chars)
     app[UPSTREAMS] = {name: UpstreamClient(u) for name, u in config.upstreams.items()}
     app[SESSIONS] = Sessions(config.server.session_ttl_h * 3600.0, clock)
-    app[LIMITER] = limits.windows_for(config, clock)
+    app[LIMITER] = limits.windows_for(config, clock, admissions_reader(ledger, config))
     app[ADMISSION] = Admission(config, app[LIMITER], WaitLines(), app[ESTIMATOR])
+    app[LIMITER].released.append(app[ADMISSION].lines.notify)
     app[ALERTS] = Alerts(config, app[ACCOUNTING], app[LIMITER])
     app[METRICS] = Metrics(app[LIMITER], app[ADMISSION].lines, ledger, app[ALERTS])
     # Every finished call, after the ledger has it: counters, alert rules, the access log.
@@ -54,6 +56,7 @@ def create_app(config: Config, clock: Callable[[], float] = time.time) -> web.Ap
 
     app.cleanup_ctx.append(encodings_ctx)
     app.cleanup_ctx.append(ledger_ctx)
+    app.cleanup_ctx.append(app[LIMITER].lifecycle)
     app.cleanup_ctx.append(upstreams_ctx)
     app.cleanup_ctx.append(snapshot_ctx)
     app.cleanup_ctx.append(app[ALERTS].lifecycle)
@@ -102,6 +105,15 @@ async def ledger_ctx(app: web.Application) -> AsyncIterator[None]:
     drain = app[CONFIG].server.drain_timeout_s
     await ledger.flush(timeout=drain)
     await loop.run_in_executor(None, ledger.close, 1.0)
+
+
+def admissions_reader(ledger: LedgerStore, config: Config) -> Callable[[float], Awaitable[list[ledger_mod.Admission]]]:
+    """What a shared limiter loads into a Redis that has forgotten its windows: the ledger's
+    admissions since a time, this process's latest ones committed first."""
+    async def since(ts: float) -> list[ledger_mod.Admission]:
+        await ledger.flush(timeout=config.redis.rebuild_wait_s / 2)
+        return await asyncio.get_running_loop().run_in_executor(None, lambda: list(ledger.replay_admissions(ts)))
+    return since
 
 
 def replay_ledger(ledger: LedgerStore, acc: Accounting, limiter: WindowStore) -> None:

@@ -41,6 +41,8 @@ AlertMetric = Literal["cost_usd", "error_rate_pct", "daily_requests_pct", "tpm_p
 WebhookFormat = Literal["slack", "discord", "json"]
 OnLedgerFull = Literal["refuse", "serve"]
 OutputCap = Literal["clamp", "reject"]
+LimitsBackend = Literal["memory", "redis"]
+RedisUnavailable = Literal["closed", "local"]
 Lang = Literal["es", "en"]
 
 
@@ -174,6 +176,10 @@ class Upstream(Table, frozen=True, kw_only=True):
 class LimitPolicy(Table, frozen=True, kw_only=True):
     """How limits are applied, and the scopes beyond upstreams."""
 
+    backend: Annotated[LimitsBackend, doc(
+        '`"memory"`: the windows live in this process (exact for one process); `"redis"`: in the Redis of '
+        "`[redis]`, shared by every process and machine of a deployment, one atomic script per admission "
+        "(needed for `serve --workers` above 1)")] = "memory"
     on_limit: Annotated[OnLimit, doc('`"reject"` answers 429 at once; `"wait"` holds the call, first come first '
                                      "served, when a place frees within `max_wait_s`")] = "reject"
     max_wait_s: Annotated[Positive, doc("longest a call waits in `wait` mode")] = 30.0
@@ -195,6 +201,37 @@ class LimitPolicy(Table, frozen=True, kw_only=True):
     users: Annotated[dict[str, Limits], doc("limits tables per named user (`[limits.users.\"5215512345678\"]`)",
                                             "`{}`")] = {}
     per_user: Annotated[Limits, doc("limits applied to each user separately", "none")] = field(default_factory=Limits)
+
+
+class RedisPolicy(Table, frozen=True, kw_only=True):
+    """The Redis that holds the limiter's windows when `limits.backend = "redis"`."""
+
+    url_env: Annotated[EnvName, doc(
+        "environment variable holding its URL (`redis://host:6379/0`, `rediss://…` for TLS, "
+        "`unix:///run/redis.sock`); it may carry a password, so it never sits in this file")] = "TOLLGATE_REDIS_URL"
+    prefix: Annotated[NonEmpty, doc(
+        "what every key starts with (as a Redis Cluster hash tag, so all of a deployment's keys share a slot); "
+        "deployments sharing one Redis need different prefixes")] = "tollgate"
+    timeout_ms: Annotated[Positive, doc(
+        "longest one admission waits for Redis (its reply, or a connection of the process's pool) before the "
+        "`unavailable` policy applies to it; Redis is skipped for `retry_s` only when it cannot be reached")] = 500.0
+    unavailable: Annotated[RedisUnavailable, doc(
+        'when Redis cannot be reached: `"closed"` answers metered calls 503 (no limit can be broken), `"local"` '
+        "lets each process hold every limit alone in its own memory (up to N times a limit across N processes) "
+        "until Redis is back; either way Redis is tried again every `retry_s`, no restart needed")] = "closed"
+    retry_s: Annotated[Positive, doc("how long after a failure Redis is tried again")] = 1.0
+    lease_s: Annotated[Positive, doc(
+        "a concurrency place's lease: renewed while its call runs, so a killed process's places free "
+        "themselves at most this long after it died")] = 30.0
+    refresh_s: Annotated[Positive, doc(
+        "how often a process reads the shared figures that `/stats`, `/metrics` and the alerts show between "
+        "its own calls (each call and each `/stats` reads them anyway)")] = 2.0
+    rebuild_wait_s: Annotated[Positive, doc(
+        "longest a call waits while another process loads the windows from the ledger into a fresh or "
+        "flushed Redis")] = 10.0
+
+    def url(self) -> str | None:
+        return os.environ.get(self.url_env) or None
 
 
 class Webhook(Table, frozen=True, kw_only=True):
@@ -445,6 +482,7 @@ class Config(Table, frozen=True, kw_only=True):
     types: dict[str, RequestType] = {}
     tagging: Tagging = field(default_factory=Tagging)
     limits: LimitPolicy = field(default_factory=LimitPolicy)
+    redis: RedisPolicy = field(default_factory=RedisPolicy)
     keys: dict[str, ProxyKey] = {}
     alerts: AlertPolicy = field(default_factory=AlertPolicy)
     commands: Commands = field(default_factory=Commands)
@@ -809,6 +847,9 @@ def check_serve(config: Config) -> None:
         if key.secret() is None:
             raise ConfigError(f"{config.source}: keys.{key.name}.key_env = {key.key_env!r}: "
                               f"expected that environment variable to hold the key, but it is unset")
+    if config.limits.backend == "redis" and config.redis.url() is None:
+        raise ConfigError(f"{config.source}: limits.backend = 'redis': expected ${config.redis.url_env} "
+                          f"(redis.url_env) to hold the Redis URL, but it is unset")
 
 
 def check_bind(config: Config) -> None:

@@ -61,6 +61,13 @@ class LedgerUnavailable(ProxyError):
     status, type, code, outcome = 503, "server_error", "ledger_unavailable", "internal"
 
 
+class LimitsUnavailable(ProxyError):
+    """The shared limits store cannot be reached and its policy is "closed": no limit may be
+    broken, so calls that limits apply to are not forwarded."""
+
+    status, type, code, outcome = 503, "server_error", "limits_unavailable", "limits_unavailable"
+
+
 class RateLimited(ProxyError):
     """Refused here, before the upstream: `type` names the limit that was hit."""
 
@@ -75,9 +82,9 @@ class RateLimited(ProxyError):
 OUTCOMES = (
     "ok", "upstream_status", "upstream_rate_limited", "timeout", "unreachable", "broken_stream",
     "stream_error", "bad_upstream_response", "response_too_large", "bad_request", "too_large", "unknown_model", "unauthorized", "rate_limited",
-    "cancelled", "internal",
+    "limits_unavailable", "cancelled", "internal",
 )
 # Outcomes of calls refused before any model was asked, for want of a key or by our own limits:
 # counted by reason (/stats detail.refused, tollgate_refused_requests_total), never a ledger row
 # each, never an error of the calls that were served.
-REFUSED_OUTCOMES = frozenset({"unauthorized", "rate_limited"})
+REFUSED_OUTCOMES = frozenset({"unauthorized", "rate_limited", "limits_unavailable"})

@@ -21,9 +21,9 @@ import math
 import secrets
 from collections import deque
 from itertools import repeat
-from collections.abc import Callable, Iterable
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterable
 from dataclasses import dataclass, field
-from typing import Protocol
+from typing import Any, Protocol
 from datetime import datetime, timedelta
 from zoneinfo import ZoneInfo
 
@@ -185,28 +185,45 @@ class Ticket:
 class WindowStore(Protocol):
     """The limiter's windows as the rest of Tollgate uses them: which scopes a call is in, admit
     and finish, an upstream's own 429, the ledger's admissions at start, and the figures read
-    from them (headers, /stats, /metrics, alerts). Kept in this process's memory today
-    (`Limiter`); a shared engine (Redis, one atomic script per admission) is the next one, and
-    callers get theirs from `windows_for` without knowing which it is."""
+    from them (headers, /stats, /metrics, alerts). Callers get theirs from `windows_for`
+    without knowing which engine it is: this process's memory (`Limiter`), or Redis, shared
+    by every process of a deployment (`shared_limits.SharedLimiter`)."""
 
     clock: Callable[[], float]
+    # Told when a place is given back after `finish` returned (a shared store's reply): whoever
+    # waits for one looks again.
+    released: list[Callable[[], None]]
 
     def scopes(self, upstream: str, model: str, user: str | None, key: str | None = None) -> list[Scope]: ...
     def needs_estimate(self, scopes: list[Scope]) -> bool: ...
     def caps(self, scopes: list[Scope]) -> tuple[int | None, int | None]: ...
-    def admit(self, scopes: list[Scope], tokens: int) -> Ticket | Denial: ...
+    async def admit(self, scopes: list[Scope], tokens: int) -> Ticket | Denial: ...
     def finish(self, ticket: Ticket, tokens: int) -> None: ...
     def upstream_refused(self, upstream: str, retry_after: float | None) -> None: ...
     def replay(self, admission: Admission) -> None: ...
+    async def refresh(self) -> None:
+        """Bring the figures up to date before a reader (/stats, /metrics) reads them."""
     def headers(self, scopes: list[Scope]) -> dict[str, str]: ...
     def usage(self, upstream: str, model: str, kind: str) -> tuple[int, int | None]: ...
     def report(self) -> list[dict[str, object]]: ...
     @property
     def tracked_users(self) -> int: ...
+    @property
+    def state(self) -> dict[str, object]:
+        """Which engine holds the windows, and how it is doing (for /stats and /healthz)."""
+    def lifecycle(self, app: Any) -> AsyncIterator[None]:
+        """The engine's resources (a connection, background tasks), as a cleanup context."""
 
 
-def windows_for(config: Config, clock: Callable[[], float]) -> WindowStore:
-    """The limiter's window store for `config`: the one place that picks the engine (memory)."""
+def windows_for(config: Config, clock: Callable[[], float],
+                admissions: Callable[[float], Awaitable[list[Admission]]] | None = None) -> WindowStore:
+    """The limiter's window store for `config`: the one place that picks the engine.
+    `admissions(since)` reads the ledger's admissions, which a shared engine loads when its
+    store has forgotten them (a fresh or flushed Redis)."""
+    if config.limits.backend == "redis":
+        from .shared_limits import SharedLimiter  # redis is an optional dependency
+
+        return SharedLimiter(config, clock, admissions)
     return Limiter(config, clock)
 
 
@@ -231,7 +248,8 @@ class Limiter:
         # Per-user scopes made on demand; idle ones are dropped so 10,000 users cost only
         # what their live windows hold.
         self._users: dict[str, Scope] = {}
-        self._sweep_at = 1024  # sweep when the user table doubles: amortised O(1) per call
+        self._sweep_at = 1024
+        self.released: list[Callable[[], None]] = []  # told when a place is given back later  # sweep when the user table doubles: amortised O(1) per call
 
     # --- which scopes a call is in ----------------------------------------------------
 
@@ -282,12 +300,19 @@ class Limiter:
             if wait is None or wait > 0:
                 yield Denial(scope.name, kind, wait, window.limit)
 
-    def admit(self, scopes: list[Scope], tokens: int) -> Ticket | Denial:
+    async def admit(self, scopes: list[Scope], tokens: int) -> Ticket | Denial:
+        return self.admit_now(scopes, tokens)
+
+    def admit_now(self, scopes: list[Scope], tokens: int) -> Ticket | Denial:
+        """Decide and record in one synchronous step: no other caller can come in between."""
         denial = self.check(scopes, tokens)
         if denial is not None:
             return denial
-        now = self.clock()
-        ticket = Ticket(scopes, now, tokens)
+        return self.record(scopes, tokens, self.clock())
+
+    def record(self, scopes: list[Scope], tokens: int, now: float, key: str | None = None) -> Ticket:
+        """Take the call's places in every window (already decided: nothing is checked)."""
+        ticket = Ticket(scopes, now, tokens) if key is None else Ticket(scopes, now, tokens, key)
         for scope in scopes:
             scope.in_flight += 1
             for window in (scope.rpm, scope.rpd):
@@ -342,22 +367,50 @@ class Limiter:
                     window.add(admission.ts, amount)
 
     # --- reporting -----------------------------------------------------------------------
+    # Every figure is read through `_figure`, `_in_flight` and `_held_for`: a shared engine
+    # answers them from its store's figures instead of this process's windows.
+
+    async def refresh(self) -> None:
+        """This process's windows are always current."""
+
+    @property
+    def state(self) -> dict[str, object]:
+        return {"backend": "memory"}
+
+    async def lifecycle(self, app: Any) -> AsyncIterator[None]:
+        """Nothing to open or close: the windows are this process's memory."""
+        yield
+
+    def _figure(self, scope: Scope, window: Window, now: float) -> tuple[float, float]:
+        """(used, seconds until it is empty) of one of a scope's windows."""
+        window.prune(now)
+        return window.used, window.reset_in(now)
+
+    def _in_flight(self, scope: Scope) -> int:
+        return scope.in_flight
+
+    def _held_for(self, scope: Scope, now: float) -> float:
+        return max(0.0, scope.blocked_until - now)
+
+    def _tightest(self, pairs: list[tuple[Scope, Window]], now: float) -> tuple[int, float, float] | None:
+        """(limit, used, reset) of the window with the least left among `pairs`."""
+        figures = [(w.limit, *self._figure(s, w, now)) for s, w in pairs]
+        return min(figures, key=lambda f: (f[0] - f[1], f[0])) if figures else None
 
     def headers(self, scopes: list[Scope]) -> dict[str, str]:
         """OpenAI's x-ratelimit-* headers for a call in `scopes`: for requests and for tokens,
         the window with the least left, whichever scope (upstream, model, user, key) holds it."""
         now = self.clock()
         out: dict[str, str] = {}
-        for kind, windows in (("requests", [w for s in scopes for w, k in s.windows() if k != "tokens_per_minute"]),
-                              ("tokens", [w for s in scopes for w, k in s.windows() if k == "tokens_per_minute"])):
-            for window in windows:
-                window.prune(now)
-            if not windows:
+        for kind, tokens in (("requests", False), ("tokens", True)):
+            tightest = self._tightest([(s, w) for s in scopes for w, k in s.windows()
+                                       if (k == "tokens_per_minute") is tokens], now)
+            if tightest is None:
                 continue
-            tightest = _tightest(windows)
-            out[f"x-ratelimit-limit-{kind}"] = str(tightest.limit)
-            out[f"x-ratelimit-remaining-{kind}"] = str(max(0, int(tightest.limit - tightest.used)))
-            out[f"x-ratelimit-reset-{kind}"] = format_duration(tightest.reset_in(now))
+            limit, used, reset = tightest
+            out[f"x-ratelimit-limit-{kind}"] = str(limit)
+            out[f"x-ratelimit-remaining-{kind}"] = str(max(0, int(limit - used)))
+            out[f"x-ratelimit-reset-{kind}"] = format_duration(reset)
         return out
 
     def usage(self, upstream: str, model: str, kind: str) -> tuple[int, int | None]:
@@ -367,38 +420,33 @@ class Limiter:
         if upstream not in self._upstreams:
             return 0, None
         now = self.clock()
-        limited = [w for s in self.scopes(upstream, model, None) for w, k in s.windows() if k == kind]
-        for window in limited:
-            window.prune(now)
-        if limited:
-            window = _tightest(limited)
-            return int(window.used), window.limit
+        tightest = self._tightest([(s, w) for s in self.scopes(upstream, model, None) for w, k in s.windows()
+                                   if k == kind], now)
+        if tightest is not None:
+            return int(tightest[1]), tightest[0]
         scope = self._upstreams[upstream]
         tracked = {"requests_per_day": scope.rpd, "tokens_per_minute": scope.tpm}.get(kind)
         if tracked is None:
             return 0, None
-        tracked.prune(now)
-        return int(tracked.used), None
+        return int(self._figure(scope, tracked, now)[0]), None
 
     def report(self) -> list[dict[str, object]]:
         """Every limited scope with used, limit, percentage and seconds until it resets."""
         now = self.clock()
         rows: list[dict[str, object]] = []
-        scopes = [*self._upstreams.values(), *self._models.values(), *self._named_users.values(),
-                  *self._keys.values()]
-        for scope in scopes:
+        for scope in self.reported_scopes():
             for window, kind in scope.windows():
-                window.prune(now)
-                rows.append(_row(scope.name, kind, window.used, window.limit, window.reset_in(now)))
+                used, reset = self._figure(scope, window, now)
+                rows.append(_row(scope.name, kind, used, window.limit, reset))
             if scope.limits.concurrency:
-                rows.append(_row(scope.name, "concurrency", scope.in_flight, scope.limits.concurrency, 0.0))
-            if scope.blocked_until > now:
-                rows.append(_row(scope.name, "upstream_rate_limit", 1, 1, scope.blocked_until - now))
+                rows.append(_row(scope.name, "concurrency", self._in_flight(scope), scope.limits.concurrency, 0.0))
+            if (held := self._held_for(scope, now)) > 0:
+                rows.append(_row(scope.name, "upstream_rate_limit", 1, 1, held))
         return rows
 
-
-def _tightest(windows: list[Window]) -> Window:
-    return min(windows, key=lambda w: (w.limit - w.used, w.limit))
+    def reported_scopes(self) -> list[Scope]:
+        """The scopes the config names (not each user of `per_user`): what /stats and /metrics show."""
+        return [*self._upstreams.values(), *self._models.values(), *self._named_users.values(), *self._keys.values()]
 
 
 def _row(scope: str, limit: str, used: float, maximum: int, reset: float) -> dict[str, object]:

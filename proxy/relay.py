@@ -141,6 +141,7 @@ async def _metered(request: web.Request, prefix: Prefix, rest: str, call: Call) 
     if _is_stats_command(config, call, info):
         # Answered here with the stats text: not forwarded, not limited, not a metered call.
         call.command = True
+        await app[LIMITER].refresh()
         body, content_type = dialects.reply(info, stats.stats_text(config, app[ACCOUNTING], app[LIMITER], config.commands.lang),
                                             app[ACCOUNTING].clock())
         return web.Response(body=body, headers={"Content-Type": content_type, "X-Tollgate-Command": "stats"})

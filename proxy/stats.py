@@ -192,6 +192,7 @@ def stats_json(config: Config, acc: Accounting, limiter: WindowStore, running: b
             "cost_last_7_days_usd": round(acc.trend.last_week(now), 6),
             "cost_projection_month_usd": round(acc.trend.monthly(now), 4),
             "limits": limiter.report(),
+            "limits_store": limiter.state,
             # Rows not yet on disk, and rows given up (on_ledger_full = "serve"): the books' own state.
             "ledger": acc.ledger.health().as_dict() if acc.ledger is not None else None,
         },

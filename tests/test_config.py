@@ -52,7 +52,7 @@ def test_shipped_config_limits_each_model_by_its_tier_and_the_seed_strings_descr
         admitted = 0
         for _ in range(200):
             now[0] += 7  # under every per-minute limit
-            decision = limiter.admit(limiter.scopes("gpt4o_cloud", model, None), 10)
+            decision = limiter.admit_now(limiter.scopes("gpt4o_cloud", model, None), 10)
             if isinstance(decision, Denial):
                 assert decision.limit == "requests_per_day"
                 break

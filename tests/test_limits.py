@@ -24,7 +24,7 @@ def limiter(clock: Clock, limits: dict[str, Any], policy: dict[str, Any] | None 
 
 
 def admit(lim: Limiter, tokens: int = 0, user: str | None = None) -> Ticket | Denial:
-    return lim.admit(lim.scopes("cloud", "gpt-4o", user), tokens)
+    return lim.admit_now(lim.scopes("cloud", "gpt-4o", user), tokens)
 
 
 @settings(max_examples=200, deadline=None)
@@ -161,13 +161,13 @@ def test_headers_describe_the_tightest_scope_of_the_call(clock: Clock) -> None:
            "limits": {"models": {"gpt-4o": {"rpd": 3, "tpm": 8000}}, "per_user": {"rpm": 2}}}
     lim = Limiter(config_mod.parse(raw), clock)
     scopes = lim.scopes("cloud", "gpt-4o", "ana")
-    assert isinstance(lim.admit(scopes, 1000), Ticket)
+    assert isinstance(lim.admit_now(scopes, 1000), Ticket)
     headers = lim.headers(scopes)
     # The user's 2 per minute leaves 1, less than the model's 3 per day (2 left) or the
     # upstream's 15 per minute; the model's 8,000 TPM leaves less than the upstream's 150,000.
     assert (headers["x-ratelimit-limit-requests"], headers["x-ratelimit-remaining-requests"]) == ("2", "1")
     assert (headers["x-ratelimit-limit-tokens"], headers["x-ratelimit-remaining-tokens"]) == ("8000", "7000")
-    assert isinstance(lim.admit(scopes, 1000), Ticket)
+    assert isinstance(lim.admit_now(scopes, 1000), Ticket)
     assert lim.headers(scopes)["x-ratelimit-remaining-requests"] == "0"
     assert lim.headers(lim.scopes("cloud", "gpt-3.5", None))["x-ratelimit-limit-requests"] == "15"
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import sqlite3
 import time
+import uuid
 from collections.abc import AsyncIterator
 from typing import Any
 
@@ -34,11 +35,23 @@ def set_limits(raw: dict[str, Any], **limits: Any) -> None:
     raw["upstreams"]["gpt4o_cloud"]["limits"] = limits
 
 
+@pytest.fixture(params=["memory", "redis"])
+def backend(request: pytest.FixtureRequest, raw_config: dict[str, Any], monkeypatch: pytest.MonkeyPatch) -> str:
+    """Every test here runs against both engines: this process's windows, and Redis's."""
+    if request.param == "redis":
+        monkeypatch.setenv("TOLLGATE_TEST_REDIS", request.getfixturevalue("redis_server"))
+        raw_config["limits"] = {**raw_config.get("limits", {}), "backend": "redis"}
+        raw_config["redis"] = {"url_env": "TOLLGATE_TEST_REDIS", "prefix": f"t{uuid.uuid4().hex}"}
+    return str(request.param)
+
+
 @pytest.fixture
-async def make_proxy(raw_config: dict[str, Any]) -> AsyncIterator[Any]:
+async def make_proxy(raw_config: dict[str, Any], backend: str) -> AsyncIterator[Any]:
     started: list[Proxy] = []
 
     async def make(clock: Any = None) -> Proxy:
+        if clock is not None and backend == "redis":
+            pytest.skip("moves the proxy's clock, and Redis keeps its own")
         p = Proxy(raw_config, clock)
         await p.start()
         started.append(p)

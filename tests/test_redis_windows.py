@@ -11,7 +11,7 @@ from collections.abc import AsyncIterator
 import pytest
 import redis.asyncio as aioredis
 
-from proxy.redis_windows import RedisWindows, WindowSpec
+from proxy.redis_windows import Entry, RedisWindows, WindowSpec
 
 RPM = WindowSpec("upstream:cloud", "requests", 10, span=60)
 
@@ -19,18 +19,21 @@ RPM = WindowSpec("upstream:cloud", "requests", 10, span=60)
 @pytest.fixture
 async def windows(redis_server: str) -> AsyncIterator[RedisWindows]:
     client = aioredis.Redis.from_url(redis_server)
-    yield RedisWindows(client, prefix=f"t{uuid.uuid4().hex}")  # a deployment of its own per test
+    windows = RedisWindows(client, prefix=f"t{uuid.uuid4().hex}")  # a deployment of its own per test
+    await windows.mark_ready("test")
+    yield windows
     await client.aclose()
 
 
 CHILD = """
 import asyncio, sys
 import redis.asyncio as aioredis
-from proxy.redis_windows import RedisWindows, WindowSpec
+from proxy.redis_windows import Entry, RedisWindows, WindowSpec
 
 async def main():
     client = aioredis.Redis.from_url(sys.argv[1], max_connections=100)
     windows = RedisWindows(client, prefix=sys.argv[2])
+    await windows.mark_ready(sys.argv[3])
     spec = WindowSpec("upstream:cloud", "requests", 10, span=60)
     go = asyncio.Event()
     async def one(i):
@@ -93,7 +96,7 @@ async def test_concurrency_places_come_back_when_calls_finish(windows: RedisWind
     assert (await windows.admit("a", [places], 0)).admitted
     assert (await windows.admit("b", [places], 0)).admitted
     full = await windows.admit("c", [places], 0)
-    assert not full.admitted and full.retry_after is None       # no exact time: a call must end
+    assert not full.admitted and full.retry_after == 1.0        # no exact time: a call must end
     await windows.finish("a", [places], 0, 0)
     assert (await windows.admit("c", [places], 0)).admitted
 
@@ -117,11 +120,12 @@ async def test_an_upstream_429_holds_its_calls(windows: RedisWindows) -> None:
 LEASED = """
 import asyncio, sys
 import redis.asyncio as aioredis
-from proxy.redis_windows import RedisWindows, WindowSpec
+from proxy.redis_windows import Entry, RedisWindows, WindowSpec
 
 async def main():
     client = aioredis.Redis.from_url(sys.argv[1])
     windows = RedisWindows(client, prefix=sys.argv[2], lease_s=float(sys.argv[3]))
+    await windows.mark_ready("child")
     assert (await windows.admit("dying", [WindowSpec("upstream:cloud", "concurrency", 1)], 0)).admitted
     print("admitted", flush=True)
     await asyncio.Event().wait()  # a call that runs until the process is killed
@@ -152,9 +156,39 @@ async def test_a_killed_process_places_free_when_its_lease_ends(redis_server: st
         assert (await windows.admit("next", [places], 0)).admitted is frees
     # A call still running pushes its lease on.
     windows = RedisWindows(client, prefix=f"t{uuid.uuid4().hex}", lease_s=30.0)
+    await windows.mark_ready("test")
     assert (await windows.admit("long", [places], 0)).admitted
     before = await client.zscore(windows.key(places), "long")
-    await windows.renew("long", [places])
+    await windows.renew([("long", [places])])
     after = await client.zscore(windows.key(places), "long")
     assert before is not None and after is not None and after > before
     await client.aclose()
+
+
+async def test_windows_that_were_forgotten_admit_nothing_until_loaded(windows: RedisWindows) -> None:
+    assert (await windows.admit("a", [RPM], 1)).admitted
+    await windows.client.delete(windows.ready_key, windows.key(RPM))   # as FLUSHALL leaves them
+    forgotten = await windows.admit("b", [RPM], 1)
+    assert not forgotten.admitted and not forgotten.ready
+    assert await windows.peek([RPM]) is None
+    # Loaded from the ledger (twice: a second loader counts nothing twice), then trusted again.
+    now = float((await windows.client.time())[0])
+    entries = [Entry(RPM, f"old{n}", now - 30, 1) for n in range(9)]
+    assert await windows.claim_rebuild("me", 30) and not await windows.claim_rebuild("other", 30)
+    await windows.load(entries)
+    await windows.load(entries)
+    await windows.mark_ready("me")
+    assert (await windows.admit("c", [RPM], 1)).admitted                  # the 10th of rpm = 10
+    refused = await windows.admit("d", [RPM], 1)
+    assert not refused.admitted and refused.retry_after is not None and 29 < refused.retry_after <= 30
+
+
+async def test_every_reply_carries_the_figures_of_each_window(windows: RedisWindows) -> None:
+    tpm = WindowSpec("upstream:cloud", "tokens", 1000, span=60)
+    first = await windows.admit("a", [RPM, tpm], 300)
+    assert [f.used for f in first.figures] == [1, 300]
+    assert all(59_000 < f.reset_ms <= 60_000 for f in first.figures)
+    refused = await windows.admit("b", [RPM, tpm], 800)
+    assert [f.used for f in refused.figures] == [1, 300]                  # unchanged: nothing taken
+    peeked = await windows.peek([RPM, tpm, WindowSpec("user:nobody", "requests", 5, span=60)])
+    assert peeked is not None and [f.used for f in peeked] == [1, 300, 0]

@@ -34,6 +34,7 @@ SECTIONS: list[tuple[str, type[msgspec.Struct]]] = [
     ('[upstreams.<name>.limits]`, `[limits.models."<glob>"]`, `[limits.users."<user>"]`, `[limits.per_user]`, '
      "`[keys.<name>.limits]", c.Limits),
     ("[limits]", c.LimitPolicy),
+    ("[redis]", c.RedisPolicy),
     ("[keys.<name>]", c.ProxyKey),
     ("[alerts]", c.AlertPolicy),
     ("[[alerts.rules]]", c.AlertRule),

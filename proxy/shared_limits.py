@@ -1,0 +1,336 @@
+"""The limiter's windows shared by every process of a deployment, in Redis.
+
+`SharedLimiter` is the in-memory `Limiter` (which scopes a call is in, its caps, and this
+process's own windows) with admission moved to Redis: one atomic script per call
+(`redis_windows`) checks and records every window on Redis's clock, so the free tier's
+10 requests a minute are 10 across all replicas. Each reply carries the windows' figures, kept
+here for the `x-ratelimit-*` headers; `/stats`, `/metrics` and the alerts read figures that
+`refresh` brings up to date (every `redis.refresh_s`, and before each `/stats` or scrape).
+
+When Redis cannot be reached within `redis.timeout_ms`, `redis.unavailable` decides: "closed"
+answers 503 (LimitsUnavailable), "local" admits against this process's own windows, which
+record every call either way. Redis is tried again `redis.retry_s` later; its client
+reconnects by itself. A Redis that has forgotten the windows (fresh, flushed, restarted without
+persistence) is loaded from the ledger by one process, under a lock, while every process's
+calls wait for it: nothing is admitted against empty windows.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import math
+import os
+import secrets
+import socket
+import time
+from collections import OrderedDict
+from collections.abc import AsyncIterator, Awaitable, Callable
+from typing import Any
+
+import redis.asyncio as aioredis
+from redis.exceptions import RedisError
+
+from .config import Config
+from .errors import LimitsUnavailable
+from .ledger import Admission
+from .limits import DAY, MINUTE, Denial, Limiter, Scope, Ticket, Window, _midnight
+from .redis_windows import Entry, Figure, Kind, RedisWindows, WindowSpec
+from .tasks import running
+
+log = logging.getLogger("tollgate")
+
+# Figures kept for the headers of calls in per-user scopes: bounded, the oldest go first.
+MAX_FIGURES = 4096
+
+_FAILURES = (RedisError, OSError, TimeoutError)
+
+
+class _NotReady(Exception):
+    """Redis has forgotten the windows, and they could not be loaded in time."""
+
+
+class SharedLimiter(Limiter):
+    """The windows of every process of a deployment, in one Redis."""
+
+    def __init__(self, config: Config, clock: Callable[[], float],
+                 admissions: Callable[[float], Awaitable[list[Admission]]] | None) -> None:
+        super().__init__(config, clock)
+        self.shared = config.redis
+        self._admissions = admissions
+        self._windows: RedisWindows | None = None
+        self._client: aioredis.Redis | None = None
+        self._owner = f"{socket.gethostname()}:{os.getpid()}:{secrets.token_hex(4)}"
+        self._down_until = 0.0          # monotonic: Redis is not tried again before this
+        self._reachable = True
+        self.failures = 0               # admissions that could not reach Redis
+        self._figures: OrderedDict[str, tuple[int, float]] = OrderedDict()  # key: (used, empty at)
+        self._live: dict[str, list[WindowSpec]] = {}  # calls admitted in Redis and not yet finished
+        self._tasks: set[asyncio.Task[None]] = set()
+        self._rebuilding: asyncio.Task[None] | None = None
+        self.released: list[Callable[[], None]] = []  # told when a shared place is given back
+
+    # --- the windows as Redis sees them ----------------------------------------------------
+
+    def _spec(self, scope: Scope, window: Window, now: float) -> WindowSpec:
+        kind: Kind = "tokens" if window.amounts is not None else "requests"
+        if window.tz is None:
+            return WindowSpec(scope.name, kind, window.limit, span=window.span)
+        return WindowSpec(scope.name, kind, window.limit, start=_midnight(now, window.tz),
+                          end=_midnight(now, window.tz, days_later=1))
+
+    def _specs(self, scopes: list[Scope], now: float) -> list[WindowSpec]:
+        specs = []
+        for scope in scopes:
+            if scope.name.startswith("upstream:"):
+                specs.append(WindowSpec(scope.name, "hold", 0))
+            specs += [self._spec(scope, w, now) for w in (scope.rpm, scope.rpd, scope.tpm) if w is not None]
+            if scope.limits.concurrency:
+                specs.append(WindowSpec(scope.name, "concurrency", scope.limits.concurrency))
+        return specs
+
+    def _remember(self, specs: list[WindowSpec], figures: tuple[Figure, ...]) -> None:
+        assert self._windows is not None
+        now = self.clock()
+        for spec, figure in zip(specs, figures):
+            key = self._windows.key(spec)
+            self._figures.pop(key, None)
+            self._figures[key] = (figure.used, now + figure.reset_ms / 1000)
+            if spec.kind == "hold" and figure.used:
+                scope = self._upstreams.get(spec.scope.removeprefix("upstream:"))
+                if scope is not None:  # other replicas' holds: this one's calls wait too
+                    scope.blocked_until = max(scope.blocked_until, now + figure.reset_ms / 1000)
+        while len(self._figures) > MAX_FIGURES:
+            self._figures.popitem(last=False)
+
+    def _shared(self, spec: WindowSpec) -> tuple[int, float] | None:
+        """(used, seconds until empty) as Redis last said, where it said and is trusted now."""
+        if self._windows is None or not self._reachable:
+            return None
+        found = self._figures.get(self._windows.key(spec))
+        if found is None:
+            return None
+        used, empty_at = found
+        reset = max(0.0, empty_at - self.clock())
+        return (used if reset > 0 or spec.kind == "concurrency" else 0), reset
+
+    # The readers of Limiter (headers, usage, report) read Redis's figures through these.
+
+    def _figure(self, scope: Scope, window: Window, now: float) -> tuple[float, float]:
+        found = self._shared(self._spec(scope, window, now))
+        return found if found is not None else super()._figure(scope, window, now)
+
+    def _in_flight(self, scope: Scope) -> int:
+        found = self._shared(WindowSpec(scope.name, "concurrency", scope.limits.concurrency or 0))
+        return found[0] if found is not None else scope.in_flight
+
+    def _held_for(self, scope: Scope, now: float) -> float:
+        found = self._shared(WindowSpec(scope.name, "hold", 0))
+        return max(found[1], super()._held_for(scope, now)) if found is not None else super()._held_for(scope, now)
+
+    # --- admission ----------------------------------------------------------------------
+
+    async def admit(self, scopes: list[Scope], tokens: int) -> Ticket | Denial:
+        if self._windows is None or time.monotonic() < self._down_until:
+            return self._without_redis(scopes, tokens)
+        now = self.clock()
+        specs = self._specs(scopes, now)
+        key = secrets.token_hex(8)
+        try:
+            async with asyncio.timeout(self.shared.timeout_ms / 1000):
+                decision = await self._windows.admit(key, specs, tokens)
+            if not decision.ready:
+                await self._await_rebuild()
+                async with asyncio.timeout(self.shared.timeout_ms / 1000):
+                    decision = await self._windows.admit(key, specs, tokens)
+                if not decision.ready:
+                    raise _NotReady()
+        except (*_FAILURES, _NotReady) as exc:
+            self._failed(exc)
+            return self._without_redis(scopes, tokens)
+        self._recovered()
+        self._remember(specs, decision.figures)
+        if not decision.admitted:
+            spec = decision.refused_by
+            assert spec is not None
+            return Denial(spec.scope, _limit_name(spec), decision.retry_after, spec.limit)
+        # This process's own windows count it too: they are what "local" enforces if Redis goes.
+        ticket = self.record(scopes, tokens, self.clock(), key)
+        self._live[key] = specs
+        return ticket
+
+    def _without_redis(self, scopes: list[Scope], tokens: int) -> Ticket | Denial:
+        if self.shared.unavailable == "local":
+            return self.admit_now(scopes, tokens)
+        raise LimitsUnavailable(
+            "Tollgate cannot reach its shared limits store (Redis), so it is not forwarding calls that limits "
+            "apply to (redis.unavailable = \"closed\"); try again in a few seconds.",
+            {"Retry-After": str(max(1, math.ceil(self.shared.retry_s)))})
+
+    def _failed(self, exc: BaseException) -> None:
+        """One call could not use Redis. Only an unreachable Redis (not one slow reply, which
+        may be this process's own queue for a connection) makes the next calls skip it for
+        `retry_s`."""
+        self.failures += 1
+        if isinstance(exc, TimeoutError):
+            return
+        self._down_until = time.monotonic() + self.shared.retry_s
+        if self._reachable:
+            self._reachable = False
+            what = "refusing calls that limits apply to" if self.shared.unavailable == "closed" \
+                else "each process holds the limits alone"
+            log.warning("the shared limits store (Redis) cannot be reached (%s); %s until it is back",
+                        type(exc).__name__, what)
+
+    def _recovered(self) -> None:
+        if not self._reachable:
+            self._reachable = True
+            log.warning("the shared limits store (Redis) is reachable again")
+
+    def finish(self, ticket: Ticket, tokens: int) -> None:
+        if ticket.done:
+            return
+        super().finish(ticket, tokens)
+        specs = self._live.pop(ticket.key, None)
+        if specs is not None and any(s.kind in ("tokens", "concurrency") for s in specs):
+            self._spawn(self._finish_shared(ticket.key, specs, ticket.tokens, tokens))
+
+    async def _finish_shared(self, key: str, specs: list[WindowSpec], admitted: int, used: int) -> None:
+        assert self._windows is not None
+        try:
+            async with asyncio.timeout(max(1.0, self.shared.timeout_ms / 1000)):
+                await self._windows.finish(key, specs, admitted, used)
+        except _FAILURES as exc:
+            # Its lease runs out by itself; its tokens stay counted as estimated.
+            self._failed(exc)
+            return
+        for listener in self.released:
+            listener()
+
+    def upstream_refused(self, upstream: str, retry_after: float | None) -> None:
+        super().upstream_refused(upstream, retry_after)
+        if retry_after is not None and retry_after > 0 and self._windows is not None:
+            self._spawn(self._hold(f"upstream:{upstream}", self.clock() + retry_after))
+
+    async def _hold(self, scope: str, until: float) -> None:
+        assert self._windows is not None
+        try:
+            async with asyncio.timeout(self.shared.timeout_ms / 1000):
+                await self._windows.hold(scope, until)
+        except _FAILURES as exc:
+            self._failed(exc)
+
+    def _spawn(self, coroutine: Any) -> None:
+        task = asyncio.get_running_loop().create_task(coroutine)
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    # --- loading a Redis that has forgotten ----------------------------------------------
+
+    async def _await_rebuild(self) -> None:
+        if self._rebuilding is None or self._rebuilding.done():
+            self._rebuilding = asyncio.get_running_loop().create_task(self._rebuild())
+        try:
+            async with asyncio.timeout(self.shared.rebuild_wait_s):
+                await asyncio.shield(self._rebuilding)
+        except TimeoutError:
+            raise _NotReady() from None
+
+    async def _rebuild(self) -> None:
+        """One process takes the lock and loads the last day's admissions; the others wait
+        until the ready key is back (bounded by the callers' `rebuild_wait_s`)."""
+        windows = self._windows
+        assert windows is not None
+        lock_s = max(30.0, 3 * self.shared.rebuild_wait_s)
+        while not await windows.is_ready():
+            if await windows.claim_rebuild(self._owner, lock_s):
+                admissions = await self._admissions(self.clock() - DAY) if self._admissions else []
+                entries = self._entries(admissions, self.clock())
+                await windows.load(entries)
+                await windows.mark_ready(self._owner)
+                log.warning("the shared limits store (Redis) had no windows: loaded %d admissions of the "
+                            "last day from the ledger", len(admissions))
+                return
+            await asyncio.sleep(0.05)  # another process is loading them
+
+    def _entries(self, admissions: list[Admission], now: float) -> list[Entry]:
+        entries = []
+        for adm in admissions:
+            if adm.upstream not in self._upstreams:
+                continue
+            for scope in self.scopes(adm.upstream, adm.model, adm.user, adm.key_id):
+                for window in (scope.rpm, scope.rpd, scope.tpm):
+                    if window is None or adm.ts <= window.start(now):
+                        continue  # it has left this window already
+                    spec = self._spec(scope, window, adm.ts)
+                    entries.append(Entry(spec, adm.key, adm.ts, adm.tokens))
+        return entries
+
+    # --- keeping the figures and leases current --------------------------------------------
+
+    async def refresh(self) -> None:
+        if self._windows is None or time.monotonic() < self._down_until:
+            return
+        now = self.clock()
+        specs = self._specs(self.reported_scopes(), now)
+        try:
+            async with asyncio.timeout(self.shared.timeout_ms / 1000):
+                figures = await self._windows.peek(specs)
+        except _FAILURES as exc:
+            self._failed(exc)
+            return
+        self._recovered()
+        if figures is not None:
+            self._remember(specs, figures)
+
+    async def _maintain(self) -> None:
+        """Renew the leases of calls still running; refresh the figures between calls."""
+        assert self._windows is not None
+        tick = min(self.shared.refresh_s, self.shared.lease_s / 3)
+        while True:
+            await asyncio.sleep(tick)
+            calls = [(key, specs) for key, specs in self._live.items()]
+            if calls and time.monotonic() >= self._down_until:
+                try:
+                    async with asyncio.timeout(self.shared.timeout_ms / 1000):
+                        await self._windows.renew(calls)
+                except _FAILURES as exc:
+                    self._failed(exc)
+            await self.refresh()
+
+    @property
+    def state(self) -> dict[str, object]:
+        mode = "shared" if self._reachable else ("local" if self.shared.unavailable == "local" else "refusing")
+        return {"backend": "redis", "reachable": self._reachable, "mode": mode,
+                "unreachable_admissions": self.failures}
+
+    async def lifecycle(self, app: Any) -> AsyncIterator[None]:
+        url = self.shared.url()
+        if url is None:
+            raise RuntimeError(f"limits.backend = 'redis' but ${self.shared.url_env} is unset")
+        timeout = self.shared.timeout_ms / 1000
+        # A bounded pool: past 64 commands in flight, callers queue for a connection.
+        pool = aioredis.BlockingConnectionPool.from_url(url, max_connections=64, timeout=max(timeout, 1.0),
+                                                        socket_timeout=max(timeout, 1.0),
+                                                        socket_connect_timeout=max(timeout, 1.0))
+        self._client = aioredis.Redis(connection_pool=pool)
+        self._windows = RedisWindows(self._client, self.shared.prefix, self.shared.lease_s,
+                                     self.config.limits.concurrency_retry_s)
+        try:  # a fresh Redis is loaded now, so the first call does not wait for it
+            await self._await_rebuild()
+        except (*_FAILURES, _NotReady) as exc:
+            self._failed(exc)
+        async with running(self._maintain()):
+            yield
+        if self._tasks:  # finishes and holds still on their way
+            await asyncio.wait(self._tasks, timeout=max(1.0, timeout))
+        if self._rebuilding is not None and not self._rebuilding.done():
+            self._rebuilding.cancel()
+        await self._client.aclose()
+        await pool.disconnect()
+
+
+def _limit_name(spec: WindowSpec) -> str:
+    if spec.kind == "requests":
+        return "requests_per_minute" if spec.span == MINUTE else "requests_per_day"
+    return {"tokens": "tokens_per_minute", "concurrency": "concurrency", "hold": "upstream_rate_limit"}[spec.kind]
