@@ -17,7 +17,7 @@ import aiohttp
 import orjson
 
 from . import config as config_mod
-from . import instance, limits, reports, serving, stats, store
+from . import instance, limits, reports, serving, stats, store, workers
 from .accounting import Accounting
 from .app import create_app, replay_ledger
 from .config import Config, ConfigError
@@ -79,6 +79,8 @@ def cmd_serve(config: Config, args: argparse.Namespace) -> int:
     host = args.host or config.server.host
     port = args.port if args.port is not None else config.server.port
     config = config_mod.with_bind(config, host, port)
+    if args.workers is not None:
+        config = config_mod.with_workers(config, args.workers)
     config_mod.check_serve(config)
     # The logging HOWTO's optimisations: no caller lookup, thread or process names per record.
     # With a line per call, building log records was a twentieth of the proxy's CPU.
@@ -97,11 +99,29 @@ def cmd_serve(config: Config, args: argparse.Namespace) -> int:
     for warning in config_mod.missing_secrets(config):
         logging.warning("%s", warning)
     loop = _new_loop()
+    if config.server.workers > 1 and args.worker is None:
+        try:
+            return loop.run_until_complete(workers.Supervisor(config).run())
+        except OSError as exc:
+            print(f"tollgate: cannot listen on {host}:{port}: {exc.strerror or exc}", file=sys.stderr)
+            return 1
+        finally:
+            loop.close()
+    worker = args.worker is not None
+    if worker:
+        workers.die_with_supervisor()
+
+    def ready(name: str) -> None:
+        if worker:  # its supervisor waits for this line
+            logging.info("tollgate worker %d (pid %d) ready", args.worker, os.getpid())
+            print("ready", flush=True)
+        else:
+            logging.info("tollgate ready on %s", name)
+
     try:
         # handler_cancellation: a client that hangs up cancels its call at once, so the upstream
         # request is closed and the call is recorded as cancelled without waiting for a write.
-        loop.run_until_complete(serving.serve(create_app(config), config,
-                                              lambda name: logging.info("tollgate ready on %s", name)))
+        loop.run_until_complete(serving.serve(create_app(config), config, ready, worker=worker))
     except LedgerError as exc:
         print(f"tollgate: {exc}", file=sys.stderr)
         return 1
@@ -225,6 +245,16 @@ def cmd_check(config: Config, args: argparse.Namespace) -> int:
     return 0 if reachable and not missing else 2
 
 
+def _positive(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected a positive whole number, not {text!r}")
+    return value
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="tollgate", description="Metering proxy for LLM APIs.")
     config_help = "path to config.toml (default: $TOLLGATE_CONFIG or ./config.toml)"
@@ -237,6 +267,9 @@ def build_parser() -> argparse.ArgumentParser:
     serve = sub.add_parser("serve", parents=[common], help="run the proxy (the default command)")
     serve.add_argument("--host")
     serve.add_argument("--port", type=int)
+    serve.add_argument("--workers", type=_positive, metavar="N", help="processes serving the port (server.workers); "
+                       "above 1 needs limits.backend = \"redis\"")
+    serve.add_argument("--worker", type=int, help=argparse.SUPPRESS)  # one of a supervisor's workers
     st = sub.add_parser("stats", parents=[common], help="print /stats from the ledger (server may be stopped)")
     st.add_argument("--text", action="store_true", help="the WhatsApp text instead of JSON")
     st.add_argument("--lang", default="es", choices=stats.LANGS)
@@ -262,7 +295,7 @@ def main(argv: list[str] | None = None) -> int:
         config = config_mod.load(args.config)
         command = args.command or "serve"
         if command == "serve" and args.command is None:
-            args.host, args.port = None, None
+            args.host, args.port, args.workers, args.worker = None, None, None, None
         code = COMMANDS[command](config, args)
         sys.stdout.flush()
         return code

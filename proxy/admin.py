@@ -9,6 +9,7 @@ import asyncio
 import csv
 import hmac
 import io
+import os
 from pathlib import Path
 from datetime import datetime
 
@@ -21,7 +22,7 @@ from . import auth
 from .auth import require_admin
 from .errors import BadRequest
 from . import config as config_mod
-from .keys import ACCOUNTING, CONFIG, LEDGER, LIMITER, METRICS, SESSIONS
+from .keys import ACCOUNTING, BOOKS, CONFIG, LEDGER, LIMITER, METRICS, SESSIONS
 
 
 # Shipped as package data beside this module (pyproject's package-data).
@@ -40,6 +41,7 @@ async def get_stats(request: web.Request) -> web.Response:
     require_admin(request)
     config, acc = request.app[CONFIG], request.app[ACCOUNTING]
     await request.app[LIMITER].refresh()
+    await request.app[BOOKS].refresh()
     if request.query.get("format") == "text":
         lang = request.query.get("lang", "es")
         return web.Response(text=stats.stats_text(config, acc, request.app[LIMITER], lang), content_type="text/plain")
@@ -50,6 +52,9 @@ async def reset(request: web.Request) -> web.Response:
     require_admin(request)
     config, acc = request.app[CONFIG], request.app[ACCOUNTING]
     started = acc.reset()
+    if request.app[BOOKS].shared:  # the other workers read the new epoch from the ledger: commit it now
+        await request.app[LEDGER].flush(timeout=_REPORT_FLUSH_S)
+        request.app[BOOKS].forget()
     return _json({"message": "Métricas reiniciadas exitosamente",
                   "nuevo_inicio": stats.fmt_time(config, started)})
 
@@ -123,6 +128,7 @@ async def snapshot_csv(request: web.Request) -> web.Response:
     require_admin(request)
     config, acc = request.app[CONFIG], request.app[ACCOUNTING]
     await request.app[LIMITER].refresh()
+    await request.app[BOOKS].refresh()
     buffer = io.StringIO()
     csv.writer(buffer).writerow(reports.snapshot_row(stats.stats_json(config, acc, request.app[LIMITER]), datetime.now()))
     return web.Response(text=buffer.getvalue(), content_type="text/csv")
@@ -196,6 +202,8 @@ async def healthz(request: web.Request) -> web.Response:
     reason while the ledger cannot keep up."""
     health = request.app[LEDGER].health()
     body: dict[str, object] = {"status": "ok" if health.ok else "degraded"}
+    if request.app[CONFIG].server.workers > 1:
+        body["worker_pid"] = os.getpid()  # which of the port's workers answered
     if not health.ok:
         body["ledger"] = health.as_dict()
     warnings = config_mod.missing_secrets(request.app[CONFIG])

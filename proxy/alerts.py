@@ -22,6 +22,7 @@ from aiohttp import web
 
 from .accounting import Accounting
 from .config import AlertRule, Config, Webhook
+from .books import Books
 from .limits import WindowStore
 from .ledger import CallRecord
 from .tasks import running
@@ -64,6 +65,7 @@ class Alerts:
     config: Config
     acc: Accounting
     limiter: WindowStore
+    books: Books | None = None   # where several processes share the ledger: read back before each check
     queue: asyncio.Queue[tuple[Webhook, Alert]] = field(default_factory=lambda: asyncio.Queue(maxsize=256))
     # Deliveries so far, for /metrics (tollgate_alert_deliveries_total).
     sent: int = 0
@@ -167,6 +169,8 @@ class Alerts:
     async def tick(self) -> None:
         while True:
             await asyncio.sleep(self.config.alerts.check_interval_s)
+            if self.books is not None:
+                await self.books.refresh()
             self.check()
 
     async def lifecycle(self, app: web.Application) -> AsyncIterator[None]:

@@ -19,7 +19,9 @@ from .errors import ProxyError
 from .admission import Admission, WaitLines
 from .alerts import Alerts
 from .guard import guard
-from .keys import ACCOUNTING, ADMISSION, ALERTS, CONFIG, ESTIMATOR, LEDGER, LIMITER, METRICS, SESSIONS, UPSTREAMS
+from .books import Books
+from .keys import (ACCOUNTING, ADMISSION, ALERTS, BOOKS, CONFIG, ESTIMATOR, LEDGER, LIMITER, METRICS, SESSIONS,
+                   UPSTREAMS)
 from .limits import WindowStore
 from .metrics import Metrics
 from .routes import setup_routes
@@ -43,13 +45,15 @@ def create_app(config: Config, clock: Callable[[], float] = time.time) -> web.Ap
     app[CONFIG] = config
     app[LEDGER] = ledger
     app[ACCOUNTING] = Accounting(ledger, clock)
+    # Several workers write one ledger: the figures they show are read back from it.
+    app[BOOKS] = Books(ledger, app[ACCOUNTING], config.server.workers > 1, config.server.stats_cache_s)
     app[ESTIMATOR] = Estimator(config.stats.estimate_max_chars)
     app[UPSTREAMS] = {name: UpstreamClient(u) for name, u in config.upstreams.items()}
     app[SESSIONS] = Sessions(config.server.session_ttl_h * 3600.0, clock)
     app[LIMITER] = limits.windows_for(config, clock, admissions_reader(ledger, config))
     app[ADMISSION] = Admission(config, app[LIMITER], WaitLines(), app[ESTIMATOR])
     app[LIMITER].released.append(app[ADMISSION].lines.notify)
-    app[ALERTS] = Alerts(config, app[ACCOUNTING], app[LIMITER])
+    app[ALERTS] = Alerts(config, app[ACCOUNTING], app[LIMITER], app[BOOKS])
     app[METRICS] = Metrics(app[LIMITER], app[ADMISSION].lines, ledger, app[ALERTS])
     # Every finished call, after the ledger has it: counters, alert rules, the access log.
     app[ACCOUNTING].listeners += [app[METRICS].observe, app[ALERTS].on_call, access_log]
@@ -60,6 +64,7 @@ def create_app(config: Config, clock: Callable[[], float] = time.time) -> web.Ap
     app.cleanup_ctx.append(upstreams_ctx)
     app.cleanup_ctx.append(snapshot_ctx)
     app.cleanup_ctx.append(app[ALERTS].lifecycle)
+    app.cleanup_ctx.append(app[METRICS].lifecycle)
     app.cleanup_ctx.append(access_log_flush_ctx)
 
     setup_routes(app)
@@ -148,6 +153,7 @@ async def snapshot_ctx(app: web.Application) -> AsyncIterator[None]:
     async def write() -> None:
         # A derived file: a full disk must not take the proxy down with it. Said once per fault.
         nonlocal failing
+        await app[BOOKS].refresh()
         data = orjson.dumps(stats.snapshot(config, acc), option=orjson.OPT_INDENT_2)
         try:
             await loop.run_in_executor(None, store.write_private_atomic, config.snapshot_path, data)

@@ -354,6 +354,14 @@ class Server(Table, frozen=True, kw_only=True):
     host: Annotated[str, doc("address to bind; anything but loopback requires an admin token")] = "127.0.0.1"
     port: Annotated[Port, doc("port to bind (the seed's scripts call `localhost:5000`); 0 lets the system pick "
                               "one, which `tollgate stats` and `reset` still find")] = 5000
+    workers: Annotated[Count, doc(
+        "processes serving the port (`serve --workers N` overrides it): one supervisor starts them, each bound "
+        "with SO_REUSEPORT, and restarts one that dies. Above 1 needs `limits.backend = \"redis\"` (one set of "
+        "limits for all of them); they share the ledger in `data_dir`, so each serves the same `/stats`, "
+        "`/metrics` and stats epoch")] = 1
+    stats_cache_s: Annotated[float, Meta(ge=0), expects("zero or more seconds"), doc(
+        "with several processes writing the ledger, how long one reuses the ledger's sums for `/stats` and the "
+        "alerts before reading them again (0: every time)")] = 1.0
     admin_token_env: Annotated[EnvName | None, doc(
         "environment variable holding the admin token; when it is set, the admin endpoints (`/stats`, "
         "`/stats/history`, `/stats/export.csv`, `/stats/snapshot.csv`, `/metrics`, `/metrics/reset`, "
@@ -833,6 +841,10 @@ def missing_secrets(config: Config) -> list[str]:
     return found
 
 
+def with_workers(config: Config, workers: int) -> Config:
+    return replace(config, server=replace(config.server, workers=workers))
+
+
 def with_bind(config: Config, host: str, port: int) -> Config:
     """`config` serving on `host`:`port` (command-line overrides), answering for that host too."""
     server = replace(config.server, host=host, port=port,
@@ -847,6 +859,10 @@ def check_serve(config: Config) -> None:
         if key.secret() is None:
             raise ConfigError(f"{config.source}: keys.{key.name}.key_env = {key.key_env!r}: "
                               f"expected that environment variable to hold the key, but it is unset")
+    if config.server.workers > 1 and config.limits.backend != "redis":
+        raise ConfigError(f"{config.source}: server.workers = {config.server.workers}: expected 1 unless "
+                          f"limits.backend = 'redis' (each worker would hold every limit alone, letting through up "
+                          f"to {config.server.workers} times each limit)")
     if config.limits.backend == "redis" and config.redis.url() is None:
         raise ConfigError(f"{config.source}: limits.backend = 'redis': expected ${config.redis.url_env} "
                           f"(redis.url_env) to hold the Redis URL, but it is unset")

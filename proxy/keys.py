@@ -7,6 +7,7 @@ from aiohttp import web
 from .accounting import Accounting
 from .admission import Admission
 from .alerts import Alerts
+from .books import Books
 from .config import Config
 from .limits import WindowStore
 from .metrics import Metrics
@@ -25,3 +26,4 @@ METRICS = web.AppKey("metrics", Metrics)
 ALERTS = web.AppKey("alerts", Alerts)
 UPSTREAMS = web.AppKey("upstreams", dict[str, UpstreamClient])
 SESSIONS = web.AppKey("sessions", Sessions)
+BOOKS = web.AppKey("books", Books)

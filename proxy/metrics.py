@@ -10,9 +10,12 @@ clients mint label values. Users are never labels.
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+import asyncio
+import os
+from collections.abc import AsyncIterator, Iterator
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+from prometheus_client.multiprocess import MultiProcessCollector
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.registry import Collector
 
@@ -20,6 +23,7 @@ from .admission import WaitLines
 from .alerts import Alerts
 from .limits import WindowStore
 from .ledger import CallRecord, LedgerStore
+from .tasks import running
 
 MAX_MODELS = 50
 # Seconds: from a cached local reply (a few ms) to a long cloud generation (minutes).
@@ -49,19 +53,25 @@ class _LimitCollector(Collector):
         yield from (used, maximum, remaining, reset)
 
 
+_UNWRITTEN = ("tollgate_ledger_unwritten_rows",
+              "LedgerStore rows waiting in memory to be written (a backlog that grows: the ledger is failing).")
+_FAILING = ("tollgate_ledger_failing", "1 while ledger writes fail (full disk, lock...).")
+_DROPPED = ("tollgate_ledger_dropped_rows",
+            "LedgerStore rows given up because the backlog was full (on_ledger_full = serve).")
+_DELIVERIES = ("tollgate_alert_deliveries", "Alerts posted to webhooks, by result (failed: the webhook refused, "
+               "timed out, had no URL, or the queue was full).")
+_WAITING = ("tollgate_waiting_calls", "Calls waiting in line for a place (wait mode).")
+
+
 class _LedgerCollector(Collector):
     def __init__(self, ledger: LedgerStore) -> None:
         self.ledger = ledger
 
     def collect(self) -> Iterator[GaugeMetricFamily | CounterMetricFamily]:
         health = self.ledger.health()
-        yield GaugeMetricFamily("tollgate_ledger_unwritten_rows",
-                                "LedgerStore rows waiting in memory to be written (a backlog that grows: the "
-                                "ledger is failing).", value=health.unwritten)
-        yield GaugeMetricFamily("tollgate_ledger_failing", "1 while ledger writes fail (full disk, lock...).",
-                                value=0 if health.failing is None else 1)
-        yield CounterMetricFamily("tollgate_ledger_dropped_rows", "LedgerStore rows given up because the backlog "
-                                  "was full (on_ledger_full = serve).", value=health.dropped)
+        yield GaugeMetricFamily(*_UNWRITTEN, value=health.unwritten)
+        yield GaugeMetricFamily(*_FAILING, value=0 if health.failing is None else 1)
+        yield CounterMetricFamily(*_DROPPED, value=health.dropped)
 
 
 class _AlertCollector(Collector):
@@ -69,9 +79,7 @@ class _AlertCollector(Collector):
         self.alerts = alerts
 
     def collect(self) -> Iterator[CounterMetricFamily]:
-        family = CounterMetricFamily("tollgate_alert_deliveries", "Alerts posted to webhooks, by result (failed: "
-                                     "the webhook refused, timed out, had no URL, or the queue was full).",
-                                     labels=["result"])
+        family = CounterMetricFamily(*_DELIVERIES, labels=["result"])
         family.add_metric(["sent"], self.alerts.sent)
         family.add_metric(["failed"], self.alerts.failed)
         yield family
@@ -100,13 +108,56 @@ class Metrics:
         self.attempts = Counter("tollgate_fallen_back_attempts", "Attempts an upstream refused or failed "
                                 "before a fallback answered the call, by upstream and outcome.",
                                 ["upstream", "outcome"], registry=r)
-        self.in_flight = Gauge("tollgate_in_flight_calls", "LLM calls being served now.", registry=r)
-        waiting = Gauge("tollgate_waiting_calls", "Calls waiting in line for a place (wait mode).", registry=r)
-        waiting.set_function(lambda: float(lines.waiting))
-        r.register(_LimitCollector(limiter))
-        r.register(_LedgerCollector(ledger))
-        r.register(_AlertCollector(alerts))
+        self.in_flight = Gauge("tollgate_in_flight_calls", "LLM calls being served now.", registry=r,
+                               multiprocess_mode="livesum")
+        self._limits = _LimitCollector(limiter)
         self._models: set[str] = set()
+        self.lines, self.ledger, self.alerts = lines, ledger, alerts
+        # Workers of one server (`serve --workers`) write their series to one directory, and
+        # whichever answers a scrape sums them all, as prometheus_client's multiprocess mode does.
+        # Figures that live in a process's memory are then published there every second.
+        self.shared_dir = os.environ.get("PROMETHEUS_MULTIPROC_DIR")
+        if self.shared_dir is None:
+            waiting = Gauge(*_WAITING, registry=r)
+            waiting.set_function(lambda: float(lines.waiting))
+            for collector in (self._limits, _LedgerCollector(ledger), _AlertCollector(alerts)):
+                r.register(collector)
+            return
+        self._waiting = Gauge(*_WAITING, registry=r, multiprocess_mode="livesum")
+        self._unwritten = Gauge(*_UNWRITTEN, registry=r, multiprocess_mode="livesum")
+        self._failing = Gauge(*_FAILING, registry=r, multiprocess_mode="livemax")
+        self._dropped = Counter(*_DROPPED, registry=r)
+        self._deliveries = Counter(*_DELIVERIES, ["result"], registry=r)
+        for result in ("sent", "failed"):
+            self._deliveries.labels(result)
+        self._published = {"dropped": 0, "sent": 0, "failed": 0}
+
+    def publish(self) -> None:
+        """This process's own figures, into the workers' shared directory."""
+        if self.shared_dir is None:
+            return
+        health = self.ledger.health()
+        self._waiting.set(self.lines.waiting)
+        self._unwritten.set(health.unwritten)
+        self._failing.set(0 if health.failing is None else 1)
+        now = {"dropped": health.dropped, "sent": self.alerts.sent, "failed": self.alerts.failed}
+        for name, value in now.items():
+            grown = value - self._published[name]
+            if grown > 0:
+                (self._dropped if name == "dropped" else self._deliveries.labels(name)).inc(grown)
+        self._published = now
+
+    async def lifecycle(self, app: object) -> AsyncIterator[None]:
+        async def every_second() -> None:
+            while True:
+                self.publish()
+                await asyncio.sleep(1.0)
+
+        if self.shared_dir is None:
+            yield
+            return
+        async with running(every_second()):
+            yield
 
     def _model(self, model: str) -> str:
         if model in self._models:
@@ -136,4 +187,10 @@ class Metrics:
             self.fallbacks.labels(rec.fallback_from, upstream).inc()
 
     def exposition(self) -> bytes:
-        return generate_latest(self.registry)
+        if self.shared_dir is None:
+            return generate_latest(self.registry)
+        self.publish()
+        every = CollectorRegistry()
+        MultiProcessCollector(every, self.shared_dir)  # type: ignore[no-untyped-call]  # untyped upstream
+        every.register(self._limits)  # the limits are the deployment's already (Redis)
+        return generate_latest(every)

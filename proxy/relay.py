@@ -26,7 +26,7 @@ from .dialects import CallInfo, Dialect
 from .errors import (REFUSED_OUTCOMES, BadRequest, LedgerUnavailable, ProxyError, RateLimited, UnknownModel,
                      UnsupportedMediaType)
 from .inbound import read_body
-from .keys import ACCOUNTING, ADMISSION, CONFIG, ESTIMATOR, LEDGER, LIMITER, METRICS, UPSTREAMS
+from .keys import ACCOUNTING, ADMISSION, BOOKS, CONFIG, ESTIMATOR, LEDGER, LIMITER, METRICS, UPSTREAMS
 from .reply import relay_reply
 from .endpoints import Prefix
 from .ledger import Admission, CallRecord
@@ -142,6 +142,7 @@ async def _metered(request: web.Request, prefix: Prefix, rest: str, call: Call) 
         # Answered here with the stats text: not forwarded, not limited, not a metered call.
         call.command = True
         await app[LIMITER].refresh()
+        await app[BOOKS].refresh()
         body, content_type = dialects.reply(info, stats.stats_text(config, app[ACCOUNTING], app[LIMITER], config.commands.lang),
                                             app[ACCOUNTING].clock())
         return web.Response(body=body, headers={"Content-Type": content_type, "X-Tollgate-Command": "stats"})

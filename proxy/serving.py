@@ -29,11 +29,13 @@ log = logging.getLogger("tollgate")
 class BoundedSite(web.BaseSite):
     """A TCP site whose accept loop holds at most `limit` connections open at once."""
 
-    __slots__ = ("_host", "_port", "_limit", "_sock", "_task", "_slots")
+    __slots__ = ("_host", "_port", "_limit", "_sock", "_task", "_slots", "_reuse_port")
 
-    def __init__(self, runner: web.BaseRunner, host: str, port: int, limit: int, backlog: int = 1024) -> None:
+    def __init__(self, runner: web.BaseRunner, host: str, port: int, limit: int, backlog: int = 1024,
+                 reuse_port: bool = False) -> None:
         super().__init__(runner, backlog=backlog)
         self._host, self._port, self._limit = host, port, limit
+        self._reuse_port = reuse_port  # a worker: the kernel shares the port's connections out
         self._sock: socket.socket | None = None
         self._task: asyncio.Task[None] | None = None
         self._slots = asyncio.Semaphore(limit)
@@ -50,7 +52,8 @@ class BoundedSite(web.BaseSite):
     async def start(self) -> None:
         await super().start()
         family = socket.AF_INET6 if ":" in self._host else socket.AF_INET
-        self._sock = socket.create_server((self._host, self._port), family=family, backlog=self._backlog)
+        self._sock = socket.create_server((self._host, self._port), family=family, backlog=self._backlog,
+                                          reuse_port=self._reuse_port)
         self._sock.setblocking(False)
         self._port = self._sock.getsockname()[1]
         self._task = asyncio.get_running_loop().create_task(self._accept())
@@ -89,8 +92,9 @@ class BoundedSite(web.BaseSite):
         await super().stop()
 
 
-async def serve(app: web.Application, config: Config, ready: Callable[[str], None]) -> None:
-    """Run `app` until SIGTERM or SIGINT, then let calls in flight finish (drain_timeout_s)."""
+async def serve(app: web.Application, config: Config, ready: Callable[[str], None], worker: bool = False) -> None:
+    """Run `app` until SIGTERM or SIGINT, then let calls in flight finish (drain_timeout_s). A
+    worker shares its port with its siblings, and its supervisor records where they listen."""
     server = config.server
     runner = web.AppRunner(app, handler_cancellation=True, access_log=None,
                            keepalive_timeout=server.idle_timeout_s, shutdown_timeout=server.drain_timeout_s)
@@ -100,11 +104,13 @@ async def serve(app: web.Application, config: Config, ready: Callable[[str], Non
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
     try:
-        site = BoundedSite(runner, server.host, server.port, server.max_connections)
+        site = BoundedSite(runner, server.host, server.port, server.max_connections, reuse_port=worker)
         await site.start()
-        instance.record(server.data_dir, server.host, site.port)
+        if not worker:
+            instance.record(server.data_dir, server.host, site.port)
         ready(site.name)
         await stop.wait()
     finally:
-        instance.forget(server.data_dir)
+        if not worker:
+            instance.forget(server.data_dir)
         await runner.cleanup()

@@ -211,8 +211,8 @@ class Serve:
     """`tollgate serve` as a child process, ready when it says so, on the port it says (the
     configs given it name port 0, so the kernel picks a free one and nothing races for it)."""
 
-    def __init__(self, config: Path) -> None:
-        self.config, self.port = config, 0
+    def __init__(self, config: Path, *args: str) -> None:
+        self.config, self.port, self.args = config, 0, args
         self.proc: asyncio.subprocess.Process | None = None
         self.log: list[str] = []  # what it wrote to stderr, line by line
         self._logged = asyncio.Event()
@@ -223,7 +223,7 @@ class Serve:
 
     async def start(self) -> None:
         self.proc = await asyncio.create_subprocess_exec(
-            sys.executable, "-m", "proxy", "-c", str(self.config), "serve",
+            sys.executable, "-m", "proxy", "-c", str(self.config), "serve", *self.args,
             stdout=asyncio.subprocess.DEVNULL, stderr=asyncio.subprocess.PIPE)
         assert self.proc.stderr is not None
         while True:
@@ -241,10 +241,10 @@ class Serve:
             self.log.append(line.decode(errors="replace"))
             self._logged.set()
 
-    async def logged(self, text: str, timeout: float = 30.0) -> None:
-        """Wait until a line containing `text` has been written to its log."""
+    async def logged(self, text: str, timeout: float = 30.0, times: int = 1) -> None:
+        """Wait until `times` lines containing `text` have been written to its log."""
         async with asyncio.timeout(timeout):
-            while not any(text in line for line in self.log):
+            while sum(text in line for line in self.log) < times:
                 self._logged.clear()
                 await self._logged.wait()
 

@@ -73,6 +73,7 @@ class FakeUpstream:
         self.by_model: dict[str, Behavior] = {}
         self.seen: list[Seen] = []
         self.requests = 0                 # LLM calls received, whatever happened to them
+        self.arrived = asyncio.Event()    # set as each one arrives (a test clears it to wait for the next)
         self.reported = Tally()           # usage the fake told its callers about
         self.stall = asyncio.Event()      # set it to release stalled responses
         self.first_chunk_sent = asyncio.Event()
@@ -113,6 +114,7 @@ class FakeUpstream:
         raw = await request.read()
         body = orjson.loads(raw) if raw else {}
         self.requests += 1
+        self.arrived.set()
         self.seen.append(Seen(request.path, dict(request.headers), body))
         behavior = self.by_model.get(body.get("model", ""), self.behavior)
         if behavior.stall_before_headers:

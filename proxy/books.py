@@ -1,0 +1,51 @@
+"""The books as every process of a deployment sees them.
+
+One process keeps its aggregates in memory, read back from the ledger at start and added to
+call by call. When several processes write one ledger (`server.workers` above 1), each one's
+memory holds only its own calls: `/stats`, the WhatsApp text, the snapshot and the alerts then
+read the epoch's sums and the week's cost from the ledger's rollups, at most every
+`server.stats_cache_s`, after committing this process's own rows. So every worker answers with
+the same figures, and a reset made through any of them (a new epoch in the ledger) is the
+epoch of all.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+
+from .accounting import DAY, Accounting, Aggregates, CostTrend
+from .ledger import LedgerStore
+
+# How long a read waits for this process's rows to be committed before reading without them.
+_FLUSH_S = 5.0
+
+
+class Books:
+    def __init__(self, ledger: LedgerStore, acc: Accounting, shared: bool, max_age_s: float) -> None:
+        self.ledger, self.acc = ledger, acc
+        self.shared = shared
+        self.max_age_s = max_age_s
+        self._read_at = -float("inf")
+        self._lock = asyncio.Lock()
+
+    async def refresh(self) -> None:
+        """Bring the aggregates up to the ledger's, where other processes write it too."""
+        if not self.shared or time.monotonic() - self._read_at < self.max_age_s:
+            return
+        async with self._lock:  # one read at a time; whoever waited for it uses it
+            if time.monotonic() - self._read_at < self.max_age_s:
+                return
+            began = time.monotonic()
+            await self.ledger.flush(timeout=_FLUSH_S)
+            loop = asyncio.get_running_loop()
+            started, summary = await loop.run_in_executor(None, self.ledger.epoch_summary)
+            since = self.acc.clock() - (CostTrend.WEEK_DAYS + 1) * DAY
+            days, first = await loop.run_in_executor(None, self.ledger.cost_by_day, since)
+            self.acc.load(Aggregates.from_summary(started, summary))
+            self.acc.trend.seed(days, first)
+            self._read_at = began
+
+    def forget(self) -> None:
+        """The next refresh reads the ledger whatever its age (after a reset)."""
+        self._read_at = -float("inf")
