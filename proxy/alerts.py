@@ -60,6 +60,10 @@ class Alert:
                 f"por encima de {self.threshold:,g}")
 
 
+def _claim(rule: str, webhook: str) -> str:
+    return f"alert:{rule}:{webhook}"
+
+
 @dataclass
 class Alerts:
     config: Config
@@ -120,8 +124,10 @@ class Alerts:
             if value > state.rule.above and state.armed:
                 state.armed = False
                 self._fire(state.rule, value, now)
-            elif value <= state.rule.above:
+            elif value <= state.rule.above and not state.armed:
                 state.armed = True
+                for name in state.rule.webhooks:  # the next crossing may be sent again, by anyone
+                    self.limiter.unclaim(_claim(state.rule.name, name))
 
     def _fire(self, rule: AlertRule, value: float, now: float) -> None:
         alert = Alert(rule.name, rule.metric, value, rule.above,
@@ -149,6 +155,10 @@ class Alerts:
         async with aiohttp.ClientSession(cookie_jar=aiohttp.DummyCookieJar()) as session:
             while True:
                 webhook, alert = await self.queue.get()
+                if not await self.limiter.claim(_claim(alert.rule, webhook.name)):
+                    # Processes sharing a deployment see the same crossing: one of them sends it.
+                    log.info("alert %r to webhook %r: sent by another process", alert.rule, webhook.name)
+                    continue
                 url = webhook.url()
                 if url is None:
                     self.failed += 1

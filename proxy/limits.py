@@ -208,6 +208,14 @@ class WindowStore(Protocol):
     def report(self) -> list[dict[str, object]]: ...
     @property
     def tracked_users(self) -> int: ...
+    async def claim(self, name: str) -> bool:
+        """May this process act on `name` (an alert's crossing) for the whole deployment? Once:
+        the first to ask gets True until `unclaim`."""
+    def unclaim(self, name: str) -> None: ...
+    def refused(self, reason: str) -> None:
+        """Count a call refused before any upstream, for the deployment's /stats."""
+    def refusals(self) -> dict[str, int] | None:
+        """The deployment's refusals by reason, where processes share a store (else None)."""
     @property
     def state(self) -> dict[str, object]:
         """Which engine holds the windows, and how it is doing (for /stats and /healthz)."""
@@ -372,6 +380,20 @@ class Limiter:
 
     async def refresh(self) -> None:
         """This process's windows are always current."""
+
+    # One process is the whole deployment: it acts on everything and its counts are all.
+
+    async def claim(self, name: str) -> bool:
+        return True
+
+    def unclaim(self, name: str) -> None:
+        pass
+
+    def refused(self, reason: str) -> None:
+        pass
+
+    def refusals(self) -> dict[str, int] | None:
+        return None
 
     @property
     def state(self) -> dict[str, object]:

@@ -286,6 +286,25 @@ class RedisWindows:
         spec = WindowSpec(scope, "hold", 0)
         await self.client.set(self.key(spec), until, exat=int(until) + 1)
 
+    # --- what the deployment does once, and counts together ---------------------------------
+
+    async def claim(self, name: str, ttl_s: float) -> bool:
+        """True for the first process to ask, until `unclaim` (or `ttl_s`)."""
+        return bool(await self.client.set(f"{self.tag}:claim:{name}", 1, nx=True, ex=max(1, round(ttl_s))))
+
+    async def unclaim(self, name: str) -> None:
+        await self.client.delete(f"{self.tag}:claim:{name}")
+
+    async def count(self, amounts: dict[str, int]) -> None:
+        pipe = self.client.pipeline(transaction=False)
+        for field, amount in amounts.items():
+            pipe.hincrby(f"{self.tag}:refused", field, amount)
+        await pipe.execute()
+
+    async def counts(self) -> dict[str, int]:
+        found = await self.client.hgetall(f"{self.tag}:refused")
+        return {(k.decode() if isinstance(k, bytes) else k): int(v) for k, v in found.items()}
+
     # --- loading from the ledger --------------------------------------------------------------
 
     async def claim_rebuild(self, owner: str, ttl_s: float) -> bool:

@@ -35,6 +35,7 @@ from .upstream import Unreachable, UpstreamClient, UpstreamTimeout, request_head
 
 def _refused(app: web.Application, reason: str) -> None:
     app[ACCOUNTING].refuse(reason)
+    app[LIMITER].refused(reason)
     app[METRICS].refused.labels(reason).inc()
 
 

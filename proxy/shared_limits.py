@@ -26,7 +26,7 @@ import socket
 import time
 from collections import OrderedDict
 from collections.abc import AsyncIterator, Awaitable, Callable
-from typing import Any
+from typing import Any, TypeVar
 
 import redis.asyncio as aioredis
 from redis.exceptions import RedisError
@@ -35,15 +35,19 @@ from .config import Config
 from .errors import LimitsUnavailable
 from .ledger import Admission
 from .limits import DAY, MINUTE, Denial, Limiter, Scope, Ticket, Window, _midnight
-from .redis_windows import Entry, Figure, Kind, RedisWindows, WindowSpec
+from .redis_windows import Decision, Entry, Figure, Kind, RedisWindows, WindowSpec
 from .tasks import running
 
 log = logging.getLogger("tollgate")
 
 # Figures kept for the headers of calls in per-user scopes: bounded, the oldest go first.
 MAX_FIGURES = 4096
+# A claim (an alert's crossing, sent by one process) is let go when the rule re-arms; a day at
+# most, should no process ever see it re-arm.
+CLAIM_TTL_S = 86_400.0
 
 _FAILURES = (RedisError, OSError, TimeoutError)
+T = TypeVar("T")
 
 
 class _NotReady(Exception):
@@ -69,6 +73,8 @@ class SharedLimiter(Limiter):
         self._tasks: set[asyncio.Task[None]] = set()
         self._rebuilding: asyncio.Task[None] | None = None
         self.released: list[Callable[[], None]] = []  # told when a shared place is given back
+        self._refusals: dict[str, int] = {}     # the deployment's, as Redis last said
+        self._unsent: dict[str, int] = {}       # this process's, not yet added there
 
     # --- the windows as Redis sees them ----------------------------------------------------
 
@@ -137,12 +143,10 @@ class SharedLimiter(Limiter):
         specs = self._specs(scopes, now)
         key = secrets.token_hex(8)
         try:
-            async with asyncio.timeout(self.shared.timeout_ms / 1000):
-                decision = await self._windows.admit(key, specs, tokens)
+            decision = await self._admit_shared(key, specs, tokens)
             if not decision.ready:
                 await self._await_rebuild()
-                async with asyncio.timeout(self.shared.timeout_ms / 1000):
-                    decision = await self._windows.admit(key, specs, tokens)
+                decision = await self._admit_shared(key, specs, tokens)
                 if not decision.ready:
                     raise _NotReady()
         except (*_FAILURES, _NotReady) as exc:
@@ -158,6 +162,32 @@ class SharedLimiter(Limiter):
         ticket = self.record(scopes, tokens, self.clock(), key)
         self._live[key] = specs
         return ticket
+
+    async def _admit_shared(self, key: str, specs: list[WindowSpec], tokens: int) -> Decision:
+        assert self._windows is not None
+        task = asyncio.ensure_future(self._windows.admit(key, specs, tokens))
+        try:
+            return await self._redis(task)
+        except BaseException:
+            # The caller left (or gave up waiting): should Redis admit the call all the same, its
+            # places go straight back.
+            task.add_done_callback(lambda done: self._abandoned(done, key, specs, tokens))
+            raise
+
+    def _abandoned(self, task: asyncio.Future[Decision], key: str, specs: list[WindowSpec], tokens: int) -> None:
+        if not task.cancelled() and task.exception() is None and task.result().admitted:
+            self._spawn(self._finish_shared(key, specs, tokens, tokens))
+
+    async def _redis(self, coroutine: Awaitable[T], timeout: float | None = None) -> T:
+        """A Redis command under its timeout, shielded: a cancelled caller (a client that hung up,
+        the app stopping) leaves at once, whatever the command does. redis-py has been seen to
+        absorb a cancellation that lands inside its own timeouts (redis-py issues 2028, 2551;
+        53 of 300 tasks cancelled mid-command here never ended), and a task that never ends
+        holds the server's shutdown for its whole drain time."""
+        task = asyncio.ensure_future(coroutine)
+        task.add_done_callback(_retrieve)
+        async with asyncio.timeout(self.shared.timeout_ms / 1000 if timeout is None else timeout):
+            return await asyncio.shield(task)
 
     def _without_redis(self, scopes: list[Scope], tokens: int) -> Ticket | Denial:
         if self.shared.unavailable == "local":
@@ -198,8 +228,7 @@ class SharedLimiter(Limiter):
     async def _finish_shared(self, key: str, specs: list[WindowSpec], admitted: int, used: int) -> None:
         assert self._windows is not None
         try:
-            async with asyncio.timeout(max(1.0, self.shared.timeout_ms / 1000)):
-                await self._windows.finish(key, specs, admitted, used)
+            await self._redis(self._windows.finish(key, specs, admitted, used), max(1.0, self.shared.timeout_ms / 1000))
         except _FAILURES as exc:
             # Its lease runs out by itself; its tokens stay counted as estimated.
             self._failed(exc)
@@ -215,8 +244,7 @@ class SharedLimiter(Limiter):
     async def _hold(self, scope: str, until: float) -> None:
         assert self._windows is not None
         try:
-            async with asyncio.timeout(self.shared.timeout_ms / 1000):
-                await self._windows.hold(scope, until)
+            await self._redis(self._windows.hold(scope, until))
         except _FAILURES as exc:
             self._failed(exc)
 
@@ -266,6 +294,56 @@ class SharedLimiter(Limiter):
                     entries.append(Entry(spec, adm.key, adm.ts, adm.tokens))
         return entries
 
+    # --- what the deployment does once, and counts together ------------------------------
+
+    async def claim(self, name: str) -> bool:
+        """Once for the deployment; if Redis cannot say, this process acts (an alert sent twice
+        beats an alert lost)."""
+        if self._windows is None:
+            return True
+        try:
+            return await self._redis(self._windows.claim(name, CLAIM_TTL_S))
+        except _FAILURES as exc:
+            self._failed(exc)
+            return True
+
+    def unclaim(self, name: str) -> None:
+        if self._windows is not None:
+            self._spawn(self._quietly(self._windows.unclaim(name)))
+
+    def refused(self, reason: str) -> None:
+        # Counted here until Redis has it: a refusal while Redis is down is sent once it is back.
+        self._unsent[reason] = self._unsent.get(reason, 0) + 1
+        if self._windows is not None and time.monotonic() >= self._down_until:
+            self._spawn(self._send_refusals())
+
+    async def _send_refusals(self) -> None:
+        assert self._windows is not None
+        sending, self._unsent = self._unsent, {}
+        if not sending:
+            return
+        try:
+            await self._redis(self._windows.count(sending), max(1.0, self.shared.timeout_ms / 1000))
+        except _FAILURES as exc:
+            self._failed(exc)
+            for reason, n in sending.items():
+                self._unsent[reason] = self._unsent.get(reason, 0) + n
+            return
+        for reason, n in sending.items():  # shown at once, before the next refresh reads them
+            self._refusals[reason] = self._refusals.get(reason, 0) + n
+
+    def refusals(self) -> dict[str, int] | None:
+        counts = dict(self._refusals)
+        for reason, n in self._unsent.items():
+            counts[reason] = counts.get(reason, 0) + n
+        return counts
+
+    async def _quietly(self, coroutine: Awaitable[None]) -> None:
+        try:
+            await self._redis(coroutine, max(1.0, self.shared.timeout_ms / 1000))
+        except _FAILURES as exc:
+            self._failed(exc)
+
     # --- keeping the figures and leases current --------------------------------------------
 
     async def refresh(self) -> None:
@@ -273,13 +351,15 @@ class SharedLimiter(Limiter):
             return
         now = self.clock()
         specs = self._specs(self.reported_scopes(), now)
+        await self._send_refusals()
         try:
-            async with asyncio.timeout(self.shared.timeout_ms / 1000):
-                figures = await self._windows.peek(specs)
+            figures = await self._redis(self._windows.peek(specs))
+            refusals = await self._redis(self._windows.counts())
         except _FAILURES as exc:
             self._failed(exc)
             return
         self._recovered()
+        self._refusals = refusals
         if figures is not None:
             self._remember(specs, figures)
 
@@ -292,8 +372,7 @@ class SharedLimiter(Limiter):
             calls = [(key, specs) for key, specs in self._live.items()]
             if calls and time.monotonic() >= self._down_until:
                 try:
-                    async with asyncio.timeout(self.shared.timeout_ms / 1000):
-                        await self._windows.renew(calls)
+                    await self._redis(self._windows.renew(calls))
                 except _FAILURES as exc:
                     self._failed(exc)
             await self.refresh()
@@ -328,6 +407,12 @@ class SharedLimiter(Limiter):
             self._rebuilding.cancel()
         await self._client.aclose()
         await pool.disconnect()
+
+
+def _retrieve(task: asyncio.Future[Any]) -> None:
+    """A shielded command whose caller left: its failure is nobody's to hear."""
+    if not task.cancelled():
+        task.exception()
 
 
 def _limit_name(spec: WindowSpec) -> str:

@@ -134,6 +134,11 @@ def _tallies(table: dict[str, Tally], limit: int = TOP) -> dict[str, Any]:
     return {k: v.as_dict() for k, v in _top(table, limit)}
 
 
+def _refused(acc: Accounting, limiter: WindowStore) -> dict[str, int]:
+    shared = limiter.refusals()
+    return shared if shared is not None else dict(acc.refused)
+
+
 def stats_json(config: Config, acc: Accounting, limiter: WindowStore, running: bool = True) -> dict[str, Any]:
     """The seed's /stats; `running` is False when `tollgate stats` reads the ledger of a stopped server."""
     now = acc.clock()
@@ -182,8 +187,9 @@ def stats_json(config: Config, acc: Accounting, limiter: WindowStore, running: b
             "distinct_users": len(agg.by_user),
             "errors_by_kind": {k: v for k, v in agg.outcomes.items() if k != "ok" and k not in REFUSED_OUTCOMES},
             # Refused before any model was asked (no key, our limits, a path not forwarded, the
-            # ledger full): not calls, not errors, not ledger rows; since the process started.
-            "refused": dict(acc.refused),
+            # ledger full): not calls, not errors, not ledger rows; since the process started,
+            # or, where processes share limits in Redis, the deployment's since Redis started.
+            "refused": _refused(acc, limiter),
             "latency_s": agg.latency.summary(),
             "ttft_s": agg.ttft.summary(),
             "cost_usd_by_model": {m: round(t.cost_usd, 6) for m, t in _top(agg.by_model)},

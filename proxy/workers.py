@@ -152,7 +152,9 @@ class Supervisor:
             async with asyncio.timeout(self.server.drain_timeout_s + 10):
                 await asyncio.gather(*(p.wait() for p in live))
         except TimeoutError:
-            for proc in live:
-                if proc.returncode is None:
-                    proc.kill()
+            stuck = [p for p in live if p.returncode is None]
+            for proc in stuck:
+                proc.kill()
             await asyncio.gather(*(p.wait() for p in live))
+            self.failed = (f"{len(stuck)} worker(s) had not stopped {self.server.drain_timeout_s + 10:g} s after "
+                           f"SIGTERM and were killed (pids {', '.join(str(p.pid) for p in stuck)})")

@@ -17,6 +17,7 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from .conftest import Serve, write_config
 from .fake_upstream import Behavior, FakeUpstream
+from .test_observe import Receiver, receiver  # noqa: F401  (the webhook receiver fixture)
 
 CHAT = {"model": "gpt-4o", "messages": [{"role": "user", "content": "hola"}]}
 
@@ -32,9 +33,13 @@ async def test_more_than_one_worker_needs_shared_limits(raw_config: dict[str, An
 
 
 @pytest.fixture
-async def workers(raw_config: dict[str, Any], tmp_path: Path, redis_server: str,
+async def workers(raw_config: dict[str, Any], tmp_path: Path, redis_server: str, receiver: Receiver,
                   monkeypatch: pytest.MonkeyPatch) -> Any:
     monkeypatch.setenv("TOLLGATE_TEST_REDIS", redis_server)
+    monkeypatch.setenv("TG_HOOK_JSON", receiver.url("json"))
+    raw_config["alerts"] = {"check_interval_s": 0.05, "webhooks": {"json": {"url_env": "TG_HOOK_JSON"}},
+                            "rules": [{"name": "Costo", "metric": "cost_usd", "above": 0.0001,
+                                       "webhooks": ["json"]}]}
     raw_config["upstreams"]["gpt4o_cloud"]["limits"] = {"rpm": 10}
     raw_config["limits"] = {"backend": "redis"}
     raw_config["redis"] = {"url_env": "TOLLGATE_TEST_REDIS", "prefix": f"t{uuid.uuid4().hex}"}
@@ -64,8 +69,8 @@ def sample(text: str, name: str) -> float:
     return sum(s.value for family in text_string_to_metric_families(text) for s in family.samples if s.name == name)
 
 
-async def test_workers_share_the_port_the_limits_the_books_and_the_metrics(workers: Serve,
-                                                                           fake: FakeUpstream) -> None:
+async def test_workers_share_the_port_the_limits_the_books_the_metrics_and_the_alerts(
+        workers: Serve, fake: FakeUpstream, receiver: Receiver) -> None:
     assert len(await worker_pids(workers, 2)) == 2
     async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=0, force_close=True)) as session:
         async def one() -> int:
@@ -92,6 +97,9 @@ async def test_workers_share_the_port_the_limits_the_books_and_the_metrics(worke
         text = await fresh(workers.url + "/metrics")
         assert sample(text, "tollgate_requests_total") == 10
         assert sample(text, "tollgate_refused_requests_total") == 90
+    # One set of alerts: both workers see the cost cross its threshold; one of them sends it.
+    await workers.logged("sent by another process")
+    assert [name for name, _ in receiver.posts] == ["json"]
     # One stats epoch: a reset through one worker is the reset of both.
     await fresh(workers.url + "/metrics/reset", "POST")
     for _ in range(10):
