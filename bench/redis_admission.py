@@ -45,6 +45,7 @@ async def redis_admissions(url: str, calls: int) -> list[float]:
     client = aioredis.Redis.from_url(url)
     windows = RedisWindows(client, prefix=f"bench{time.time_ns()}")
     await windows.mark_ready("bench")
+    await client.config_resetstat()
     samples = []
     for i in range(calls):
         began = time.perf_counter()
@@ -52,6 +53,9 @@ async def redis_admissions(url: str, calls: int) -> list[float]:
         samples.append(time.perf_counter() - began)
         assert decision.admitted
         await windows.finish(f"c{i}", WINDOWS, 100, 90)
+    # What Redis itself spent per script (admission and finish alike), beside the round trip.
+    stats = (await client.info("commandstats")).get("cmdstat_evalsha", {})
+    print(f"  (inside Redis: {stats.get('usec_per_call', 0):.1f} us per script, admission or finish)")
     await client.aclose()
     return samples
 
