@@ -418,6 +418,21 @@ def redis_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
 
 
 @pytest.fixture(scope="session")
+def postgres_server() -> Iterator[str]:
+    """A real PostgreSQL for the session (initdb and pg_ctl in a fresh directory, on a free port);
+    yields its DSN."""
+    from .servers import PostgresServer, postgres_bin
+
+    binaries = postgres_bin()
+    if binaries is None:
+        _missing("PostgreSQL (Debian's postgresql)")
+    server = PostgresServer(binaries)
+    server.start()
+    yield server.dsn
+    server.remove()
+
+
+@pytest.fixture(scope="session")
 def chromium() -> str:
     """Debian's chromium, which .ci/run installs. Without it the browser test is skipped here,
     and fails under CI=true: CI must never pass by skipping what users run."""

@@ -1,0 +1,70 @@
+"""Real database servers for the suite and the benchmarks, started in a fresh temporary directory
+and stopped after: PostgreSQL from Debian's packages (`.ci/run` installs them)."""
+
+from __future__ import annotations
+
+import glob
+import os
+import shutil
+import socket
+import subprocess
+import tempfile
+from pathlib import Path
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def postgres_bin() -> Path | None:
+    """Debian keeps initdb and pg_ctl out of PATH, under /usr/lib/postgresql/<version>/bin."""
+    found = sorted(glob.glob("/usr/lib/postgresql/*/bin/initdb"), key=lambda p: int(p.split("/")[4]))
+    if found:
+        return Path(found[-1]).parent
+    initdb = shutil.which("initdb")
+    return Path(initdb).resolve().parent if initdb else None
+
+
+class PostgresServer:
+    """A throwaway PostgreSQL: `initdb` and `pg_ctl` in a fresh directory, on a free loopback port,
+    with fsync off (a test's data need not survive a power cut). PostgreSQL refuses to run as
+    root, so as root the directory is the `postgres` user's and the commands run as that user."""
+
+    def __init__(self, binaries: Path, max_connections: int = 100) -> None:
+        self.bin = binaries
+        self.root = Path(tempfile.mkdtemp(prefix="tollgate-pg-"))
+        self.data = self.root / "data"
+        self.port = _free_port()
+        self.max_connections = max_connections
+        self.dsn = f"postgresql://tollgate@127.0.0.1:{self.port}/postgres"
+        self._as: list[str] = []
+        if os.geteuid() == 0:
+            self._as = ["runuser", "-u", "postgres", "--"]
+            shutil.chown(self.root, "postgres", "postgres")
+        os.chmod(self.root, 0o700)
+
+    def _run(self, *args: str) -> None:
+        subprocess.run([*self._as, *args], check=True, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+                       timeout=120)
+
+    def start(self) -> None:
+        if not self.data.exists():
+            self._run(str(self.bin / "initdb"), "-D", str(self.data), "-U", "tollgate", "-A", "trust",
+                      "-E", "UTF8", "--locale=C", "--no-sync")
+        options = (f"-p {self.port} -k {self.root} -c listen_addresses=127.0.0.1 -c fsync=off "
+                   f"-c synchronous_commit=off -c full_page_writes=off -c max_connections={self.max_connections}")
+        self._run(str(self.bin / "pg_ctl"), "-D", str(self.data), "-o", options, "-l", str(self.root / "log"),
+                  "-w", "-t", "60", "start")
+
+    def stop(self) -> None:
+        """Stops it, keeping its data (start() brings it back as it was)."""
+        self._run(str(self.bin / "pg_ctl"), "-D", str(self.data), "-m", "fast", "-w", "-t", "60", "stop")
+
+    def remove(self) -> None:
+        try:
+            self.stop()
+        except subprocess.CalledProcessError:
+            pass
+        shutil.rmtree(self.root, ignore_errors=True)
