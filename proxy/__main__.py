@@ -37,7 +37,7 @@ def _parse_time(config: Config, value: str | None) -> float | None:
 
 
 def _ledger(config: Config) -> LedgerStore | None:
-    return store.ledger_for(config.db_path) if config.db_path.exists() else None
+    return store.ledger_for(config) if store.exists(config) else None
 
 
 def _offline_state(config: Config) -> tuple[Accounting, WindowStore]:
@@ -95,7 +95,7 @@ def cmd_serve(config: Config, args: argparse.Namespace) -> int:
     # switch interval a busy event loop held it back by up to 100 ms under load (the SIGKILL test
     # caught it). 1 ms keeps the ledger within a few milliseconds of the calls.
     sys.setswitchinterval(0.001)
-    logging.info("tollgate starting: ledger %s", config.db_path)
+    logging.info("tollgate starting: ledger %s", store.where(config))
     for warning in config_mod.missing_secrets(config):
         logging.warning("%s", warning)
     loop = _new_loop()
@@ -162,7 +162,7 @@ def cmd_stats(config: Config, args: argparse.Namespace) -> int:
             body = orjson.dumps(orjson.loads(body), option=orjson.OPT_INDENT_2)
         sys.stdout.buffer.write(body.rstrip(b"\n") + b"\n")
         return 0
-    print(f"tollgate stats: no server is running; figures from the ledger {config.db_path}", file=sys.stderr)
+    print(f"tollgate stats: no server is running; figures from the ledger {store.where(config)}", file=sys.stderr)
     acc, limiter = _offline_state(config)
     if args.text:
         print(stats.stats_text(config, acc, limiter, args.lang, running=False))
@@ -179,17 +179,17 @@ def cmd_export(config: Config, args: argparse.Namespace) -> int:
         with open(args.snapshot, "a", newline="", encoding="utf-8") as fh:
             csv.writer(fh).writerow(reports.snapshot_row(stats.stats_json(config, acc, limiter), datetime.now()))
         return 0
-    if not config.db_path.exists():
+    if not store.exists(config):
         raise SystemExit(f"tollgate export: no ledger at {config.db_path} yet")
     filters = reports.Filters(_parse_time(config, args.since), _parse_time(config, args.until))
-    oldest = store.ledger_for(config.db_path).raw_since()
+    oldest = store.ledger_for(config).raw_since()
     if config.ledger.keep_raw_days is not None and oldest is not None and (filters.since or 0.0) < oldest:
         print(f"tollgate export: rows before {datetime.fromtimestamp(oldest, config.stats.tz).isoformat()} "
               f"were pruned (ledger.keep_raw_days = {config.ledger.keep_raw_days:g}); /stats and history "
               f"still count them", file=sys.stderr)
     out = sys.stdout.buffer if args.csv == "-" else open(args.csv, "wb")
     try:
-        for chunk in reports.csv_chunks(store.ledger_for(config.db_path), filters, config.stats.tz):
+        for chunk in reports.csv_chunks(store.ledger_for(config), filters, config.stats.tz):
             out.write(chunk)
     finally:
         if out is not sys.stdout.buffer:
@@ -204,12 +204,12 @@ def cmd_reset(config: Config, args: argparse.Namespace) -> int:
         answer = orjson.loads(asyncio.run(_ask(config, server, "POST", "/metrics/reset")))
         print(f"tollgate reset: reset {server}", file=sys.stderr)
     else:
-        ledger = store.ledger_for(config.db_path)
+        ledger = store.ledger_for(config)
         now = time.time()
         ledger.open(now)
         ledger.new_epoch(now)
         ledger.close()
-        print(f"tollgate reset: no server is running; wrote a new epoch to the ledger {config.db_path}, "
+        print(f"tollgate reset: no server is running; wrote a new epoch to the ledger {store.where(config)}, "
               f"where the next start begins", file=sys.stderr)
         answer = {"message": "Métricas reiniciadas exitosamente", "nuevo_inicio": stats.fmt_time(config, now)}
     print(orjson.dumps(answer).decode())
@@ -237,7 +237,7 @@ async def _probe_all(config: Config) -> bool:
 def cmd_check(config: Config, args: argparse.Namespace) -> int:
     """Valid config, every secret's variable set, every upstream answering: else non-zero."""
     config_mod.check_serve(config)
-    print(f"{config.source}: valid ({len(config.upstreams)} upstreams, ledger {config.db_path})")
+    print(f"{config.source}: valid ({len(config.upstreams)} upstreams, ledger {store.where(config)})")
     missing = config_mod.missing_secrets(config)
     for warning in missing:
         print(f"NOT SET: {warning}")

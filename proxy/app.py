@@ -40,13 +40,14 @@ def create_app(config: Config, clock: Callable[[], float] = time.time) -> web.Ap
     logs.install()  # aiohttp's own logging of malformed requests: one short, redacted line
     app = web.Application(middlewares=[error_middleware, guard], client_max_size=config.server.max_body_bytes)
 
-    ledger = store.ledger_for(config.db_path, config.server.ledger_busy_timeout_s, config.server.ledger_max_backlog,
-                    drop_when_full=config.server.on_ledger_full == "serve")
+    ledger = store.ledger_for(config)
     app[CONFIG] = config
     app[LEDGER] = ledger
     app[ACCOUNTING] = Accounting(ledger, clock)
-    # Several workers write one ledger: the figures they show are read back from it.
-    app[BOOKS] = Books(ledger, app[ACCOUNTING], config.server.workers > 1, config.server.stats_cache_s)
+    # Several processes write one ledger (workers, or machines sharing PostgreSQL): the figures
+    # they show are read back from it.
+    app[BOOKS] = Books(ledger, app[ACCOUNTING], config.server.workers > 1 or config.ledger.backend == "postgresql",
+                       config.server.stats_cache_s)
     app[ESTIMATOR] = Estimator(config.stats.estimate_max_chars)
     app[UPSTREAMS] = {name: UpstreamClient(u) for name, u in config.upstreams.items()}
     app[SESSIONS] = Sessions(config.server.session_ttl_h * 3600.0, clock)

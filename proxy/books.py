@@ -12,10 +12,13 @@ epoch of all.
 from __future__ import annotations
 
 import asyncio
+import logging
 import time
 
 from .accounting import DAY, Accounting, Aggregates, CostTrend
-from .ledger import LedgerStore
+from .ledger import LedgerError, LedgerStore
+
+log = logging.getLogger("tollgate")
 
 # How long a read waits for this process's rows to be committed before reading without them.
 _FLUSH_S = 5.0
@@ -28,6 +31,7 @@ class Books:
         self.max_age_s = max_age_s
         self._read_at = -float("inf")
         self._lock = asyncio.Lock()
+        self._unreadable = False
 
     async def refresh(self) -> None:
         """Bring the aggregates up to the ledger's, where other processes write it too."""
@@ -39,9 +43,19 @@ class Books:
             began = time.monotonic()
             await self.ledger.flush(timeout=_FLUSH_S)
             loop = asyncio.get_running_loop()
-            started, summary = await loop.run_in_executor(None, self.ledger.epoch_summary)
             since = self.acc.clock() - (CostTrend.WEEK_DAYS + 1) * DAY
-            days, first = await loop.run_in_executor(None, self.ledger.cost_by_day, since)
+            try:
+                started, summary = await loop.run_in_executor(None, self.ledger.epoch_summary)
+                days, first = await loop.run_in_executor(None, self.ledger.cost_by_day, since)
+            except LedgerError as exc:
+                # The shared ledger cannot be read (a database away): this process's own
+                # figures stand meanwhile; /stats says the ledger's state beside them.
+                if not self._unreadable:
+                    log.warning("%s; /stats shows this process's figures until it can be read", exc)
+                self._unreadable = True
+                self._read_at = began
+                return
+            self._unreadable = False
             self.acc.load(Aggregates.from_summary(started, summary))
             self.acc.trend.seed(days, first)
             self._read_at = began

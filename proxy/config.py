@@ -43,6 +43,7 @@ OnLedgerFull = Literal["refuse", "serve"]
 OutputCap = Literal["clamp", "reject"]
 LimitsBackend = Literal["memory", "redis"]
 RedisUnavailable = Literal["closed", "local"]
+LedgerBackend = Literal["sqlite", "postgresql"]
 Lang = Literal["es", "en"]
 
 
@@ -416,17 +417,33 @@ class Server(Table, frozen=True, kw_only=True):
 
 
 class LedgerPolicy(Table, frozen=True, kw_only=True):
-    """How long the ledger keeps each call's own row. Its hourly, daily and per-epoch sums are
-    kept for good: `/stats`, history and the projection never lose a call to retention; only the
-    CSV export and history's partial hours need the rows themselves."""
+    """Where the ledger lives, and how long it keeps each call's own row. Its hourly, daily and
+    per-epoch sums are kept for good: `/stats`, history and the projection never lose a call to
+    retention; only the CSV export and history's partial hours need the rows themselves."""
+
+    backend: Annotated[LedgerBackend, doc(
+        '`"sqlite"`: `data_dir/ledger.sqlite3`, for one machine (its workers share the file); `"postgresql"`: '
+        "the database of `dsn_env`, shared by every process and machine, rows written with COPY, call rows "
+        "partitioned by month, and a local outbox (`data_dir/ledger-outbox.sqlite3`) holding what could not be "
+        "written while the database was unreachable, replayed in order once it is back")] = "sqlite"
+    dsn_env: Annotated[EnvName, doc(
+        "with `postgresql`: environment variable holding the connection string "
+        "(`postgresql://user:password@host:5432/tollgate`), never written in this file")] = "TOLLGATE_LEDGER_DSN"
+    pool_size: Annotated[Count, doc(
+        "with `postgresql`: most connections one process holds (its writer and its readers); machines × "
+        "workers × this must stay under the server's `max_connections`")] = 4
 
     keep_raw_days: Annotated[Positive | None, doc(
         "call rows older than this many days are deleted, a few hundred at a time between the "
         "writer's commits, with the hourly sums per user and per latency bucket (a history by user "
         "covers the kept days; daily and epoch sums stay); the space they held is given back to the "
         "file system (a ledger created by an older version reuses it instead). Admissions are kept "
-        "two days whatever this says",
+        "two days whatever this says. With `postgresql`, whole months of call rows go at once (a partition "
+        "dropped) when all their rows are older",
         "forever")] = None
+
+    def dsn(self) -> str | None:
+        return os.environ.get(self.dsn_env) or None
 
 
 class Stats(Table, frozen=True, kw_only=True):
@@ -863,6 +880,9 @@ def check_serve(config: Config) -> None:
         raise ConfigError(f"{config.source}: server.workers = {config.server.workers}: expected 1 unless "
                           f"limits.backend = 'redis' (each worker would hold every limit alone, letting through up "
                           f"to {config.server.workers} times each limit)")
+    if config.ledger.backend == "postgresql" and config.ledger.dsn() is None:
+        raise ConfigError(f"{config.source}: ledger.backend = 'postgresql': expected ${config.ledger.dsn_env} "
+                          f"(ledger.dsn_env) to hold the connection string, but it is unset")
     if config.limits.backend == "redis" and config.redis.url() is None:
         raise ConfigError(f"{config.source}: limits.backend = 'redis': expected ${config.redis.url_env} "
                           f"(redis.url_env) to hold the Redis URL, but it is unset")

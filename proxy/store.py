@@ -33,6 +33,7 @@ from pathlib import Path
 from typing import Any
 
 from . import rollups
+from .config import Config
 from .ledger import (COLUMNS, GROUPS, OTHERS, Admission, CallRecord, Filters, GroupBy, LedgerError,
                      LedgerHealth, LedgerStore, Piece, Summary)
 
@@ -176,6 +177,8 @@ _QUARTER = 900
 
 
 class Ledger:
+    BATCH = 2000  # most items one transaction takes
+
     def __init__(self, path: Path, busy_timeout_s: float = 5.0, max_backlog: int = 100_000,
                  drop_when_full: bool = False) -> None:
         self.path = path
@@ -399,7 +402,7 @@ class Ledger:
         batch: list[object] = []
         if block:
             batch.append(self._queue.get())
-        while len(batch) < 2000:
+        while len(batch) < self.BATCH:
             try:
                 batch.append(self._queue.get_nowait())
             except queue.Empty:
@@ -603,10 +606,31 @@ def _record(row: tuple[object, ...]) -> CallRecord:
     return CallRecord(*values)  # type: ignore[arg-type]
 
 
-def ledger_for(path: Path, busy_timeout_s: float = 5.0, max_backlog: int = 100_000,
-               drop_when_full: bool = False) -> LedgerStore:
-    """The ledger at `path`: the one place that picks the engine (SQLite; PostgreSQL next)."""
-    return Ledger(path, busy_timeout_s, max_backlog, drop_when_full)
+def ledger_for(config: Config) -> LedgerStore:
+    """The config's ledger: the one place that picks the engine (SQLite, or PostgreSQL)."""
+    server = config.server
+    drop = server.on_ledger_full == "serve"
+    if config.ledger.backend == "postgresql":
+        from .pg_ledger import PgLedger  # psycopg is an optional dependency
+
+        dsn = config.ledger.dsn()
+        if dsn is None:
+            raise LedgerError(f"ledger.backend = 'postgresql' but ${config.ledger.dsn_env} is unset")
+        return PgLedger(dsn, server.data_dir / "ledger-outbox.sqlite3", config.ledger.pool_size,
+                        server.ledger_max_backlog, drop)
+    return Ledger(config.db_path, server.ledger_busy_timeout_s, server.ledger_max_backlog, drop)
+
+
+def where(config: Config) -> str:
+    """The ledger as a message names it (never the connection string: it may hold a password)."""
+    if config.ledger.backend == "postgresql":
+        return f"PostgreSQL (${config.ledger.dsn_env})"
+    return str(config.db_path)
+
+
+def exists(config: Config) -> bool:
+    """Whether there is a ledger to read (a database is always there to ask)."""
+    return config.ledger.backend == "postgresql" or config.db_path.exists()
 
 
 __all__ = ["COLUMNS", "GROUPS", "Admission", "CallRecord", "Filters", "GroupBy", "Ledger", "LedgerError",
