@@ -37,8 +37,8 @@ def local_sources(service: dict[str, Any]) -> list[Path]:
 
 def test_every_file_the_compose_file_names_exists(compose: dict[str, Any]) -> None:
     services = compose["services"]
-    assert set(services) == {"redis", "tollgate", "prometheus", "grafana"}
-    build = services["tollgate"]["build"]
+    assert set(services) == {"redis", "postgres", "tollgate-a", "tollgate-b", "prometheus", "grafana"}
+    build = services["tollgate-a"]["build"]
     context = (DEPLOY / build["context"]).resolve()
     assert (context / build["dockerfile"]).is_file()
     for line in (context / build["dockerfile"]).read_text().splitlines():  # what the image copies
@@ -52,9 +52,10 @@ def test_every_file_the_compose_file_names_exists(compose: dict[str, Any]) -> No
     assert named <= set(compose.get("volumes", {}))
 
 
-def test_the_proxy_in_compose_is_the_shipped_one_shared_by_two_workers(compose: dict[str, Any],
-                                                                      monkeypatch: pytest.MonkeyPatch) -> None:
-    tollgate = compose["services"]["tollgate"]
+@pytest.mark.parametrize("replica", ["tollgate-a", "tollgate-b"])
+def test_each_replica_is_the_shipped_proxy_sharing_limits_and_ledger(compose: dict[str, Any], replica: str,
+                                                                    monkeypatch: pytest.MonkeyPatch) -> None:
+    tollgate = compose["services"][replica]
     [mounted] = [v for v in tollgate["volumes"] if v.endswith("/etc/tollgate/tollgate.toml:ro")]
     path = DEPLOY / mounted.split(":")[0]
     assert tollgate["command"][tollgate["command"].index("-c") + 1] == "/etc/tollgate/tollgate.toml"
@@ -65,9 +66,14 @@ def test_the_proxy_in_compose_is_the_shipped_one_shared_by_two_workers(compose: 
     config_mod.check_serve(config_mod.with_workers(config, int(tollgate["command"][-1])))
     assert config.limits.backend == "redis" and config.server.workers == 2
     assert env[config.redis.url_env].startswith("redis://redis:")
+    assert config.ledger.backend == "postgresql" and env[config.ledger.dsn_env].startswith("postgresql://")
+    assert "@postgres:5432/" in env[config.ledger.dsn_env]
     assert config.server.admin_token_env in env
     assert all(u.api_key_env in env for u in config.upstreams.values() if u.api_key_env)
-    assert config.server.data_dir == Path("/data") and "tollgate-data:/data" in tollgate["volumes"]
+    assert config.server.data_dir == Path("/data") and f"{replica}:/data" in tollgate["volumes"]
+    # Their connections fit the database's (PostgreSQL's default max_connections is 100).
+    replicas = [name for name in compose["services"] if name.startswith("tollgate-")]
+    assert len(replicas) * config.server.workers * config.ledger.pool_size <= 100 - 3
     # The deployment changes where things are, never what is metered or limited.
     with open(DEPLOY.parent / "config.toml", "rb") as fh:
         shipped = tomllib.load(fh)
@@ -75,7 +81,7 @@ def test_the_proxy_in_compose_is_the_shipped_one_shared_by_two_workers(compose: 
         deployed = tomllib.load(fh)
     for key in ("host", "data_dir", "workers"):
         shipped["server"].pop(key, None), deployed["server"].pop(key)
-    deployed["limits"].pop("backend"), deployed.pop("redis")
+    deployed["limits"].pop("backend"), deployed.pop("redis"), deployed.pop("ledger")
     deployed["upstreams"]["ollama_local"].pop("base_url"), shipped["upstreams"]["ollama_local"].pop("base_url")
     assert deployed == shipped
 
@@ -86,8 +92,8 @@ def test_prometheus_scrapes_the_proxy_with_the_admin_token_and_grafana_has_the_d
     prometheus = load_yaml(DEPLOY / "prometheus.yml")
     [job] = prometheus["scrape_configs"]
     assert job["metrics_path"] == "/metrics" and job["authorization"]["type"] == "Bearer"
-    port = services["tollgate"]["ports"][0].split(":")[-1]
-    assert job["static_configs"][0]["targets"] == [f"tollgate:{port}"]
+    targets = [f"{name}:{services[name]['ports'][0].split(':')[-1]}" for name in ("tollgate-a", "tollgate-b")]
+    assert job["static_configs"][0]["targets"] == targets
     token_file = job["authorization"]["credentials_file"]
     assert token_file in " ".join(services["prometheus"]["entrypoint"])  # written from the environment
     assert not any("token" in v for v in services["prometheus"].get("volumes", []))  # never a file here
