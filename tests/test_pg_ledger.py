@@ -269,22 +269,25 @@ def test_a_process_holds_at_most_its_pool(pg_dsn: str, tmp_path: Path) -> None:
 
 
 @pytest.fixture
-async def two_machines(raw_config: dict[str, Any], pg_dsn: str, redis_server: str, tmp_path: Path,
-                       monkeypatch: pytest.MonkeyPatch) -> AsyncIterator[list[Proxy]]:
+def machines(raw_config: dict[str, Any], pg_dsn: str, redis_server: str, tmp_path: Path,
+             monkeypatch: pytest.MonkeyPatch) -> list[Proxy]:
+    """Two proxies on two data directories (two machines), one database, one Redis; not started."""
     monkeypatch.setenv("TOLLGATE_TEST_DSN", pg_dsn)
     monkeypatch.setenv("TOLLGATE_TEST_REDIS", redis_server)
     raw_config["ledger"] = {"backend": "postgresql", "dsn_env": "TOLLGATE_TEST_DSN", "pool_size": 3}
     raw_config["limits"] = {"backend": "redis"}
     raw_config["redis"] = {"url_env": "TOLLGATE_TEST_REDIS", "prefix": f"t{uuid.uuid4().hex}"}
     raw_config["server"]["stats_cache_s"] = 0
-    proxies = []
-    for n in range(2):
-        raw = {**raw_config, "server": {**raw_config["server"], "data_dir": str(tmp_path / f"machine{n}")}}
-        proxy = Proxy(raw)
+    return [Proxy({**raw_config, "server": {**raw_config["server"], "data_dir": str(tmp_path / f"machine{n}")}})
+            for n in range(2)]
+
+
+@pytest.fixture
+async def two_machines(machines: list[Proxy]) -> AsyncIterator[list[Proxy]]:
+    for proxy in machines:
         await proxy.start()
-        proxies.append(proxy)
-    yield proxies
-    for proxy in proxies:
+    yield machines
+    for proxy in machines:
         await proxy.stop()
 
 
@@ -312,3 +315,33 @@ async def test_two_machines_on_one_database_show_one_stats(two_machines: list[Pr
         # History and export read the shared database too.
         async with session.get(two_machines[1].url + "/stats/export.csv") as r:
             assert len((await r.text()).splitlines()) == 1 + 7
+
+
+async def test_a_flushed_redis_is_loaded_from_every_machines_calls(machines: list[Proxy], fake: FakeUpstream,
+                                                                   redis_server: str) -> None:
+    import redis.asyncio as aioredis
+
+    for proxy in machines:
+        proxy.raw["upstreams"]["gpt4o_cloud"]["limits"] = {"rpm": 3}
+        await proxy.start()
+    body = {"model": "gpt-4o", "messages": [{"role": "user", "content": "hola"}]}
+    client = aioredis.Redis.from_url(redis_server)
+    try:
+        async with aiohttp.ClientSession() as session:
+            for _ in range(2):   # two of the minute's three places, taken on the first machine
+                async with session.post(machines[0].url + "/v1/chat/completions", json=body) as r:
+                    assert r.status == 200
+            await machines[0].settled()
+            assert await machines[0].ledger.flush(timeout=30)   # its writer has committed them
+            await client.flushall()
+            # The second machine finds Redis empty and loads it from the shared ledger, where
+            # the first machine's admissions are: one place is left, not three.
+            statuses = []
+            for _ in range(3):
+                async with session.post(machines[1].url + "/v1/chat/completions", json=body) as r:
+                    statuses.append(r.status)
+        assert statuses == [200, 429, 429] and fake.requests == 3
+    finally:
+        await client.aclose()
+        for proxy in machines:
+            await proxy.stop()
