@@ -234,15 +234,50 @@ async def _probe_all(config: Config) -> bool:
     return ok
 
 
+async def _probe_stores(config: Config) -> bool:
+    """The shared stores the config names, asked as serve would ask them; one line each."""
+    ok = True
+    if config.limits.backend == "redis":
+        import redis.asyncio as aioredis
+        from redis.exceptions import RedisError
+
+        client = aioredis.Redis.from_url(config.redis.url() or "", socket_connect_timeout=5, socket_timeout=5)
+        try:
+            result = f"reachable (Redis {(await client.info('server'))['redis_version']})"
+        except (RedisError, OSError) as exc:
+            result, ok = f"FAILED: {type(exc).__name__}", False
+        finally:
+            await client.aclose()
+        print(f"limits: Redis from ${config.redis.url_env}: {result}")
+    if config.ledger.backend == "postgresql":
+        import psycopg
+
+        try:
+            conn = await psycopg.AsyncConnection.connect(config.ledger.dsn() or "", connect_timeout=5)
+            async with conn:
+                row = await (await conn.execute("SELECT current_setting('server_version'), "
+                                                "current_setting('max_connections')")).fetchone()
+            assert row is not None
+            result = f"reachable (PostgreSQL {row[0]}, max_connections {row[1]})"
+        except psycopg.Error as exc:
+            from .pg_ledger import _reason
+
+            result, ok = f"FAILED: {_reason(exc)}", False
+        print(f"ledger: PostgreSQL from ${config.ledger.dsn_env}: {result}")
+    return ok
+
+
 def cmd_check(config: Config, args: argparse.Namespace) -> int:
-    """Valid config, every secret's variable set, every upstream answering: else non-zero."""
+    """Valid config, every secret's variable set, every upstream and shared store answering:
+    else non-zero."""
     config_mod.check_serve(config)
     print(f"{config.source}: valid ({len(config.upstreams)} upstreams, ledger {store.where(config)})")
     missing = config_mod.missing_secrets(config)
     for warning in missing:
         print(f"NOT SET: {warning}")
     reachable = asyncio.run(_probe_all(config))
-    return 0 if reachable and not missing else 2
+    stores = asyncio.run(_probe_stores(config))
+    return 0 if reachable and stores and not missing else 2
 
 
 def _positive(text: str) -> int:

@@ -131,6 +131,24 @@ async def test_check_probes_each_upstream(config_file: Path, raw_config: dict[st
     assert code == 2 and "ollama_local" in out and "FAILED" in out and "unreachable" in out
 
 
+async def test_check_asks_the_shared_stores(raw_config: dict[str, Any], fake: FakeUpstream, tmp_path: Path,
+                                           redis_server: str, postgres_server: str, refused_port: int,
+                                           monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("TOLLGATE_TEST_REDIS", redis_server)
+    monkeypatch.setenv("TOLLGATE_TEST_DSN", postgres_server)
+    raw_config["limits"] = {"backend": "redis"}
+    raw_config["redis"] = {"url_env": "TOLLGATE_TEST_REDIS"}
+    raw_config["ledger"] = {"backend": "postgresql", "dsn_env": "TOLLGATE_TEST_DSN"}
+    code, out, _ = await tollgate("-c", str(write_config(raw_config, tmp_path)), "check")
+    assert code == 0, out
+    assert "limits: Redis from $TOLLGATE_TEST_REDIS: reachable" in out
+    assert "ledger: PostgreSQL from $TOLLGATE_TEST_DSN: reachable" in out
+    monkeypatch.setenv("TOLLGATE_TEST_DSN", f"postgresql://tollgate:s3cret@127.0.0.1:{refused_port}/x")
+    code, out, _ = await tollgate("-c", str(write_config(raw_config, tmp_path)), "check")
+    assert code == 2 and "ledger: PostgreSQL from $TOLLGATE_TEST_DSN: FAILED" in out
+    assert "s3cret" not in out
+
+
 async def test_unset_secrets_are_loud(config_file: Path, raw_config: dict[str, Any], fake: FakeUpstream,
                                       tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """An admin token variable that is unset never silently opens the admin endpoints unnoticed:
