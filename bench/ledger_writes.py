@@ -41,18 +41,24 @@ def row(rng: random.Random, ts: float) -> CallRecord:
                       latency_s=rng.lognormvariate(0, 0.8), ttft_s=None, cost_usd=0.0001 if cloud else 0.0)
 
 
-async def throughput(path: Path, rows: int) -> None:
+async def write_rate(ledger: Ledger, rows: int, start: float = 1_700_000_000.0) -> float:
+    """Rows/s: `rows` call rows appended as fast as the event loop can, then flushed, by `ledger`
+    (any engine), opened here and closed after."""
     rng = random.Random(1)
-    records = [row(rng, 1_700_000_000.0 + i * 0.5) for i in range(rows)]
-    ledger = Ledger(path, max_backlog=rows + 1)
-    ledger.open(1_700_000_000.0)
+    records = [row(rng, start + i * 0.5) for i in range(rows)]
+    ledger.open(start)
     began = time.perf_counter()
     for rec in records:
         ledger.append(rec)
     await ledger.flush()
     took = time.perf_counter() - began
     ledger.close()
-    print(f"throughput: {rows:,} rows with rollups in {took:.2f} s = {rows / took:,.0f} rows/s")
+    return rows / took
+
+
+async def throughput(path: Path, rows: int) -> None:
+    rate = await write_rate(Ledger(path, max_backlog=rows + 1), rows)
+    print(f"throughput: {rows:,} rows with rollups = {rate:,.0f} rows/s")
 
 
 async def retention(path: Path, days: int, per_day: int = 20_000, keep_days: float | None = 3.0) -> None:

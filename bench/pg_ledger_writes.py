@@ -12,11 +12,9 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import random
 import statistics
 import sys
 import tempfile
-import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -24,23 +22,10 @@ sys.path.insert(0, str(ROOT))
 
 import psycopg  # noqa: E402
 
-from bench.ledger_writes import row  # noqa: E402
+from bench.ledger_writes import write_rate  # noqa: E402
 from proxy.pg_ledger import PgLedger  # noqa: E402
 from proxy.store import Ledger  # noqa: E402
 from tests.servers import PostgresServer, postgres_bin  # noqa: E402
-
-
-async def write(ledger: Ledger, rows: int, start: float) -> float:
-    rng = random.Random(1)
-    records = [row(rng, start + i * 0.5) for i in range(rows)]
-    ledger.open(start)
-    began = time.perf_counter()
-    for rec in records:
-        ledger.append(rec)
-    await ledger.flush()
-    took = time.perf_counter() - began
-    ledger.close()
-    return rows / took
 
 
 async def main(rows: int, rounds: int) -> None:
@@ -56,8 +41,8 @@ async def main(rows: int, rounds: int) -> None:
                 admin.execute(f"CREATE DATABASE bench{n}")
             tmp = Path(tempfile.mkdtemp(prefix="tollgate-bench-"))
             dsn = server.dsn.rsplit("/", 1)[0] + f"/bench{n}"
-            pg = await write(PgLedger(dsn, tmp / "outbox.sqlite3", max_backlog=rows + 1), rows, 1_700_000_000.0)
-            lite = await write(Ledger(tmp / "ledger.sqlite3", max_backlog=rows + 1), rows, 1_700_000_000.0)
+            pg = await write_rate(PgLedger(dsn, tmp / "outbox.sqlite3", max_backlog=rows + 1), rows, 1_700_000_000.0)
+            lite = await write_rate(Ledger(tmp / "ledger.sqlite3", max_backlog=rows + 1), rows, 1_700_000_000.0)
             results["PostgreSQL"].append(pg)
             results["SQLite"].append(lite)
             print(f"round {n + 1}: PostgreSQL {pg:9,.0f} rows/s   SQLite {lite:9,.0f} rows/s", flush=True)

@@ -16,7 +16,6 @@ the database. Nothing is lost and nothing is written twice.
 from __future__ import annotations
 
 import logging
-import math
 import operator
 import secrets
 import time
@@ -29,7 +28,7 @@ import psycopg
 from psycopg_pool import ConnectionPool
 
 from . import pg_rollups, rollups
-from .ledger import (COLUMNS, GROUPS, OTHERS, Admission, CallRecord, Filters, GroupBy, LedgerError, Piece,
+from .ledger import (COLUMNS, GROUPS, Admission, CallRecord, Filters, GroupBy, LedgerError, Piece,
                      Summary)
 from .outbox import Item, Outbox
 from .pg_rollups import ADMISSION_COLUMNS, CALL_COLUMNS, CALL_TYPES, q
@@ -347,34 +346,29 @@ class PgLedger(Ledger):
 
     def history_pieces(self, filters: Filters, group_by: GroupBy | None, whole_hours: bool,
                        top_users: int | None = None) -> list[Piece]:
-        """As the SQLite ledger's: whole hours from the rollups, the partial ones from raw rows,
-        in one REPEATABLE READ transaction (one snapshot)."""
-        columns = {column for column, _ in filters.equals} | ({group_by} if group_by else set())
+        """As the SQLite ledger's (the same plan, `_pieces`), in one REPEATABLE READ transaction."""
         with _reading(), self._read() as conn, conn.transaction():
             conn.execute("SET TRANSACTION ISOLATION LEVEL REPEATABLE READ")
-            if not whole_hours or ("user" in columns and columns - {"user"}):
-                return self._raw(conn, filters, group_by, None, None)
-            first = conn.execute("SELECT MIN(bucket) FROM rollup_hour").fetchone()[0]
-            last = conn.execute("SELECT MAX(bucket) FROM rollup_hour").fetchone()[0]
-            if first is None:
-                return self._raw(conn, filters, group_by, None, None)
-            start = math.ceil(filters.since / rollups.HOUR) if filters.since is not None else int(first)
-            end = math.floor(filters.until / rollups.HOUR) if filters.until is not None else int(last) + 1
-            if end <= start:
-                return self._raw(conn, filters, group_by, None, None)
-            pieces = self._raw(conn, filters, group_by, start, end)
-            if group_by == "user" and not filters.equals and top_users is not None:
-                edge: dict[str, int] = {}
-                for piece in pieces:
-                    if piece[1] is not None:
-                        edge[piece[1]] = edge.get(piece[1], 0) + piece[2]
-                hours, named = pg_rollups.user_history(conn, start, end, edge, top_users)
-                return [(p[0], OTHERS if p[1] is not None and p[1] not in named else p[1], *p[2:])
-                        for p in pieces] + hours
-            return pieces + pg_rollups.history(conn, start, end, filters.equals, group_by)
+            return self._pieces(conn, filters, group_by, whole_hours, top_users)
 
     @staticmethod
-    def _raw(conn: Any, filters: Filters, group_by: GroupBy | None, start: int | None, end: int | None) -> list[Piece]:
+    def _hours(conn: Any) -> tuple[int | None, int | None]:
+        first, last = conn.execute("SELECT MIN(bucket), MAX(bucket) FROM rollup_hour").fetchone()
+        return (None, None) if first is None else (int(first), int(last))
+
+    @staticmethod
+    def _history(conn: Any, start: int, end: int, equals: tuple[tuple[str, str], ...],
+                 group_by: str | None) -> list[Piece]:
+        return pg_rollups.history(conn, start, end, equals, group_by)
+
+    @staticmethod
+    def _user_history(conn: Any, start: int, end: int, edge: dict[str, int],
+                      top: int) -> tuple[list[Piece], set[str]]:
+        return pg_rollups.user_history(conn, start, end, edge, top)
+
+    @staticmethod
+    def _raw_pieces(conn: Any, filters: Filters, group_by: GroupBy | None, start: int | None,
+                    end: int | None) -> list[Piece]:
         since = filters.since if filters.since is not None else float("-inf")
         until = filters.until if filters.until is not None else float("inf")
         ranges = [(since, until, "")] if start is None or end is None else [

@@ -496,37 +496,59 @@ class Ledger:
         the ends from raw rows, by UTC quarter-hour (every zone's offset is a whole number of them);
         otherwise, or for a grouping the rollups do not hold, everything comes from raw rows. One
         connection, one read transaction: the rows and the rollups are read from one snapshot."""
-        columns = {column for column, _ in filters.equals} | ({group_by} if group_by else set())
         conn = _reader(self.path)
         try:
             conn.execute("BEGIN")
-            if not whole_hours or ("user" in columns and columns - {"user"}):
-                return self._raw_pieces(conn, filters, group_by, None, None)
-            # Two queries: MIN and MAX together would read the whole table, each alone one page.
-            first = conn.execute("SELECT MIN(bucket) FROM rollup_hour").fetchone()[0]
-            last = conn.execute("SELECT MAX(bucket) FROM rollup_hour").fetchone()[0]
-            if first is None:
-                return self._raw_pieces(conn, filters, group_by, None, None)
-            start = math.ceil(filters.since / rollups.HOUR) if filters.since is not None else int(first)
-            end = math.floor(filters.until / rollups.HOUR) if filters.until is not None else int(last) + 1
-            if end <= start:
-                return self._raw_pieces(conn, filters, group_by, None, None)
-            pieces = self._raw_pieces(conn, filters, group_by, start, end)
-            if group_by == "user" and not filters.equals and top_users is not None:
-                # Only the busiest users are named: read their hours, not every user's.
-                edge: dict[str, int] = {}
-                for piece in pieces:
-                    if piece[1] is not None:
-                        edge[piece[1]] = edge.get(piece[1], 0) + piece[2]
-                hours, named = rollups.user_history(conn, start, end, edge, top_users)
-                return [(p[0], OTHERS if p[1] is not None and p[1] not in named else p[1], *p[2:])
-                        for p in pieces] + hours
-            return pieces + rollups.history(conn, start, end, filters.equals, group_by)
+            return self._pieces(conn, filters, group_by, whole_hours, top_users)
         finally:
             conn.close()
 
+    def _pieces(self, conn: Any, filters: Filters, group_by: GroupBy | None, whole_hours: bool,
+                top_users: int | None) -> list[Piece]:
+        """Which pieces come from the rollups and which from raw rows, whatever the engine: the
+        engine answers `_hours`, `_raw_pieces`, `_history` and `_user_history` on `conn`."""
+        columns = {column for column, _ in filters.equals} | ({group_by} if group_by else set())
+        if not whole_hours or ("user" in columns and columns - {"user"}):
+            return self._raw_pieces(conn, filters, group_by, None, None)
+        first, last = self._hours(conn)
+        if first is None or last is None:
+            return self._raw_pieces(conn, filters, group_by, None, None)
+        start = math.ceil(filters.since / rollups.HOUR) if filters.since is not None else first
+        end = math.floor(filters.until / rollups.HOUR) if filters.until is not None else last + 1
+        if end <= start:
+            return self._raw_pieces(conn, filters, group_by, None, None)
+        pieces = self._raw_pieces(conn, filters, group_by, start, end)
+        if group_by == "user" and not filters.equals and top_users is not None:
+            # Only the busiest users are named: read their hours, not every user's.
+            edge: dict[str, int] = {}
+            for piece in pieces:
+                if piece[1] is not None:
+                    edge[piece[1]] = edge.get(piece[1], 0) + piece[2]
+            hours, named = self._user_history(conn, start, end, edge, top_users)
+            return [(p[0], OTHERS if p[1] is not None and p[1] not in named else p[1], *p[2:])
+                    for p in pieces] + hours
+        return pieces + self._history(conn, start, end, filters.equals, group_by)
+
     @staticmethod
-    def _raw_pieces(conn: sqlite3.Connection, filters: Filters, group_by: GroupBy | None, start: int | None,
+    def _hours(conn: Any) -> tuple[int | None, int | None]:
+        """The first and last hour the hourly rollups hold."""
+        # Two queries: MIN and MAX together would read the whole table, each alone one page.
+        first = conn.execute("SELECT MIN(bucket) FROM rollup_hour").fetchone()[0]
+        last = conn.execute("SELECT MAX(bucket) FROM rollup_hour").fetchone()[0]
+        return (None, None) if first is None else (int(first), int(last))
+
+    @staticmethod
+    def _history(conn: Any, start: int, end: int, equals: tuple[tuple[str, str], ...],
+                 group_by: str | None) -> list[Piece]:
+        return rollups.history(conn, start, end, equals, group_by)
+
+    @staticmethod
+    def _user_history(conn: Any, start: int, end: int, edge: dict[str, int],
+                      top: int) -> tuple[list[Piece], set[str]]:
+        return rollups.user_history(conn, start, end, edge, top)
+
+    @staticmethod
+    def _raw_pieces(conn: Any, filters: Filters, group_by: GroupBy | None, start: int | None,
                     end: int | None) -> list[Piece]:
         """Raw rows by UTC quarter-hour; with `start`/`end`, only those outside the whole hours
         [start, end) the rollups give."""
