@@ -199,14 +199,20 @@ async def dashboard_login(request: web.Request) -> web.Response:
 
 async def healthz(request: web.Request) -> web.Response:
     """200 while all is well (with warnings, such as a secret's variable unset); 503 with the
-    reason while the ledger cannot keep up."""
+    reason while the ledger cannot keep up, or while the shared limits store cannot be reached
+    and calls that limits apply to are refused for it (`redis.unavailable = "closed"`)."""
     health = request.app[LEDGER].health()
-    body: dict[str, object] = {"status": "ok" if health.ok else "degraded"}
+    limits = request.app[LIMITER].state
+    refusing = limits.get("mode") == "refusing"
+    ok = health.ok and not refusing
+    body: dict[str, object] = {"status": "ok" if ok else "degraded"}
     if request.app[CONFIG].server.workers > 1:
         body["worker_pid"] = os.getpid()  # which of the port's workers answered
     if not health.ok:
         body["ledger"] = health.as_dict()
+    if limits.get("backend") != "memory" and (refusing or not limits.get("reachable", True)):
+        body["limits"] = limits
     warnings = config_mod.missing_secrets(request.app[CONFIG])
     if warnings:
         body["warnings"] = warnings
-    return _json(body, status=200 if health.ok else 503)
+    return _json(body, status=200 if ok else 503)

@@ -112,6 +112,7 @@ async def test_redis_stopped_and_started_again_under_load(raw_config: dict[str, 
                          timeout_ms=2000))
     await proxy.start()
     seen: dict[str, list[int]] = {"before": [], "down": [], "after": []}
+    health: dict[str, Any] = {}
     phase = "before"
     bodies: list[dict[str, Any]] = []
     enough, progressed = asyncio.Event(), asyncio.Event()
@@ -140,14 +141,24 @@ async def test_redis_stopped_and_started_again_under_load(raw_config: dict[str, 
             own_redis.stop()
             phase = "down"
             await moved_on(40)
+            async with session.get(proxy.url + "/healthz") as r:
+                health["down"] = (r.status, await r.json())
             own_redis.start()   # empty: it is loaded from the ledger before anything is admitted
             phase = "after"
             await enough.wait()
             await asyncio.gather(*callers)
             async with session.get(proxy.url + "/stats") as r:
                 detail = (await r.json())["detail"]
+            async with session.get(proxy.url + "/healthz") as r:
+                health["after"] = (r.status, await r.json())
     finally:
         await proxy.stop()
+    # While Redis is away, /healthz says so: 503 where calls are refused for it, a warning where
+    # each process holds the limits alone.
+    status, body = health["down"]
+    assert (status, body["status"]) == ((503, "degraded") if policy == "closed" else (200, "ok"))
+    assert body["limits"]["reachable"] is False
+    assert health["after"][0] == 200 and "limits" not in health["after"][1]
     assert set(seen["before"]) == {200}
     if policy == "closed":
         # Nothing unlimited went through: each call either had Redis's word or was refused 503.
