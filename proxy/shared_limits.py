@@ -33,7 +33,7 @@ from redis.exceptions import RedisError
 
 from .config import Config
 from .errors import LimitsUnavailable
-from .ledger import Admission
+from .ledger import Admission, LedgerError
 from .limits import DAY, MINUTE, Denial, Limiter, Scope, Ticket, Window, _midnight
 from .redis_windows import Decision, Entry, Figure, Kind, RedisWindows, WindowSpec
 from .tasks import running
@@ -272,9 +272,17 @@ class SharedLimiter(Limiter):
         lock_s = max(30.0, 3 * self.shared.rebuild_wait_s)
         while not await windows.is_ready():
             if await windows.claim_rebuild(self._owner, lock_s):
-                admissions = await self._admissions(self.clock() - DAY) if self._admissions else []
-                entries = self._entries(admissions, self.clock())
-                await windows.load(entries)
+                try:
+                    admissions = await self._admissions(self.clock() - DAY) if self._admissions else []
+                    entries = self._entries(admissions, self.clock())
+                    await windows.load(entries)
+                except LedgerError as exc:
+                    # Nothing is admitted against windows that could not be loaded; the lock goes
+                    # back so the next call (here or elsewhere) tries again.
+                    log.error("the shared limits store (Redis) had no windows and the ledger could not be "
+                              "read to load them (%s)", exc)
+                    await windows.client.delete(windows.rebuild_key)
+                    raise _NotReady() from None
                 await windows.mark_ready(self._owner)
                 log.warning("the shared limits store (Redis) had no windows: loaded %d admissions of the "
                             "last day from the ledger", len(admissions))
