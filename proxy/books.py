@@ -16,11 +16,11 @@ import logging
 import time
 
 from .accounting import DAY, Accounting, Aggregates, CostTrend
-from .ledger import LedgerError, LedgerStore
+from .ledger import CallRecord, LedgerError, LedgerStore
 
 log = logging.getLogger("tollgate")
 
-# How long a read waits for this process's rows to be committed before reading without them.
+# How long a read waits for this process's rows to be committed before keeping its own figures.
 _FLUSH_S = 5.0
 
 
@@ -41,23 +41,29 @@ class Books:
             if time.monotonic() - self._read_at < self.max_age_s:
                 return
             began = time.monotonic()
-            await self.ledger.flush(timeout=_FLUSH_S)
-            loop = asyncio.get_running_loop()
             since = self.acc.clock() - (CostTrend.WEEK_DAYS + 1) * DAY
+            # The ledger's sums hold this process's calls booked before the snapshot's place in
+            # the write queue; those booked while it is read are added back on top.
+            later: list[CallRecord] = []
+            self.acc.listeners.append(later.append)
             try:
-                started, summary = await loop.run_in_executor(None, self.ledger.epoch_summary)
-                days, first = await loop.run_in_executor(None, self.ledger.cost_by_day, since)
+                snapshot = await self.ledger.snapshot(since, _FLUSH_S)
             except LedgerError as exc:
-                # The shared ledger cannot be read (a database away): this process's own
-                # figures stand meanwhile; /stats says the ledger's state beside them.
+                # The shared ledger cannot be read (a database away, a disk failing): this
+                # process's own figures stand meanwhile.
                 if not self._unreadable:
                     log.warning("%s; /stats shows this process's figures until it can be read", exc)
                 self._unreadable = True
                 self._read_at = began
                 return
+            finally:
+                self.acc.listeners.remove(later.append)
             self._unreadable = False
-            self.acc.load(Aggregates.from_summary(started, summary))
-            self.acc.trend.seed(days, first)
+            self.acc.load(Aggregates.from_summary(snapshot.started, snapshot.summary))
+            self.acc.trend.seed(snapshot.days, snapshot.first)
+            for rec in later:
+                self.acc.current.add(rec)
+                self.acc.trend.add(rec.ts, rec.cost_usd)
             self._read_at = began
 
     def forget(self) -> None:

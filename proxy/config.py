@@ -215,7 +215,9 @@ class RedisPolicy(Table, frozen=True, kw_only=True):
         "deployments sharing one Redis need different prefixes")] = "tollgate"
     timeout_ms: Annotated[Positive, doc(
         "longest one admission waits for Redis (its reply, or a connection of the process's pool) before the "
-        "`unavailable` policy applies to it; Redis is skipped for `retry_s` only when it cannot be reached")] = 500.0
+        "`unavailable` policy applies to it; Redis is skipped for `retry_s` only when it cannot be reached. It "
+        "bounds a Redis that hangs (one that is down answers at once); it includes the process's own queue, so "
+        "too tight a bound refuses calls when the process is merely busy")] = 2000.0
     unavailable: Annotated[RedisUnavailable, doc(
         'when Redis cannot be reached: `"closed"` answers metered calls 503 (no limit can be broken), `"local"` '
         "lets each process hold every limit alone in its own memory (up to N times a limit across N processes) "

@@ -106,6 +106,17 @@ class Summary:
     latency: list[tuple[int, int, int]] = field(default_factory=list)  # kind, idx, n
 
 
+@dataclass(frozen=True)
+class Snapshot:
+    """What the books read back from a shared ledger: the current epoch's start and sums, and the
+    cost by UTC day (with the ledger's first call time) for the projection."""
+
+    started: float
+    summary: Summary
+    days: dict[int, float]
+    first: float | None
+
+
 class LedgerError(Exception):
     """The ledger cannot be opened or written at start; the message is one line for the operator."""
 
@@ -148,6 +159,7 @@ class LedgerStore(Protocol):
     def admit(self, admission: Admission) -> bool: ...
     def new_epoch(self, started: float) -> None: ...
     async def flush(self, timeout: float | None = None) -> bool: ...
+    async def snapshot(self, since: float, timeout: float) -> Snapshot: ...
     def prune(self, cutoff: float | None, admissions_cutoff: float) -> None: ...
     def epoch_summary(self, epoch: int | None = None) -> tuple[float, Summary]: ...
     def replay_admissions(self, since: float) -> Iterator[Admission]: ...

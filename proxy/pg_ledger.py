@@ -32,7 +32,7 @@ from .ledger import (COLUMNS, GROUPS, Admission, CallRecord, Filters, GroupBy, L
                      Summary)
 from .outbox import Item, Outbox
 from .pg_rollups import ADMISSION_COLUMNS, CALL_COLUMNS, CALL_TYPES, q
-from .store import _QUARTER, _STOP, PRUNE_BATCH, Ledger, _Epoch, _Flush, _Prune, _record
+from .store import _QUARTER, _STOP, PRUNE_BATCH, Ledger, _Epoch, _Flush, _Prune, _record, _Snapshot
 
 log = logging.getLogger("tollgate.ledger")
 
@@ -180,6 +180,8 @@ class PgLedger(Ledger):
                 for item in pending:
                     if isinstance(item, _Flush):
                         item.done()
+                    elif isinstance(item, _Snapshot):
+                        item.answer(self.read_snapshot)
                 pending = []
                 if stop:
                     return

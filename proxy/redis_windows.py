@@ -269,10 +269,17 @@ class RedisWindows:
 
     async def finish(self, call_id: str, windows: Sequence[WindowSpec], admitted_tokens: int, used_tokens: int) -> None:
         """The call is over: its token entries hold what it really used, its leases are given back."""
-        token_keys = [name for w in windows if w.kind == "tokens" for name in (self.key(w), self.key(w) + ":sum")]
-        lease_keys = [self.key(w) for w in windows if w.kind == "concurrency"]
-        await self._finish(keys=token_keys + lease_keys,
-                           args=[call_id, admitted_tokens, used_tokens, len(token_keys) // 2])
+        await self.finish_many([(call_id, windows, admitted_tokens, used_tokens)])
+
+    async def finish_many(self, calls: Sequence[tuple[str, Sequence[WindowSpec], int, int]]) -> None:
+        """Several calls' finishes in one round trip (a pipeline of scripts, each atomic)."""
+        async with self.client.pipeline(transaction=False) as pipe:
+            for call_id, windows, admitted_tokens, used_tokens in calls:
+                token_keys = [n for w in windows if w.kind == "tokens" for n in (self.key(w), self.key(w) + ":sum")]
+                lease_keys = [self.key(w) for w in windows if w.kind == "concurrency"]
+                await self._finish(keys=token_keys + lease_keys,
+                                   args=[call_id, admitted_tokens, used_tokens, len(token_keys) // 2], client=pipe)
+            await pipe.execute()
 
     async def renew(self, calls: Sequence[tuple[str, Sequence[WindowSpec]]]) -> None:
         """These calls are still running: their concurrency places are theirs for another lease.
@@ -296,10 +303,10 @@ class RedisWindows:
         await self.client.delete(f"{self.tag}:claim:{name}")
 
     async def count(self, amounts: dict[str, int]) -> None:
-        pipe = self.client.pipeline(transaction=False)
-        for field, amount in amounts.items():
-            pipe.hincrby(f"{self.tag}:refused", field, amount)
-        await pipe.execute()
+        async with self.client.pipeline(transaction=False) as pipe:
+            for field, amount in amounts.items():
+                pipe.hincrby(f"{self.tag}:refused", field, amount)
+            await pipe.execute()
 
     async def counts(self) -> dict[str, int]:
         found = await self.client.hgetall(f"{self.tag}:refused")

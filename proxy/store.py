@@ -26,7 +26,7 @@ import queue
 import sqlite3
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 import operator
 from dataclasses import dataclass, fields, replace
 from pathlib import Path
@@ -35,7 +35,7 @@ from typing import Any
 from . import rollups
 from .config import Config
 from .ledger import (COLUMNS, GROUPS, OTHERS, Admission, CallRecord, Filters, GroupBy, LedgerError,
-                     LedgerHealth, LedgerStore, Piece, Summary)
+                     LedgerHealth, LedgerStore, Piece, Snapshot, Summary)
 
 log = logging.getLogger("tollgate.ledger")
 
@@ -122,6 +122,33 @@ class _Flush:
 def _settle(future: asyncio.Future[None]) -> None:
     if not future.done():
         future.set_result(None)
+
+
+class _Snapshot:
+    """A marker in the write queue: when the writer reaches it, everything before it is committed
+    and nothing after it (a batch ends at a snapshot), and it reads the epoch's sums then. So a
+    process that shares its ledger knows exactly which of its own calls the sums hold: those it
+    booked before asking."""
+
+    def __init__(self, loop: asyncio.AbstractEventLoop, since: float) -> None:
+        self.loop, self.since = loop, since
+        self.future: asyncio.Future[Snapshot] = loop.create_future()
+
+    def answer(self, read: Callable[[float], Snapshot]) -> None:
+        try:
+            result: Snapshot | LedgerError = read(self.since)
+        except LedgerError as exc:
+            result = exc
+        self.loop.call_soon_threadsafe(_resolve, self.future, result)
+
+
+def _resolve(future: asyncio.Future[Snapshot], result: Snapshot | LedgerError) -> None:
+    if future.done():
+        return
+    if isinstance(result, LedgerError):
+        future.set_exception(result)
+    else:
+        future.set_result(result)
 
 
 _STOP = object()
@@ -353,6 +380,8 @@ class Ledger:
                 for item in pending:
                     if isinstance(item, _Flush):
                         item.done()
+                    elif isinstance(item, _Snapshot):
+                        item.answer(self.read_snapshot)
                     elif item is _STOP:
                         stop = True
                 pending = []
@@ -402,7 +431,7 @@ class Ledger:
         batch: list[object] = []
         if block:
             batch.append(self._queue.get())
-        while len(batch) < self.BATCH:
+        while len(batch) < self.BATCH and not (batch and isinstance(batch[-1], _Snapshot)):
             try:
                 batch.append(self._queue.get_nowait())
             except queue.Empty:
@@ -455,6 +484,23 @@ class Ledger:
                 conn.close()  # a connection that cannot even roll back is opened afresh
                 return None
         return conn
+
+    async def snapshot(self, since: float, timeout: float) -> Snapshot:
+        """The epoch's sums and the cost by day since `since`, as of this moment in the write
+        queue: every row appended before is in them, none appended after."""
+        if self._thread is None:
+            return self.read_snapshot(since)
+        marker = _Snapshot(asyncio.get_running_loop(), since)
+        self._queue.put(marker)
+        try:
+            return await asyncio.wait_for(asyncio.shield(marker.future), timeout)
+        except asyncio.TimeoutError:
+            raise LedgerError(f"the ledger has not caught up within {timeout:g} s") from None
+
+    def read_snapshot(self, since: float) -> Snapshot:
+        started, summary = self.epoch_summary()
+        days, first = self.cost_by_day(since)
+        return Snapshot(started, summary, days, first)
 
     # --- reading (own connection, any thread) ----------------------------------------------
 

@@ -99,7 +99,7 @@ async def test_workers_share_the_port_the_limits_the_books_the_metrics_and_the_a
         assert sample(text, "tollgate_refused_requests_total") == 90
     # One set of alerts: both workers see the cost cross its threshold; one of them sends it.
     await workers.logged("sent by another process")
-    assert [name for name, _ in receiver.posts] == ["json"]
+    assert [name for name, _ in receiver.posts] == ["json"], "".join(line for line in workers.log if "alert" in line.lower())
     # One stats epoch: a reset through one worker is the reset of both.
     await fresh(workers.url + "/metrics/reset", "POST")
     for _ in range(10):
