@@ -256,8 +256,8 @@ class Limiter:
         # Per-user scopes made on demand; idle ones are dropped so 10,000 users cost only
         # what their live windows hold.
         self._users: dict[str, Scope] = {}
-        self._sweep_at = 1024
-        self.released: list[Callable[[], None]] = []  # told when a place is given back later  # sweep when the user table doubles: amortised O(1) per call
+        self._sweep_at = 1024  # sweep when the user table doubles: amortised O(1) per call
+        self.released: list[Callable[[], None]] = []  # told when a place is given back later
 
     # --- which scopes a call is in ----------------------------------------------------
 
