@@ -19,7 +19,6 @@ import os
 import re
 import shutil
 import statistics
-import subprocess
 import sys
 import tempfile
 from pathlib import Path
@@ -29,19 +28,9 @@ import orjson
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from bench.harness import CHAT, ROOT, closed_loop, free_port, start, start_upstream, stop  # noqa: E402
+from tests.servers import RedisServer  # noqa: E402
 
 LIMITS = "limits = { rpm = 100000000, rpd = 1000000000, tpm = 1000000000 }"
-
-
-def redis_server(where: Path) -> tuple[subprocess.Popen[bytes], str]:
-    sock = where / "redis.sock"
-    proc = subprocess.Popen(["redis-server", "--port", "0", "--unixsocket", str(sock), "--save", "",
-                             "--appendonly", "no", "--dir", str(where)], stdout=subprocess.PIPE)
-    assert proc.stdout is not None
-    for line in proc.stdout:
-        if b"ready to accept connections" in line.lower():
-            break
-    return proc, f"unix://{sock}"
 
 
 async def start_tollgate(upstream_port: int, backend: str, workers: int, redis_url: str) -> tuple[asyncio.subprocess.Process, int]:
@@ -87,8 +76,9 @@ async def load(url: str, seconds: float, connections: int) -> float:
 
 
 async def main(seconds: float, rounds: int, connections: int) -> None:
-    where = Path(tempfile.mkdtemp(prefix="tollgate-bench-redis-"))
-    redis, redis_url = redis_server(where)
+    redis = RedisServer(Path(tempfile.mkdtemp(prefix="tollgate-bench-redis-")))
+    redis.start()
+    redis_url = redis.url
     upstream, up_port = await start_upstream()
     ways = {"1 process, memory limiter": ("memory", 1), "1 worker, Redis limiter": ("redis", 1),
             "2 workers, Redis limiter": ("redis", 2)}
@@ -109,8 +99,7 @@ async def main(seconds: float, rounds: int, connections: int) -> None:
                 print(f"round {r + 1}: {name:28} {rate:8,.0f} req/s", flush=True)
     finally:
         await stop(upstream)
-        redis.terminate()
-        redis.wait()
+        redis.stop()
     base = statistics.median(results["1 process, memory limiter"])
     print("\nmedians:")
     for name, rates in results.items():

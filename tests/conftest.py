@@ -26,6 +26,7 @@ from proxy.ledger import LedgerStore
 from proxy.store import CallRecord
 
 from .fake_upstream import Behavior, FakeUpstream
+from .servers import RedisServer
 
 CLOUD_KEY = "ghp_fakeCloudKey_0123456789abcdef"
 
@@ -367,50 +368,13 @@ def _missing(what: str) -> NoReturn:
     pytest.skip(message)
 
 
-class RedisServer:
-    """A real redis-server on a unix socket (no TCP port to race for), with no persistence:
-    stopped and started again, it comes back empty, as a restarted cache does."""
-
-    def __init__(self, where: Path) -> None:
-        import shutil
-
-        binary = shutil.which("redis-server")
-        if binary is None:
-            _missing("redis-server")
-        self.binary, self.where = binary, where
-        self.sock = where / "redis.sock"
-        self.url = f"unix://{self.sock}"
-        self.proc: Any = None
-
-    def start(self) -> None:
-        """Ready when it says so."""
-        import subprocess
-        import threading
-
-        self.proc = proc = subprocess.Popen(
-            [self.binary, "--port", "0", "--unixsocket", str(self.sock), "--unixsocketperm", "700",
-             "--save", "", "--appendonly", "no", "--dir", str(self.where)],
-            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-        assert proc.stdout is not None
-        for line in proc.stdout:  # bounded: the server ends the stream if it exits
-            if "ready to accept connections" in line.lower():
-                break
-        else:
-            raise RuntimeError("redis-server exited before it was ready")
-        # Its later log lines are read off, so a full pipe never blocks it.
-        threading.Thread(target=lambda: [None for _ in proc.stdout or ()], daemon=True).start()
-
-    def stop(self) -> None:
-        if self.proc is not None:
-            self.proc.terminate()
-            self.proc.wait(30)
-            self.proc.stdout.close()
-            self.proc = None
-
-
 @pytest.fixture(scope="session")
 def redis_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
     """A real redis-server for the session; yields its URL."""
+    import shutil
+
+    if shutil.which("redis-server") is None:
+        _missing("redis-server")
     server = RedisServer(tmp_path_factory.mktemp("redis"))
     server.start()
     yield server.url

@@ -1,5 +1,5 @@
-"""Real database servers for the suite and the benchmarks, started in a fresh temporary directory
-and stopped after: PostgreSQL from Debian's packages (`.ci/run` installs them)."""
+"""Real servers for the suite and the benchmarks, started in a fresh temporary directory and
+stopped after: Redis and PostgreSQL from Debian's packages (`.ci/run` installs them)."""
 
 from __future__ import annotations
 
@@ -9,7 +9,9 @@ import shutil
 import socket
 import subprocess
 import tempfile
+import threading
 from pathlib import Path
+from typing import Any
 
 
 def _free_port() -> int:
@@ -68,3 +70,39 @@ class PostgresServer:
         except subprocess.CalledProcessError:
             pass
         shutil.rmtree(self.root, ignore_errors=True)
+
+
+class RedisServer:
+    """A real redis-server on a unix socket (no TCP port to race for), with no persistence:
+    stopped and started again, it comes back empty, as a restarted cache does."""
+
+    def __init__(self, where: Path) -> None:
+        binary = shutil.which("redis-server")
+        if binary is None:
+            raise FileNotFoundError("redis-server is not installed (apt-get install redis-server)")
+        self.binary, self.where = binary, where
+        self.sock = where / "redis.sock"
+        self.url = f"unix://{self.sock}"
+        self.proc: Any = None
+
+    def start(self) -> None:
+        """Ready when it says so."""
+        self.proc = proc = subprocess.Popen(
+            [self.binary, "--port", "0", "--unixsocket", str(self.sock), "--unixsocketperm", "700",
+             "--save", "", "--appendonly", "no", "--dir", str(self.where)],
+            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+        assert proc.stdout is not None
+        for line in proc.stdout:  # bounded: the server ends the stream if it exits
+            if "ready to accept connections" in line.lower():
+                break
+        else:
+            raise RuntimeError("redis-server exited before it was ready")
+        # Its later log lines are read off, so a full pipe never blocks it.
+        threading.Thread(target=lambda: [None for _ in proc.stdout or ()], daemon=True).start()
+
+    def stop(self) -> None:
+        if self.proc is not None:
+            self.proc.terminate()
+            self.proc.wait(30)
+            self.proc.stdout.close()
+            self.proc = None

@@ -14,7 +14,8 @@ import aiohttp
 import pytest
 import redis.asyncio as aioredis
 
-from .conftest import Proxy, RedisServer, Serve, write_config
+from .conftest import Proxy, Serve, write_config
+from .servers import RedisServer
 from .fake_upstream import FakeUpstream
 
 CHAT = {"model": "gpt-4o", "messages": [{"role": "user", "content": "hola"}]}
