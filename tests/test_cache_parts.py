@@ -1,0 +1,150 @@
+"""The answer cache's parts (issue 13, not yet wired in): what makes two questions the same, a
+store bounded in bytes with its time to live, and identical misses sharing one upstream call."""
+
+from __future__ import annotations
+
+import asyncio
+import random
+from typing import Any
+
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from proxy.cache_keys import IGNORED, deterministic, key
+from proxy.cache_store import Entry, Flights, MemoryCache
+
+from .conftest import Clock
+
+CHAT: dict[str, Any] = {"model": "gpt-4o", "temperature": 0,
+        "messages": [{"role": "system", "content": "Eres un asistente."}, {"role": "user", "content": "¿Horario?"}]}
+
+
+def shuffled(value: Any, rng: random.Random) -> Any:
+    """The same JSON with every object's keys in another order."""
+    if isinstance(value, dict):
+        items = list(value.items())
+        rng.shuffle(items)
+        return {k: shuffled(v, rng) for k, v in items}
+    if isinstance(value, list):
+        return [shuffled(v, rng) for v in value]
+    return value
+
+
+# Bodies as orjson reads them: it turns integers beyond 64 bits into floats.
+json_values = st.recursive(st.none() | st.booleans() | st.integers(-(2**63), 2**63 - 1) | st.text(max_size=8),
+                           lambda inner: st.lists(inner, max_size=3) | st.dictionaries(st.text(max_size=5), inner,
+                                                                                         max_size=3), max_leaves=12)
+
+
+@settings(max_examples=200, deadline=None)
+@given(extra=st.dictionaries(st.text(min_size=1, max_size=6).filter(lambda k: k not in IGNORED["openai"]),
+                             json_values, max_size=4),
+       seed=st.integers(0, 2**32))
+def test_the_order_of_keys_never_changes_the_key(extra: dict[str, Any], seed: int) -> None:
+    body = {**CHAT, **{k: v for k, v in extra.items() if k != "model"}}
+    assert key("openai", "bot", "cloud", "gpt-4o", "chat", body) == \
+        key("openai", "bot", "cloud", "gpt-4o", "chat", shuffled(body, random.Random(seed)))
+
+
+def test_what_does_not_change_the_answer_is_left_out_and_what_does_is_not() -> None:
+    base = key("openai", "bot", "cloud", "gpt-4o", "chat", CHAT)
+    for field, value in (("stream", True), ("stream_options", {"include_usage": True}), ("user", "5215512345678"),
+                         ("metadata", {"conversation": "x"}), ("store", False), ("service_tier", "flex")):
+        assert key("openai", "bot", "cloud", "gpt-4o", "chat", {**CHAT, field: value}) == base, field
+    different = [
+        key("openai", "other-key", "cloud", "gpt-4o", "chat", CHAT),        # tenants never share answers
+        key("openai", None, "cloud", "gpt-4o", "chat", CHAT),
+        key("openai", "bot", "local", "gpt-4o", "chat", CHAT),
+        key("openai", "bot", "cloud", "gpt-4o-mini", "chat", CHAT),
+        key("openai", "bot", "cloud", "gpt-4o", "completion", CHAT),
+        key("openai", "bot", "cloud", "gpt-4o", "chat", {**CHAT, "max_tokens": 10}),
+        key("openai", "bot", "cloud", "gpt-4o", "chat", {**CHAT, "temperature": 0.2}),
+        key("openai", "bot", "cloud", "gpt-4o", "chat",
+            {**CHAT, "messages": [*CHAT["messages"][:1], {"role": "user", "content": "¿Horario? "}]}),
+        key("openai", "bot", "cloud", "gpt-4o", "chat",
+            {**CHAT, "messages": [{"role": "system", "content": "Otro."}, *CHAT["messages"][1:]]}),
+    ]
+    assert len({base, *different}) == 1 + len(different)
+    ollama = {"model": "llama3.2", "messages": CHAT["messages"], "options": {"temperature": 0}}
+    assert key("ollama", None, "local", "llama3.2", "chat", {**ollama, "keep_alive": "5m", "stream": False}) == \
+        key("ollama", None, "local", "llama3.2", "chat", ollama)
+
+
+def test_only_deterministic_questions_are_cached_by_default() -> None:
+    assert deterministic("openai", CHAT) == (True, "")
+    assert deterministic("openai", {**CHAT, "temperature": 0.7, "seed": 42})[0]
+    assert not deterministic("openai", {k: v for k, v in CHAT.items() if k != "temperature"})[0]  # default is 1
+    assert not deterministic("openai", {**CHAT, "temperature": 0.7})[0]
+    assert deterministic("openai", {**CHAT, "n": 2}) == (False, "several choices (n > 1)")
+    assert not deterministic("openai", {**CHAT, "tools": [{"type": "function"}]})[0]
+    assert deterministic("ollama", {"options": {"temperature": 0}})[0]
+    assert not deterministic("ollama", {"options": {}})[0]               # Ollama's default is 0.8
+    assert deterministic("ollama", {"options": {"seed": 7}})[0]
+
+
+def entry(key_: str, size: int, clock: Clock, ttl: float = 60.0, namespace: str = "bot") -> Entry:
+    return Entry(key_, namespace, b"x" * size, "json", "application/json", 10, 5, 0.001, clock(), ttl)
+
+
+@settings(max_examples=100, deadline=None)
+@given(sizes=st.lists(st.integers(0, 3000), max_size=60), reads=st.lists(st.integers(0, 59), max_size=60))
+def test_the_store_never_holds_more_bytes_than_its_bound(sizes: list[int], reads: list[int]) -> None:
+    clock = Clock()
+    cache = MemoryCache(max_bytes=10_000, max_entry_bytes=4_000, clock=clock)
+    for n, size in enumerate(sizes):
+        stored = cache.put(entry(f"k{n}", size, clock))
+        assert stored == (entry(f"k{n}", size, clock).size <= 4_000)
+        assert cache.figures.bytes <= 10_000
+        for r in reads[:n]:
+            cache.get(f"k{r}")
+    assert cache.figures.bytes == sum(e.size for e in cache._entries.values())
+    assert cache.figures.entries == len(cache._entries)
+
+
+def test_least_recently_used_leave_first_and_stale_answers_are_never_given() -> None:
+    clock = Clock()
+    size = entry("a", 1000, clock).size
+    cache = MemoryCache(max_bytes=3 * size, max_entry_bytes=size, clock=clock)
+    for name in "abc":
+        assert cache.put(entry(name, 1000, clock, ttl=60 if name != "c" else 10))
+    assert cache.get("a") is not None            # a is now the most recently used
+    assert cache.put(entry("d", 1000, clock))    # b, the least recently used, makes room
+    assert cache.get("b") is None and cache.get("a") is not None and cache.figures.evictions == 1
+    clock.advance(10)
+    assert cache.get("c") is None                # its ten seconds are over
+    found = cache.get("d")
+    assert found is not None and found.age(clock()) == 10
+    assert not cache.put(entry("huge", 2000, clock)) and cache.figures.refused_too_large == 1
+    cache.put(entry("e", 10, clock, namespace="other-key"))
+    assert cache.purge("bot") == 2 and cache.get("e") is not None
+    assert cache.purge() == 1 and cache.figures.bytes == 0
+
+
+async def test_identical_misses_that_arrive_together_make_one_upstream_call() -> None:
+    clock = Clock()
+    flights = Flights()
+    upstream_calls = 0
+    release = asyncio.Event()
+
+    async def ask(cacheable: bool) -> Entry | None:
+        nonlocal upstream_calls
+        flight = flights.join("k")
+        if flight is not None:
+            return await flight
+        upstream_calls += 1
+        await release.wait()
+        answer = entry("k", 100, clock) if cacheable else None
+        flights.land("k", answer)
+        return answer
+
+    callers = [asyncio.create_task(ask(True)) for _ in range(10)]
+    await asyncio.sleep(0)   # all ten have joined: one leads, nine wait on it
+    release.set()
+    answers = await asyncio.gather(*callers)
+    assert upstream_calls == 1 and all(a is not None and a.key == "k" for a in answers)
+    # A leader whose answer cannot be cached lets each follower go on its own.
+    release.clear()
+    callers = [asyncio.create_task(ask(False)) for _ in range(3)]
+    await asyncio.sleep(0)
+    release.set()
+    assert await asyncio.gather(*callers) == [None, None, None] and upstream_calls == 2
