@@ -30,7 +30,8 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from bench.harness import rss_kib  # noqa: E402
-from proxy.store import COLUMNS, Ledger  # noqa: E402
+from proxy.ledger import COLUMNS  # noqa: E402
+from proxy.ledger.sqlite import Ledger  # noqa: E402
 
 DAY = 86400.0
 CONFIG = """

@@ -27,7 +27,7 @@ sys.path.insert(0, str(ROOT))
 
 from bench.harness import start_proxy, start_upstream, stop  # noqa: E402
 from proxy.accounting import Aggregates  # noqa: E402
-from proxy.store import Ledger  # noqa: E402
+from proxy.ledger.sqlite import Ledger  # noqa: E402
 
 MARGINS_MS = (0, 10, 50, 100)
 

@@ -24,7 +24,8 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from proxy.store import CallRecord, Ledger  # noqa: E402
+from proxy.ledger import CallRecord  # noqa: E402
+from proxy.ledger.sqlite import Ledger  # noqa: E402
 
 DAY = 86400.0
 

@@ -23,8 +23,8 @@ sys.path.insert(0, str(ROOT))
 import psycopg  # noqa: E402
 
 from bench.ledger_writes import write_rate  # noqa: E402
-from proxy.pg_ledger import PgLedger  # noqa: E402
-from proxy.store import Ledger  # noqa: E402
+from proxy.ledger.postgresql import PgLedger  # noqa: E402
+from proxy.ledger.sqlite import Ledger  # noqa: E402
 from tests.servers import PostgresServer, postgres_bin  # noqa: E402
 
 

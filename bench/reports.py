@@ -27,7 +27,8 @@ sys.path.insert(0, str(ROOT))
 from bench.harness import reset_peak, rss_kib, start_proxy, stop  # noqa: E402
 from proxy import reports  # noqa: E402
 from proxy.config import local_zone  # noqa: E402
-from proxy.store import COLUMNS, Ledger  # noqa: E402
+from proxy.ledger import COLUMNS  # noqa: E402
+from proxy.ledger.sqlite import Ledger  # noqa: E402
 
 DAY = 86400.0
 

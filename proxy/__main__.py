@@ -17,12 +17,14 @@ import aiohttp
 import orjson
 
 from . import config as config_mod
-from . import instance, limits, reports, serving, stats, store, workers
+from . import instance, limits, reports, serving, stats, workers
 from .accounting import Accounting
 from .app import create_app, replay_ledger
 from .config import Config, ConfigError
 from .limits import WindowStore
-from .ledger import LedgerError, LedgerStore
+from .ledger import LedgerError, LedgerStore, ledger_exists, ledger_for
+from .ledger import probe as probe_ledger
+from .ledger import describe as describe_ledger
 from .upstream import UpstreamClient, UpstreamError
 
 
@@ -37,7 +39,7 @@ def _parse_time(config: Config, value: str | None) -> float | None:
 
 
 def _ledger(config: Config) -> LedgerStore | None:
-    return store.ledger_for(config) if store.exists(config) else None
+    return ledger_for(config) if ledger_exists(config) else None
 
 
 def _offline_state(config: Config) -> tuple[Accounting, WindowStore]:
@@ -95,7 +97,7 @@ def cmd_serve(config: Config, args: argparse.Namespace) -> int:
     # switch interval a busy event loop held it back by up to 100 ms under load (the SIGKILL test
     # caught it). 1 ms keeps the ledger within a few milliseconds of the calls.
     sys.setswitchinterval(0.001)
-    logging.info("tollgate starting: ledger %s", store.where(config))
+    logging.info("tollgate starting: ledger %s", describe_ledger(config))
     for warning in config_mod.missing_secrets(config):
         logging.warning("%s", warning)
     loop = _new_loop()
@@ -162,7 +164,7 @@ def cmd_stats(config: Config, args: argparse.Namespace) -> int:
             body = orjson.dumps(orjson.loads(body), option=orjson.OPT_INDENT_2)
         sys.stdout.buffer.write(body.rstrip(b"\n") + b"\n")
         return 0
-    print(f"tollgate stats: no server is running; figures from the ledger {store.where(config)}", file=sys.stderr)
+    print(f"tollgate stats: no server is running; figures from the ledger {describe_ledger(config)}", file=sys.stderr)
     acc, limiter = _offline_state(config)
     if args.text:
         print(stats.stats_text(config, acc, limiter, args.lang, running=False))
@@ -179,17 +181,17 @@ def cmd_export(config: Config, args: argparse.Namespace) -> int:
         with open(args.snapshot, "a", newline="", encoding="utf-8") as fh:
             csv.writer(fh).writerow(reports.snapshot_row(stats.stats_json(config, acc, limiter), datetime.now()))
         return 0
-    if not store.exists(config):
+    if not ledger_exists(config):
         raise SystemExit(f"tollgate export: no ledger at {config.db_path} yet")
     filters = reports.Filters(_parse_time(config, args.since), _parse_time(config, args.until))
-    oldest = store.ledger_for(config).raw_since()
+    oldest = ledger_for(config).raw_since()
     if config.ledger.keep_raw_days is not None and oldest is not None and (filters.since or 0.0) < oldest:
         print(f"tollgate export: rows before {datetime.fromtimestamp(oldest, config.stats.tz).isoformat()} "
               f"were pruned (ledger.keep_raw_days = {config.ledger.keep_raw_days:g}); /stats and history "
               f"still count them", file=sys.stderr)
     out = sys.stdout.buffer if args.csv == "-" else open(args.csv, "wb")
     try:
-        for chunk in reports.csv_chunks(store.ledger_for(config), filters, config.stats.tz):
+        for chunk in reports.csv_chunks(ledger_for(config), filters, config.stats.tz):
             out.write(chunk)
     finally:
         if out is not sys.stdout.buffer:
@@ -204,12 +206,12 @@ def cmd_reset(config: Config, args: argparse.Namespace) -> int:
         answer = orjson.loads(asyncio.run(_ask(config, server, "POST", "/metrics/reset")))
         print(f"tollgate reset: reset {server}", file=sys.stderr)
     else:
-        ledger = store.ledger_for(config)
+        ledger = ledger_for(config)
         now = time.time()
         ledger.open(now)
         ledger.new_epoch(now)
         ledger.close()
-        print(f"tollgate reset: no server is running; wrote a new epoch to the ledger {store.where(config)}, "
+        print(f"tollgate reset: no server is running; wrote a new epoch to the ledger {describe_ledger(config)}, "
               f"where the next start begins", file=sys.stderr)
         answer = {"message": "Métricas reiniciadas exitosamente", "nuevo_inicio": stats.fmt_time(config, now)}
     print(orjson.dumps(answer).decode())
@@ -234,36 +236,15 @@ async def _probe_all(config: Config) -> bool:
     return ok
 
 
-async def _probe_stores(config: Config) -> bool:
+def _probe_stores(config: Config) -> bool:
     """The shared stores the config names, asked as serve would ask them; one line each."""
     ok = True
-    if config.limits.backend == "redis":
-        import redis.asyncio as aioredis
-        from redis.exceptions import RedisError
-
-        client = aioredis.Redis.from_url(config.redis.url() or "", socket_connect_timeout=5, socket_timeout=5)
-        try:
-            result = f"reachable (Redis {(await client.info('server'))['redis_version']})"
-        except (RedisError, OSError) as exc:
-            result, ok = f"FAILED: {type(exc).__name__}", False
-        finally:
-            await client.aclose()
-        print(f"limits: Redis from ${config.redis.url_env}: {result}")
-    if config.ledger.backend == "postgresql":
-        import psycopg
-
-        try:
-            conn = await psycopg.AsyncConnection.connect(config.ledger.dsn() or "", connect_timeout=5)
-            async with conn:
-                row = await (await conn.execute("SELECT current_setting('server_version'), "
-                                                "current_setting('max_connections')")).fetchone()
-            assert row is not None
-            result = f"reachable (PostgreSQL {row[0]}, max_connections {row[1]})"
-        except psycopg.Error as exc:
-            from .pg_ledger import _reason
-
-            result, ok = f"FAILED: {_reason(exc)}", False
-        print(f"ledger: PostgreSQL from ${config.ledger.dsn_env}: {result}")
+    for what, env, found in (("limits: Redis", config.redis.url_env, limits.probe(config)),
+                             ("ledger: PostgreSQL", config.ledger.dsn_env, probe_ledger(config))):
+        if found is not None:
+            answered, text = found
+            ok = ok and answered
+            print(f"{what} from ${env}: {text if answered else 'FAILED: ' + text}")
     return ok
 
 
@@ -271,12 +252,12 @@ def cmd_check(config: Config, args: argparse.Namespace) -> int:
     """Valid config, every secret's variable set, every upstream and shared store answering:
     else non-zero."""
     config_mod.check_serve(config)
-    print(f"{config.source}: valid ({len(config.upstreams)} upstreams, ledger {store.where(config)})")
+    print(f"{config.source}: valid ({len(config.upstreams)} upstreams, ledger {describe_ledger(config)})")
     missing = config_mod.missing_secrets(config)
     for warning in missing:
         print(f"NOT SET: {warning}")
     reachable = asyncio.run(_probe_all(config))
-    stores = asyncio.run(_probe_stores(config))
+    stores = _probe_stores(config)
     return 0 if reachable and stores and not missing else 2
 
 

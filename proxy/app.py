@@ -11,7 +11,8 @@ from datetime import datetime, timezone
 import orjson
 from aiohttp import web
 
-from . import limits, logs, stats, store, tokens
+from . import files, limits, logs, stats, tokens
+from .ledger import ledger_for
 from .accounting import DAY, Accounting, Aggregates, CostTrend
 from .config import Config
 from .dialects import Dialect, error_body
@@ -40,7 +41,7 @@ def create_app(config: Config, clock: Callable[[], float] = time.time) -> web.Ap
     logs.install()  # aiohttp's own logging of malformed requests: one short, redacted line
     app = web.Application(middlewares=[error_middleware, guard], client_max_size=config.server.max_body_bytes)
 
-    ledger = store.ledger_for(config)
+    ledger = ledger_for(config)
     app[CONFIG] = config
     app[LEDGER] = ledger
     app[ACCOUNTING] = Accounting(ledger, clock)
@@ -157,7 +158,7 @@ async def snapshot_ctx(app: web.Application) -> AsyncIterator[None]:
         await app[BOOKS].refresh()
         data = orjson.dumps(stats.snapshot(config, acc), option=orjson.OPT_INDENT_2)
         try:
-            await loop.run_in_executor(None, store.write_private_atomic, config.snapshot_path, data)
+            await loop.run_in_executor(None, files.write_private_atomic, config.snapshot_path, data)
         except OSError as exc:
             if not failing:
                 log.error("cannot write %s (%s); will retry", config.snapshot_path, exc.strerror or exc)

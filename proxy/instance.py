@@ -15,7 +15,7 @@ from pathlib import Path
 
 import orjson
 
-from . import store
+from .files import write_private_atomic
 
 RECORD = "server.json"
 
@@ -41,7 +41,7 @@ def _reachable_host(host: str) -> str:
 
 def record(data_dir: Path, host: str, port: int) -> None:
     body = orjson.dumps({"pid": os.getpid(), "url": f"http://{_reachable_host(host)}:{port}", "started": time.time()})
-    store.write_private_atomic(data_dir / RECORD, body)  # a command never reads half a record
+    write_private_atomic(data_dir / RECORD, body)  # a command never reads half a record
 
 
 def forget(data_dir: Path) -> None:

@@ -235,6 +235,16 @@ def windows_for(config: Config, clock: Callable[[], float],
     return Limiter(config, clock)
 
 
+def probe(config: Config) -> tuple[bool, str] | None:
+    """For `tollgate check`: whether the shared store the config names answers, in a few words;
+    None where the windows are this process's own."""
+    if config.limits.backend != "redis":
+        return None
+    from .shared_limits import probe as ask
+
+    return ask(config)
+
+
 class Limiter:
     """The windows in this process's memory: exact, and one synchronous step per admission."""
 

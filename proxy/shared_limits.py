@@ -435,6 +435,18 @@ class SharedLimiter(Limiter):
         await pool.disconnect()
 
 
+def probe(config: Config) -> tuple[bool, str]:
+    import redis
+
+    client = redis.Redis.from_url(config.redis.url() or "", socket_connect_timeout=5, socket_timeout=5)
+    try:
+        return True, f"reachable (Redis {client.info('server')['redis_version']})"
+    except (RedisError, OSError) as exc:
+        return False, type(exc).__name__
+    finally:
+        client.close()
+
+
 def _retrieve(task: asyncio.Future[Any]) -> None:
     """A shielded command whose caller left: its failure is nobody's to hear."""
     if not task.cancelled():

@@ -24,7 +24,8 @@ from pathlib import Path
 
 from prometheus_client import multiprocess
 
-from . import instance, store
+from . import instance
+from .ledger import ledger_for
 from .config import Config
 
 log = logging.getLogger("tollgate")
@@ -107,7 +108,7 @@ class Supervisor:
         server = self.server
         loop = asyncio.get_running_loop()
         # Migrations and the rollups' back-fill, once, before any worker opens the ledger.
-        ledger = store.ledger_for(self.config)
+        ledger = ledger_for(self.config)
         await loop.run_in_executor(None, ledger.open, time.time())
         await loop.run_in_executor(None, ledger.close, 1.0)
         family = socket.AF_INET6 if ":" in server.host else socket.AF_INET

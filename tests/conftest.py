@@ -22,8 +22,7 @@ from proxy.accounting import Accounting
 from proxy.app import create_app
 from proxy.config import Config
 from proxy.keys import ACCOUNTING, LEDGER, METRICS
-from proxy.ledger import LedgerStore
-from proxy.store import CallRecord
+from proxy.ledger import CallRecord, LedgerStore
 
 from .fake_upstream import Behavior, FakeUpstream
 from .servers import RedisServer

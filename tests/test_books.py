@@ -8,7 +8,7 @@ from pathlib import Path
 from proxy.accounting import Accounting
 from proxy.books import Books
 from proxy.ledger import CallRecord
-from proxy.store import Ledger
+from proxy.ledger.sqlite import Ledger
 
 
 def call(ts: float, user: str) -> CallRecord:

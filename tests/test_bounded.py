@@ -8,7 +8,7 @@ from typing import Any
 import aiohttp
 import pytest
 
-from proxy.store import CallRecord
+from proxy.ledger import CallRecord
 from proxy.tokens import Estimator
 
 from .conftest import Proxy

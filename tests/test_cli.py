@@ -14,7 +14,8 @@ from typing import Any
 import aiohttp
 import pytest
 
-from proxy.store import CallRecord, Ledger
+from proxy.ledger import CallRecord
+from proxy.ledger.sqlite import Ledger
 
 from .conftest import Proxy, Serve, to_toml, write_config
 from .fake_upstream import Behavior, FakeUpstream
@@ -252,7 +253,7 @@ async def test_stats_of_a_stopped_server_on_an_older_ledger(config_file: Path, r
     it up to date once, as `serve` would, and counts every call."""
     import sqlite3
 
-    from proxy import rollups
+    from proxy.ledger import sqlite_rollups as rollups
 
     fill_ledger(raw_config, 300)
     conn = sqlite3.connect(Path(raw_config["server"]["data_dir"]) / "ledger.sqlite3")

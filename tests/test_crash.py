@@ -13,7 +13,7 @@ import aiohttp
 import pytest
 
 from proxy.accounting import Aggregates
-from proxy.store import Ledger
+from proxy.ledger.sqlite import Ledger
 
 from .conftest import Serve, write_config
 from .fake_upstream import Behavior, FakeUpstream

@@ -17,9 +17,9 @@ import psycopg
 import pytest
 
 from proxy.ledger import Admission, CallRecord, Filters
-from proxy.outbox import Outbox
-from proxy.pg_ledger import PgLedger
-from proxy.store import Ledger
+from proxy.ledger.outbox import Outbox
+from proxy.ledger.postgresql import PgLedger
+from proxy.ledger.sqlite import Ledger
 
 from .conftest import Proxy
 from .fake_upstream import FakeUpstream

@@ -17,10 +17,11 @@ from zoneinfo import ZoneInfo
 import aiohttp
 import pytest
 
-from proxy import reports, rollups
+from proxy import reports
 from proxy.accounting import Aggregates
-from proxy.ledger import OTHERS
-from proxy.store import CallRecord, Filters, Ledger
+from proxy.ledger import OTHERS, CallRecord, Filters
+from proxy.ledger import sqlite_rollups as rollups
+from proxy.ledger.sqlite import Ledger
 
 from .conftest import Clock, Proxy, Serve, settled, to_toml
 
@@ -263,17 +264,21 @@ async def test_retention_prunes_old_rows_and_keeps_their_sums(raw_config: dict[s
 
 
 def test_only_the_storage_modules_know_the_engine() -> None:
-    """Reports, accounting, metrics, the app and the CLI use a LedgerStore from store.ledger_for
-    and a WindowStore from limits.windows_for: a second engine (PostgreSQL, Redis) is a new module
-    and one line in its factory, nothing else."""
+    """Reports, accounting, metrics, the app and the CLI use a LedgerStore from ledger.ledger_for
+    and a WindowStore from limits.windows_for: an engine (SQLite or PostgreSQL, memory or Redis)
+    is a module of its own and one line in its factory, known to nothing else."""
     import ast
 
-    engine = {"store.py", "rollups.py", "limits.py", "shared_limits.py", "pg_ledger.py", "pg_rollups.py", "outbox.py"}
-    for path in (Path(__file__).resolve().parent.parent / "proxy").glob("*.py"):
-        if path.name in engine:
+    root = Path(__file__).resolve().parent.parent / "proxy"
+    engines = {"limits.py", "shared_limits.py", "redis_windows.py"}
+    engine_modules = {"sqlite", "sqlite_rollups", "postgresql", "postgresql_rollups", "outbox", "shared_limits",
+                      "redis_windows"}
+    for path in root.rglob("*.py"):
+        if path.parent.name == "ledger" or path.name in engines:
             continue
         tree = ast.parse(path.read_text())
         imported = {alias.name for node in ast.walk(tree) if isinstance(node, (ast.Import, ast.ImportFrom))
-                    for alias in node.names} | {node.module or "" for node in ast.walk(tree)
-                                                if isinstance(node, ast.ImportFrom)}
-        assert not imported & {"sqlite3", "rollups", "Ledger", "Limiter"}, path.name
+                    for alias in node.names} | {part for node in ast.walk(tree) if isinstance(node, ast.ImportFrom)
+                                                for part in (node.module or "").split(".")}
+        assert not imported & ({"sqlite3", "psycopg", "redis", "Ledger", "PgLedger", "Limiter"} | engine_modules), \
+            path.name

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import orjson
 
-from .store import make_private_dir
+from ..files import make_private_dir
 
 _SCHEMA = "CREATE TABLE IF NOT EXISTS outbox (seq INTEGER PRIMARY KEY AUTOINCREMENT, kind TEXT NOT NULL, data BLOB)"
 

@@ -1,9 +1,10 @@
 """The ledger as the rest of Tollgate sees it: the records it keeps, the questions it answers,
-and `LedgerStore`, the one interface every engine implements (SQLite in store.py today).
+and `LedgerStore`, the one interface every engine implements: `sqlite.py` (one machine) and
+`postgresql.py` (every machine of a deployment).
 
-Nothing outside the storage modules knows which engine is behind a `LedgerStore`: the app gets
-one from `store.ledger_for(config)`, and reports, accounting, metrics and the CLI speak only
-the methods below, in the types defined here.
+Nothing outside this package knows which engine is behind a `LedgerStore`: the app gets one
+from `ledger_for(config)`, and reports, accounting, metrics and the CLI speak only the methods
+below, in the types defined here.
 """
 
 from __future__ import annotations
@@ -11,7 +12,10 @@ from __future__ import annotations
 from collections.abc import Iterator
 from dataclasses import dataclass, field, fields
 from pathlib import Path
-from typing import Any, Literal, Protocol
+from typing import TYPE_CHECKING, Any, Literal, Protocol
+
+if TYPE_CHECKING:
+    from ..config import Config
 
 
 @dataclass(slots=True)
@@ -170,3 +174,45 @@ class LedgerStore(Protocol):
     def raw_since(self) -> float | None: ...
     def rows(self, since: float | None = None, until: float | None = None) -> Iterator[CallRecord]: ...
     def count(self) -> int: ...
+
+
+# --- the engine ------------------------------------------------------------------------
+
+
+def ledger_for(config: Config) -> LedgerStore:
+    """The config's ledger: the one place that picks the engine (SQLite, or PostgreSQL)."""
+    server = config.server
+    drop = server.on_ledger_full == "serve"
+    if config.ledger.backend == "postgresql":
+        from .postgresql import PgLedger  # psycopg is an optional dependency
+
+        dsn = config.ledger.dsn()
+        if dsn is None:
+            raise LedgerError(f"ledger.backend = 'postgresql' but ${config.ledger.dsn_env} is unset")
+        return PgLedger(dsn, server.data_dir / "ledger-outbox.sqlite3", config.ledger.pool_size,
+                        server.ledger_max_backlog, drop)
+    from .sqlite import Ledger
+
+    return Ledger(config.db_path, server.ledger_busy_timeout_s, server.ledger_max_backlog, drop)
+
+
+def describe(config: Config) -> str:
+    """The ledger as a message names it (never the connection string: it may hold a password)."""
+    if config.ledger.backend == "postgresql":
+        return f"PostgreSQL (${config.ledger.dsn_env})"
+    return str(config.db_path)
+
+
+def ledger_exists(config: Config) -> bool:
+    """Whether there is a ledger to read (a database is always there to ask)."""
+    return config.ledger.backend == "postgresql" or config.db_path.exists()
+
+
+def probe(config: Config) -> tuple[bool, str] | None:
+    """For `tollgate check`: whether the database the config names answers, in a few words
+    (never its connection string); None where the ledger is a local file."""
+    if config.ledger.backend != "postgresql":
+        return None
+    from .postgresql import probe as ask
+
+    return ask(config.ledger.dsn() or "")

@@ -1,5 +1,5 @@
 """The PostgreSQL ledger's schema, its migrations, and its sums: the same rollups as the SQLite
-ledger's (rollups.py), written and read in PostgreSQL's SQL.
+ledger's (sqlite_rollups.py), written and read in PostgreSQL's SQL.
 
 The schema is a list of versioned steps, applied once per database, in order, under an advisory
 lock, whichever process starts first; `tollgate_schema` records each. Call rows live in a table
@@ -14,9 +14,9 @@ from typing import Any
 
 import psycopg
 
-from .histogram import _BASE, _FLOOR
-from .ledger import LATENCY, OTHERS, TTFT, Summary
-from .rollups import DAY, HOUR, KEY, SUMS, USER_SUMS, spans
+from ..histogram import _BASE, _FLOOR
+from . import LATENCY, OTHERS, TTFT, Summary
+from .sqlite_rollups import DAY, HOUR, KEY, SUMS, USER_SUMS, spans
 
 # Any 64-bit number the deployment's other programs do not use: the migrations' lock.
 MIGRATION_LOCK = 7_461_700_001

@@ -27,12 +27,13 @@ from typing import Any
 import psycopg
 from psycopg_pool import ConnectionPool
 
-from . import pg_rollups, rollups
-from .ledger import (COLUMNS, GROUPS, Admission, CallRecord, Filters, GroupBy, LedgerError, Piece,
+from . import postgresql_rollups as pg_rollups
+from . import sqlite_rollups as rollups
+from . import (COLUMNS, GROUPS, Admission, CallRecord, Filters, GroupBy, LedgerError, Piece,
                      Summary)
 from .outbox import Item, Outbox
-from .pg_rollups import ADMISSION_COLUMNS, CALL_COLUMNS, CALL_TYPES, q
-from .store import _QUARTER, _STOP, PRUNE_BATCH, Ledger, _Epoch, _Flush, _Prune, _record, _Snapshot
+from .postgresql_rollups import ADMISSION_COLUMNS, CALL_COLUMNS, CALL_TYPES, q
+from .sqlite import _QUARTER, _STOP, PRUNE_BATCH, Ledger, _Epoch, _Flush, _Prune, _record, _Snapshot
 
 log = logging.getLogger("tollgate.ledger")
 
@@ -416,6 +417,16 @@ class PgLedger(Ledger):
     def count(self) -> int:
         with _reading(), self._read() as conn:
             return int(conn.execute("SELECT COUNT(*) FROM calls").fetchone()[0])
+
+
+def probe(dsn: str) -> tuple[bool, str]:
+    try:
+        with psycopg.connect(dsn, connect_timeout=5) as conn:
+            row = conn.execute("SELECT current_setting('server_version'), current_setting('max_connections')").fetchone()
+    except psycopg.Error as exc:
+        return False, _reason(exc)
+    assert row is not None
+    return True, f"reachable (PostgreSQL {row[0]}, max_connections {row[1]})"
 
 
 def _sqlite_shaped(row: tuple[Any, ...]) -> tuple[Any, ...]:

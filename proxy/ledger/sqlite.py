@@ -32,9 +32,9 @@ from dataclasses import dataclass, fields, replace
 from pathlib import Path
 from typing import Any
 
-from . import rollups
-from .config import Config
-from .ledger import (COLUMNS, GROUPS, OTHERS, Admission, CallRecord, Filters, GroupBy, LedgerError,
+from . import sqlite_rollups as rollups
+from ..files import make_private_dir
+from . import (COLUMNS, GROUPS, OTHERS, Admission, CallRecord, Filters, GroupBy, LedgerError,
                      LedgerHealth, LedgerStore, Piece, Snapshot, Summary)
 
 log = logging.getLogger("tollgate.ledger")
@@ -165,28 +165,6 @@ def _reader(path: Path) -> sqlite3.Connection:
     """A read-only connection: a report can never write to the ledger. check_same_thread off: a
     streamed export is read batch by batch from whichever executor thread is free, never two at once."""
     return sqlite3.connect(f"file:{path}?mode=ro", uri=True, timeout=30.0, check_same_thread=False)
-
-
-def make_private_dir(path: Path) -> None:
-    """Create `path` (and parents) readable by the owner only; tighten it if it exists."""
-    path.mkdir(mode=0o700, parents=True, exist_ok=True)
-    os.chmod(path, 0o700)
-
-
-def write_private_atomic(path: Path, data: bytes) -> None:
-    """Write a file owner-only and atomically: readers see the old or the new, never half."""
-    make_private_dir(path.parent)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-    try:
-        os.write(fd, data)
-        os.fsync(fd)
-    except OSError:
-        os.unlink(tmp)
-        raise
-    finally:
-        os.close(fd)
-    os.replace(tmp, path)
 
 
 def _where(filters: Filters) -> tuple[str, list[Any]]:
@@ -674,32 +652,3 @@ def _record(row: tuple[object, ...]) -> CallRecord:
     return CallRecord(*values)  # type: ignore[arg-type]
 
 
-def ledger_for(config: Config) -> LedgerStore:
-    """The config's ledger: the one place that picks the engine (SQLite, or PostgreSQL)."""
-    server = config.server
-    drop = server.on_ledger_full == "serve"
-    if config.ledger.backend == "postgresql":
-        from .pg_ledger import PgLedger  # psycopg is an optional dependency
-
-        dsn = config.ledger.dsn()
-        if dsn is None:
-            raise LedgerError(f"ledger.backend = 'postgresql' but ${config.ledger.dsn_env} is unset")
-        return PgLedger(dsn, server.data_dir / "ledger-outbox.sqlite3", config.ledger.pool_size,
-                        server.ledger_max_backlog, drop)
-    return Ledger(config.db_path, server.ledger_busy_timeout_s, server.ledger_max_backlog, drop)
-
-
-def where(config: Config) -> str:
-    """The ledger as a message names it (never the connection string: it may hold a password)."""
-    if config.ledger.backend == "postgresql":
-        return f"PostgreSQL (${config.ledger.dsn_env})"
-    return str(config.db_path)
-
-
-def exists(config: Config) -> bool:
-    """Whether there is a ledger to read (a database is always there to ask)."""
-    return config.ledger.backend == "postgresql" or config.db_path.exists()
-
-
-__all__ = ["COLUMNS", "GROUPS", "Admission", "CallRecord", "Filters", "GroupBy", "Ledger", "LedgerError",
-           "LedgerHealth", "Piece", "ledger_for", "make_private_dir", "write_private_atomic"]

@@ -22,8 +22,8 @@ import sqlite3
 import time
 from typing import Any
 
-from .histogram import _BASE, _FLOOR, bucket_index
-from .ledger import LATENCY, OTHERS, TTFT, Summary
+from ..histogram import _BASE, _FLOOR, bucket_index
+from . import LATENCY, OTHERS, TTFT, Summary
 
 log = logging.getLogger("tollgate.ledger")
 
