@@ -27,7 +27,7 @@ sys.path.insert(0, str(ROOT))
 from bench.harness import free_port  # noqa: E402
 from proxy import config as config_mod  # noqa: E402
 from proxy import limits  # noqa: E402
-from proxy.redis_windows import RedisWindows, WindowSpec  # noqa: E402
+from proxy.limits.redis_windows import RedisWindows, WindowSpec  # noqa: E402
 
 WINDOWS = [WindowSpec("upstream:cloud", "requests", 10**9, span=60),
            WindowSpec("upstream:cloud", "tokens", 10**12, span=60),

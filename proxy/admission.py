@@ -1,6 +1,6 @@
 """Admission of one call: per-request caps, the limiter, waiting in line, falling back.
 
-`limits.py` decides; this module applies the decision to a call in flight, which may mean
+The limiter (`limits`) decides; this module applies the decision to a call in flight, which may mean
 awaiting (wait mode) or choosing another upstream (fallback). Refusals raise errors that the
 middleware renders as the dialect's 429 / 413 / 400 with OpenAI's rate-limit headers.
 """

@@ -11,7 +11,7 @@ from collections.abc import AsyncIterator
 import pytest
 import redis.asyncio as aioredis
 
-from proxy.redis_windows import Entry, RedisWindows, WindowSpec
+from proxy.limits.redis_windows import Entry, RedisWindows, WindowSpec
 
 RPM = WindowSpec("upstream:cloud", "requests", 10, span=60)
 
@@ -28,7 +28,7 @@ async def windows(redis_server: str) -> AsyncIterator[RedisWindows]:
 CHILD = """
 import asyncio, sys
 import redis.asyncio as aioredis
-from proxy.redis_windows import Entry, RedisWindows, WindowSpec
+from proxy.limits.redis_windows import Entry, RedisWindows, WindowSpec
 
 async def main():
     client = aioredis.Redis.from_url(sys.argv[1], max_connections=100)
@@ -120,7 +120,7 @@ async def test_an_upstream_429_holds_its_calls(windows: RedisWindows) -> None:
 LEASED = """
 import asyncio, sys
 import redis.asyncio as aioredis
-from proxy.redis_windows import Entry, RedisWindows, WindowSpec
+from proxy.limits.redis_windows import Entry, RedisWindows, WindowSpec
 
 async def main():
     client = aioredis.Redis.from_url(sys.argv[1])

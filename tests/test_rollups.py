@@ -270,15 +270,15 @@ def test_only_the_storage_modules_know_the_engine() -> None:
     import ast
 
     root = Path(__file__).resolve().parent.parent / "proxy"
-    engines = {"limits.py", "shared_limits.py", "redis_windows.py"}
-    engine_modules = {"sqlite", "sqlite_rollups", "postgresql", "postgresql_rollups", "outbox", "shared_limits",
+    engine_modules = {"sqlite", "sqlite_rollups", "postgresql", "postgresql_rollups", "outbox", "memory", "shared",
                       "redis_windows"}
     for path in root.rglob("*.py"):
-        if path.parent.name == "ledger" or path.name in engines:
+        if path.parent.name in ("ledger", "limits"):
             continue
         tree = ast.parse(path.read_text())
         imported = {alias.name for node in ast.walk(tree) if isinstance(node, (ast.Import, ast.ImportFrom))
                     for alias in node.names} | {part for node in ast.walk(tree) if isinstance(node, ast.ImportFrom)
                                                 for part in (node.module or "").split(".")}
-        assert not imported & ({"sqlite3", "psycopg", "redis", "Ledger", "PgLedger", "Limiter"} | engine_modules), \
+        assert not imported & ({"sqlite3", "psycopg", "redis", "Ledger", "PgLedger", "Limiter", "SharedLimiter"}
+                               | engine_modules), \
             path.name

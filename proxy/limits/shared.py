@@ -31,12 +31,13 @@ from typing import Any, TypeVar
 import redis.asyncio as aioredis
 from redis.exceptions import RedisError
 
-from .config import Config
-from .errors import LimitsUnavailable
-from .ledger import Admission, LedgerError
-from .limits import DAY, MINUTE, Denial, Limiter, Scope, Ticket, Window, _midnight
+from ..config import Config
+from ..errors import LimitsUnavailable
+from ..ledger import Admission, LedgerError
+from ..tasks import running
+from .memory import Limiter
 from .redis_windows import Decision, Entry, Figure, Kind, RedisWindows, WindowSpec
-from .tasks import running
+from .windows import DAY, MINUTE, Denial, Scope, Ticket, Window, _midnight
 
 log = logging.getLogger("tollgate")
 

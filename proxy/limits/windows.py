@@ -1,0 +1,198 @@
+"""The limiter's pure parts: sliding windows, scopes, a refusal and an admitted call's ticket.
+
+Pure logic with an injected clock, no I/O and no awaiting. Each *scope* (an upstream, a model
+pattern, a user, a proxy key) has the limits of its config table: requests per minute, requests
+per day (rolling 24 h, or a calendar day in a time zone), tokens per minute, and calls in flight.
+Windows are sliding logs of admissions, so "never more than the limit in any window of its
+length" holds exactly, and a refusal says exactly how long until a place frees: the moment the
+oldest entries that stand in the way leave the window.
+"""
+
+from __future__ import annotations
+
+import math
+import secrets
+from collections import deque
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+from datetime import datetime, timedelta
+from itertools import repeat
+from zoneinfo import ZoneInfo
+
+from ..config import Limits
+
+MINUTE, DAY = 60.0, 86_400.0
+
+
+def _midnight(ts: float, tz: ZoneInfo, days_later: int = 0) -> float:
+    """Local midnight in `tz` starting the day of `ts` (or `days_later` days after it)."""
+    local = datetime.fromtimestamp(ts, tz).replace(hour=0, minute=0, second=0, microsecond=0)
+    return (local + timedelta(days=days_later)).timestamp()
+
+
+class Window:
+    """A sliding log of admissions over `span` seconds, or since local midnight.
+
+    Request windows keep only admission times (each counts 1); token windows keep an amount
+    beside each time, which `adjust` can correct once the real usage is known. A limit of 0
+    means none: the window only counts, for the figures /stats and alerts show.
+    """
+
+    def __init__(self, limit: int, span: float, tz: ZoneInfo | None = None, weighted: bool = False) -> None:
+        self.limit = limit
+        self.span = span
+        self.tz = tz  # set: a calendar day in this zone instead of a rolling span
+        self.times: deque[float] = deque()
+        self.amounts: deque[float] | None = deque() if weighted else None
+        self.used = 0.0
+        self.popped = 0  # entries dropped so far: turns an entry's sequence number into an index
+
+    def start(self, now: float) -> float:
+        if self.tz is None:
+            return now - self.span
+        return _midnight(now, self.tz)
+
+    def end_of(self, ts: float) -> float:
+        """When an entry admitted at `ts` stops counting."""
+        if self.tz is None:
+            return ts + self.span
+        return _midnight(ts, self.tz, days_later=1)
+
+    def prune(self, now: float) -> None:
+        start = self.start(now)
+        times, amounts = self.times, self.amounts
+        while times and times[0] <= start:
+            times.popleft()
+            self.popped += 1
+            self.used -= amounts.popleft() if amounts is not None else 1.0
+        if not times:
+            self.used = 0.0  # no float drift once empty
+
+    def wait_for(self, now: float, amount: float) -> float | None:
+        """Seconds until `amount` fits (0: now), None if it never can (larger than the limit)."""
+        self.prune(now)
+        if amount > self.limit:
+            return None
+        excess = self.used + amount - self.limit
+        if excess <= 0:
+            return 0.0
+        freed = 0.0
+        values = self.amounts if self.amounts is not None else repeat(1.0)
+        for ts, value in zip(self.times, values):
+            freed += value
+            if freed >= excess:
+                return max(0.0, self.end_of(ts) - now)
+        return None  # unreachable while used >= excess
+
+    def add(self, now: float, amount: float) -> int:
+        """Record an admission; returns its sequence number, for `adjust`."""
+        # Entries arrive in time order: live admissions read one clock, and the ledger replays
+        # admissions sorted by time.
+        self.used += amount
+        self.times.append(now)
+        if self.amounts is not None:
+            self.amounts.append(amount)
+        return self.popped + len(self.times) - 1
+
+    def adjust(self, seq: int, amount: float) -> None:
+        index = seq - self.popped
+        if self.amounts is not None and index >= 0:  # still in the log
+            self.used += amount - self.amounts[index]
+            self.amounts[index] = amount
+
+    def reset_in(self, now: float) -> float:
+        """Seconds until the window is empty again (what x-ratelimit-reset-* means)."""
+        self.prune(now)
+        return max(0.0, self.end_of(self.times[-1]) - now) if self.times else 0.0
+
+
+@dataclass
+class Scope:
+    name: str              # "upstream:gpt4o_cloud", "model:gpt-4o*", "user:ana"
+    limits: Limits
+    rpm: Window | None = None
+    rpd: Window | None = None
+    tpm: Window | None = None
+    in_flight: int = 0
+    blocked_until: float = 0.0  # the upstream's own 429 holds calls back until then
+    tracked: bool = False       # counted for /stats even where no limit is set
+
+    @classmethod
+    def build(cls, name: str, limits: Limits, zone: ZoneInfo, tracked: bool = False) -> Scope:
+        """`zone` is the stats zone: a calendar day that names no zone of its own is its day."""
+        tz = (ZoneInfo(limits.timezone) if limits.timezone else zone) if limits.day == "calendar" else None
+        return cls(name, limits,
+                   rpm=Window(limits.rpm, MINUTE) if limits.rpm else None,
+                   rpd=Window(limits.rpd or 0, DAY, tz) if limits.rpd or tracked else None,
+                   tpm=Window(limits.tpm or 0, MINUTE, weighted=True) if limits.tpm or tracked else None,
+                   tracked=tracked)
+
+    def windows(self) -> Iterable[tuple[Window, str]]:
+        """Its windows that hold a limit, with the limit's name."""
+        for window, kind in ((self.rpm, "requests_per_minute"), (self.rpd, "requests_per_day"),
+                             (self.tpm, "tokens_per_minute")):
+            if window is not None and window.limit:
+                yield window, kind
+
+    @property
+    def idle(self) -> bool:
+        return self.in_flight == 0 and not any(w.times for w in (self.rpm, self.rpd, self.tpm) if w)
+
+
+@dataclass
+class Denial:
+    """Why a call may not go now, and when it could."""
+
+    scope: str
+    limit: str             # requests_per_minute, requests_per_day, tokens_per_minute, concurrency, upstream_rate_limit
+    retry_after: float | None  # None: never (the call alone is over the limit)
+    maximum: int
+
+    @property
+    def message(self) -> str:
+        what = {"requests_per_minute": f"{self.maximum:,} requests per minute",
+                "requests_per_day": f"{self.maximum:,} requests per day",
+                "tokens_per_minute": f"{self.maximum:,} tokens per minute",
+                "concurrency": f"{self.maximum:,} concurrent requests",
+                "upstream_rate_limit": "the upstream's own rate limit"}[self.limit]
+        if self.retry_after is None:
+            return f"Rate limit of {what} for {self.scope}: this request alone exceeds it."
+        return (f"Rate limit of {what} reached for {self.scope}; "
+                f"try again in {format_duration(self.retry_after)}.")
+
+
+@dataclass
+class Ticket:
+    """An admitted call's places, given back (and its tokens reconciled) by `finish`."""
+
+    scopes: list[Scope]
+    admitted: float
+    tokens: int
+    key: str = field(default_factory=lambda: secrets.token_hex(8))
+    token_entries: list[tuple[Window, int]] = field(default_factory=list)
+    done: bool = False
+
+
+def _row(scope: str, limit: str, used: float, maximum: int, reset: float) -> dict[str, object]:
+    return {"scope": scope, "limit": limit, "used": int(used), "max": maximum,
+            "pct": round(100.0 * used / maximum, 1) if maximum else 0.0, "reset_s": round(reset, 3)}
+
+
+def _longer(a: Denial, b: Denial) -> bool:
+    if a.retry_after is None:
+        return b.retry_after is not None
+    return b.retry_after is not None and a.retry_after > b.retry_after
+
+
+def format_duration(seconds: float) -> str:
+    """OpenAI's reset format: 20ms, 1s, 6m0s, 1h2m3s."""
+    if seconds < 1:
+        return f"{max(0, math.ceil(seconds * 1000))}ms"
+    total = math.ceil(seconds)
+    hours, rest = divmod(total, 3600)
+    minutes, secs = divmod(rest, 60)
+    if hours:
+        return f"{hours}h{minutes}m{secs}s"
+    if minutes:
+        return f"{minutes}m{secs}s"
+    return f"{secs}s"
