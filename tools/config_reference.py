@@ -1,4 +1,4 @@
-"""The README's config reference, generated from the schema in proxy/config.py.
+"""The README's config reference, generated from the schema in proxy/config/schema.py.
 
     python tools/config_reference.py          # rewrite the reference in README.md
     python tools/config_reference.py --check  # exit 1 if README.md differs from the schema
@@ -22,7 +22,7 @@ sys.path.insert(0, str(ROOT))
 
 from proxy import config as c  # noqa: E402
 
-BEGIN = "<!-- config reference: generated from proxy/config.py by tools/config_reference.py; do not edit -->"
+BEGIN = "<!-- config reference: generated from proxy/config/schema.py by tools/config_reference.py; do not edit -->"
 END = "<!-- end of config reference -->"
 
 SECTIONS: list[tuple[str, type[msgspec.Struct]]] = [
@@ -107,7 +107,7 @@ def main() -> int:
     readme = path.read_text()
     if "--check" in sys.argv[1:]:
         if documented(readme) != reference():
-            print("README.md's config reference differs from proxy/config.py: run tools/config_reference.py")
+            print("README.md's config reference differs from proxy/config/schema.py: run tools/config_reference.py")
             return 1
         return 0
     path.write_text(readme.replace(documented(readme), reference()))

@@ -35,7 +35,7 @@ from typing import Any
 from . import sqlite_rollups as rollups
 from ..files import make_private_dir
 from . import (COLUMNS, GROUPS, OTHERS, Admission, CallRecord, Filters, GroupBy, LedgerError,
-                     LedgerHealth, LedgerStore, Piece, Snapshot, Summary)
+                     LedgerHealth, Piece, Snapshot, Summary)
 
 log = logging.getLogger("tollgate.ledger")
 
