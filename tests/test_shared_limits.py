@@ -84,6 +84,7 @@ async def test_a_flushed_redis_is_loaded_from_the_ledger_before_anything_more_is
             statuses = sorted(s for s, _ in await post_all(session, [proxy.url] * 3, CHAT))
             assert statuses == [200, 429, 429]
             assert fake.requests == 3
+            await proxy.settled()   # the third call booked: its real tokens replace its estimate
             async with session.get(proxy.url + "/stats") as r:
                 detail = (await r.json())["detail"]
             tpm = next(row for row in detail["limits"] if row["limit"] == "tokens_per_minute")

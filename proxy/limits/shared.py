@@ -77,6 +77,8 @@ class SharedLimiter(Limiter):
         self._rebuilding: asyncio.Task[None] | None = None
         self._finishing: list[tuple[str, list[WindowSpec], int, int]] = []  # finishes not yet sent
         self._sending_finishes = False
+        self._finishes_sent = asyncio.Event()   # set whenever no finish waits to be sent
+        self._finishes_sent.set()
         self.released: list[Callable[[], None]] = []  # told when a shared place is given back
         self._refusals: dict[str, int] = {}     # the deployment's, as Redis last said
         self._unsent: dict[str, int] = {}       # this process's, not yet added there
@@ -235,6 +237,7 @@ class SharedLimiter(Limiter):
         so under load many calls share each (a round trip per call cost a fifth of the
         throughput, bench/workers.py)."""
         self._finishing.append((key, specs, admitted, used))
+        self._finishes_sent.clear()
         if not self._sending_finishes:
             self._sending_finishes = True
             self._spawn(self._send_finishes())
@@ -254,6 +257,8 @@ class SharedLimiter(Limiter):
                     listener()
         finally:
             self._sending_finishes = False
+            if not self._finishes_sent.is_set() and not self._finishing:
+                self._finishes_sent.set()
 
     def upstream_refused(self, upstream: str, retry_after: float | None) -> None:
         super().upstream_refused(upstream, retry_after)
@@ -379,6 +384,11 @@ class SharedLimiter(Limiter):
         now = self.clock()
         specs = self._specs(self.reported_scopes(), now)
         await self._send_refusals()
+        try:  # the calls this process has finished count what they really used in the figures read
+            async with asyncio.timeout(max(1.0, self.shared.timeout_ms / 1000)):
+                await self._finishes_sent.wait()
+        except TimeoutError:
+            pass
         try:
             figures = await self._redis(self._windows.peek(specs))
             refusals = await self._redis(self._windows.counts())
