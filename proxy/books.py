@@ -4,9 +4,9 @@ One process keeps its aggregates in memory, read back from the ledger at start a
 call by call. When several processes write one ledger (`server.workers` above 1), each one's
 memory holds only its own calls: `/stats`, the WhatsApp text, the snapshot and the alerts then
 read the epoch's sums and the week's cost from the ledger's rollups, at most every
-`server.stats_cache_s`, after committing this process's own rows. So every worker answers with
-the same figures, and a reset made through any of them (a new epoch in the ledger) is the
-epoch of all.
+`server.stats_cache_s`, as of a place in this process's write queue (`LedgerStore.snapshot`), with
+the calls booked after it added on top. So every worker answers with the same figures, and a
+reset made through any of them (a new epoch in the ledger) is the epoch of all.
 """
 
 from __future__ import annotations
@@ -21,7 +21,7 @@ from .ledger import CallRecord, LedgerError, LedgerStore
 log = logging.getLogger("tollgate")
 
 # How long a read waits for this process's rows to be committed before keeping its own figures.
-_FLUSH_S = 5.0
+_SNAPSHOT_WAIT_S = 5.0
 
 
 class Books:
@@ -47,7 +47,7 @@ class Books:
             later: list[CallRecord] = []
             self.acc.listeners.append(later.append)
             try:
-                snapshot = await self.ledger.snapshot(since, _FLUSH_S)
+                snapshot = await self.ledger.snapshot(since, _SNAPSHOT_WAIT_S)
             except LedgerError as exc:
                 # The shared ledger cannot be read (a database away, a disk failing): this
                 # process's own figures stand meanwhile.

@@ -33,7 +33,7 @@ from . import (COLUMNS, GROUPS, Admission, CallRecord, Filters, GroupBy, LedgerE
                      Summary)
 from .outbox import Item, Outbox
 from .postgresql_rollups import ADMISSION_COLUMNS, CALL_COLUMNS, CALL_TYPES, q
-from .sqlite import _QUARTER, _STOP, PRUNE_BATCH, Ledger, _Epoch, _Flush, _Prune, _record, _Snapshot
+from .sqlite import _QUARTER, PRUNE_BATCH, Ledger, _Epoch, _Prune, _record
 
 log = logging.getLogger("tollgate.ledger")
 
@@ -177,12 +177,7 @@ class PgLedger(Ledger):
                 self._written += kept
                 if pruning and conn is not None and not self.outbox.size:
                     self._prune(conn, pruning[-1])
-                stop = any(item is _STOP for item in pending)
-                for item in pending:
-                    if isinstance(item, _Flush):
-                        item.done()
-                    elif isinstance(item, _Snapshot):
-                        item.answer(self.read_snapshot)
+                stop = self._answer_markers(pending)
                 pending = []
                 if stop:
                     return
@@ -191,10 +186,6 @@ class PgLedger(Ledger):
         finally:
             if conn is not None:
                 conn.close()
-
-    def _wait(self, seconds: float) -> None:
-        self._wake.wait(seconds)
-        self._wake.clear()
 
     def _lost(self, conn: psycopg.Connection[Any] | None, exc: psycopg.Error) -> None:
         reason = _reason(exc)

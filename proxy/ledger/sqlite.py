@@ -339,8 +339,7 @@ class Ledger:
                         log.error("ledger: stopping with %d rows unwritten (%s)", len(writes), exc)
                         return
                     backoff = min(max(backoff * 2, 0.05), 1.0)
-                    self._wake.wait(backoff)
-                    self._wake.clear()
+                    self._wait(backoff)
                     continue
                 backoff = 0.0
                 self._written += sum(1 for item in writes if not isinstance(item, _Epoch))
@@ -354,20 +353,28 @@ class Ledger:
                 if pruning:
                     conn = conn or _connect(self.path, self.busy_timeout_s)
                     self._prune(conn, pruning[-1])
-                stop = False
-                for item in pending:
-                    if isinstance(item, _Flush):
-                        item.done()
-                    elif isinstance(item, _Snapshot):
-                        item.answer(self.read_snapshot)
-                    elif item is _STOP:
-                        stop = True
+                stop = self._answer_markers(pending)
                 pending = []
                 if stop:
                     return
         finally:
             if conn is not None:
                 conn.close()
+
+    def _answer_markers(self, handled: list[object]) -> bool:
+        """Everything before the markers among `handled` is written: tell whoever waits on them.
+        True if the writer was asked to stop."""
+        for item in handled:
+            if isinstance(item, _Flush):
+                item.done()
+            elif isinstance(item, _Snapshot):
+                item.answer(self.read_snapshot)
+        return any(item is _STOP for item in handled)
+
+    def _wait(self, seconds: float) -> None:
+        """Back off before trying again; close() cuts it short."""
+        self._wake.wait(seconds)
+        self._wake.clear()
 
     def _prune(self, conn: sqlite3.Connection, prune: _Prune) -> None:
         """One batch; if more is left, the request goes back in the queue behind what came since.
