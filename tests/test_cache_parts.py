@@ -10,8 +10,8 @@ from typing import Any
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from proxy.cache_keys import IGNORED, deterministic, key
-from proxy.cache_store import Entry, Flights, MemoryCache
+from proxy.cache.keys import IGNORED, deterministic, key
+from proxy.cache.store import Entry, Flights, MemoryCache
 
 from .conftest import Clock
 

@@ -16,8 +16,8 @@ import pytest
 from aiohttp import web
 from aiohttp.test_utils import TestServer
 
-from proxy import cache_replay
-from proxy.cache_replay import Answer
+from proxy.cache import replay as cache_replay
+from proxy.cache.replay import Answer
 
 from .fake_upstream import Behavior, FakeUpstream
 

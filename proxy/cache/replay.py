@@ -16,8 +16,8 @@ from typing import Any
 
 import orjson
 
-from .dialects import Dialect
-from .framing import ndjson_framer, sse_data, sse_framer
+from ..dialects import Dialect
+from ..framing import ndjson_framer, sse_data, sse_framer
 
 # Pieces a replayed stream is cut into: as a live stream would come, a few words at a time.
 PIECE_CHARS = 64

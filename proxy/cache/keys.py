@@ -16,7 +16,7 @@ from typing import Any
 
 import orjson
 
-from .dialects import Dialect
+from ..dialects import Dialect
 
 # Top-level fields that change how an answer is delivered, who is billed or logged for it, or how
 # long a model stays loaded, but not the answer itself.
