@@ -17,7 +17,7 @@ from typing import Any
 
 from .errors import OUTCOMES
 from .histogram import Histogram
-from .ledger import LATENCY, OTHERS, CallRecord, LedgerStore, Summary
+from .ledger import LATENCY, OTHERS, SUCCESSES, CallRecord, LedgerStore, Summary
 
 DAY = 86_400.0
 # The endpoints whose successful calls are chat messages (/stats' conversation count).
@@ -138,6 +138,10 @@ class Aggregates:
     # Attempts that did not answer the client (a fallback did), by "upstream:outcome". They are
     # not requests of their own: the call is counted once, where it was served.
     attempts: dict[str, int] = field(default_factory=dict)
+    # Calls the answer cache served, and the tokens and cost their live calls would have taken.
+    cache_hits: int = 0
+    saved_tokens: int = 0
+    saved_usd: float = 0.0
 
     @classmethod
     def from_summary(cls, started: float, summary: Summary, edges: Iterable[CallRecord] = ()) -> Aggregates:
@@ -145,14 +149,14 @@ class Aggregates:
         equal to adding every row of the epoch one by one."""
         agg = cls(epoch_started=started)
         for (upstream, model, type_, endpoint, _key, outcome, fallback_from, final, _named, requests, prompt, completion,
-             cached, estimated_calls, estimated_tokens, cost, latency_sum, _ttft_count, ttft_sum,
-             last_ts) in summary.calls:
+             cached, estimated_calls, estimated_tokens, cost, latency_sum, _ttft_count, ttft_sum, saved_tokens,
+             saved_usd, last_ts) in summary.calls:
             n = int(requests)  # type: ignore[call-overload]
             if not final:
                 key = f"{upstream}:{outcome}"
                 agg.attempts[key] = agg.attempts.get(key, 0) + n
                 continue
-            tally = Tally(n, n if outcome != "ok" else 0, int(prompt), int(completion),  # type: ignore[call-overload]
+            tally = Tally(n, n if outcome not in SUCCESSES else 0, int(prompt), int(completion),  # type: ignore[call-overload]
                           int(cached), int(estimated_calls), int(estimated_tokens),  # type: ignore[call-overload]
                           float(cost))  # type: ignore[arg-type]
             agg.totals.merge(tally)
@@ -165,8 +169,12 @@ class Aggregates:
             agg.ttft.sum += float(ttft_sum)  # type: ignore[arg-type]
             last = float(last_ts)  # type: ignore[arg-type]
             agg.last_request = last if agg.last_request is None else max(agg.last_request, last)
-            if outcome == "ok" and endpoint in CHAT_ENDPOINTS:
+            if outcome in SUCCESSES and endpoint in CHAT_ENDPOINTS:
                 agg.chat_messages += n
+            if outcome == "cache_hit":
+                agg.cache_hits += n
+                agg.saved_tokens += int(saved_tokens)  # type: ignore[call-overload]
+                agg.saved_usd += float(saved_usd)  # type: ignore[arg-type]
             if fallback_from:
                 agg.fallbacks[str(fallback_from)] = agg.fallbacks.get(str(fallback_from), 0) + n
         for (user, requests, errors, prompt, completion, cached, estimated_calls, estimated_tokens, cost,
@@ -207,6 +215,10 @@ class Aggregates:
             self.chat_messages += 1
         if rec.fallback_from:
             self.fallbacks[rec.fallback_from] = self.fallbacks.get(rec.fallback_from, 0) + 1
+        if rec.outcome == "cache_hit":
+            self.cache_hits += 1
+            self.saved_tokens += rec.saved_tokens
+            self.saved_usd += rec.saved_usd
 
 
 class Accounting:

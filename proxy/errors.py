@@ -80,7 +80,7 @@ class RateLimited(ProxyError):
 
 # Every ledger outcome, so accounting and exports can list them with zeros.
 OUTCOMES = (
-    "ok", "upstream_status", "upstream_rate_limited", "timeout", "unreachable", "broken_stream",
+    "ok", "cache_hit", "upstream_status", "upstream_rate_limited", "timeout", "unreachable", "broken_stream",
     "stream_error", "bad_upstream_response", "response_too_large", "bad_request", "too_large", "unknown_model", "unauthorized", "rate_limited",
     "limits_unavailable", "cancelled", "internal",
 )

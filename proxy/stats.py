@@ -11,7 +11,7 @@ from datetime import datetime
 from typing import Any
 
 from .accounting import Accounting, Aggregates, Tally
-from .ledger import OTHERS
+from .ledger import OTHERS, SUCCESSES
 from .config import Config, Upstream
 from .errors import REFUSED_OUTCOMES
 from .limits import WindowStore
@@ -185,7 +185,7 @@ def stats_json(config: Config, acc: Accounting, limiter: WindowStore, running: b
             "by_type": _tallies(agg.by_type),
             "by_user": _tallies(agg.by_user),
             "distinct_users": len(agg.by_user),
-            "errors_by_kind": {k: v for k, v in agg.outcomes.items() if k != "ok" and k not in REFUSED_OUTCOMES},
+            "errors_by_kind": {k: v for k, v in agg.outcomes.items() if k not in SUCCESSES and k not in REFUSED_OUTCOMES},
             # Refused before any model was asked (no key, our limits, a path not forwarded, the
             # ledger full): not calls, not errors, not ledger rows; since the process started,
             # or, where processes share limits in Redis, the deployment's since Redis started.

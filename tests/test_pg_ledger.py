@@ -8,6 +8,7 @@ from __future__ import annotations
 import random
 import threading
 import uuid
+from dataclasses import replace
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 from typing import Any
@@ -17,6 +18,7 @@ import psycopg
 import pytest
 
 from proxy.ledger import Admission, CallRecord, Filters
+from proxy.ledger import postgresql_rollups as pg_rollups
 from proxy.ledger.outbox import Outbox
 from proxy.ledger.postgresql import PgLedger
 from proxy.ledger.sqlite import Ledger
@@ -60,6 +62,11 @@ def calls(n: int, start: float, seed: int = 7) -> list[CallRecord | Admission]:
             latency_s=rng.random() * 3, ttft_s=rng.random() if stream else None, cost_usd=rng.random() / 100,
             fallback_from=rng.choice([None, None, "gpt4o_cloud"]), key_id=rng.choice([None, "bot"]),
             admission=key, final=rng.random() < 0.95))
+        if rng.random() < 0.1:  # a cache hit: nothing spent, its live call's figures saved
+            rec = out[-1]
+            assert isinstance(rec, CallRecord)
+            out[-1] = replace(rec, outcome="cache_hit", prompt_tokens=0, completion_tokens=0, cost_usd=0.0,
+                              saved_tokens=rng.randint(10, 800), saved_usd=rng.random() / 100, final=True)
     return out
 
 
@@ -226,7 +233,9 @@ def test_migrations_run_once_whoever_starts_first(pg_dsn: str, tmp_path: Path) -
         ledger.close()
     assert not errors
     with psycopg.connect(pg_dsn) as conn:
-        assert conn.execute("SELECT version FROM tollgate_schema").fetchall() == [(1,)]
+        # Every step once, in order, whoever ran it.
+        assert conn.execute("SELECT version FROM tollgate_schema ORDER BY version").fetchall() == [
+            (v,) for v in range(1, len(pg_rollups.MIGRATIONS) + 1)]
         assert conn.execute("SELECT COUNT(*) FROM epochs").fetchone() == (1,)
 
 

@@ -39,6 +39,9 @@ def random_rows(rng: random.Random, count: int, span_s: float, users: list[str |
         outcome = "ok" if rng.random() < 0.8 else rng.choice(["timeout", "upstream_status", "cancelled",
                                                                "rate_limited"])
         prompt, completion = rng.randint(0, 500), rng.randint(0, 300)
+        hit = final and outcome == "ok" and rng.random() < 0.1   # answered from the cache
+        if hit:
+            outcome = "cache_hit"
         rows.append(CallRecord(
             ts=ts, upstream=rng.choice(["cloud", "local", ""]), model=rng.choice(["gpt-4o", "llama3.2", "m'x"]),
             dialect="openai", endpoint=rng.choice(["chat", "embedding", "generate"]),
@@ -49,6 +52,9 @@ def random_rows(rng: random.Random, count: int, span_s: float, users: list[str |
             ttft_s=rng.random() if rng.random() < 0.5 else None, cost_usd=rng.random() / 100 if final else 0.0,
             fallback_from=rng.choice([None, None, "cloud"]), key_id=rng.choice([None, "bot"]),
             admission=None, final=final))
+        if hit:
+            rows[-1] = replace(rows[-1], prompt_tokens=0, completion_tokens=0, cost_usd=0.0,
+                               saved_tokens=prompt + completion, saved_usd=rng.random() / 100)
     return rows
 
 
@@ -74,6 +80,8 @@ def same(a: Aggregates, b: Aggregates) -> None:
         assert (ha.buckets, ha.count) == (hb.buckets, hb.count) and ha.sum == pytest.approx(hb.sum), name
     assert (a.last_request, a.user_last_seen, a.chat_messages, a.fallbacks, a.attempts) == \
            (b.last_request, b.user_last_seen, b.chat_messages, b.fallbacks, b.attempts)
+    assert (a.cache_hits, a.saved_tokens) == (b.cache_hits, b.saved_tokens)
+    assert a.saved_usd == pytest.approx(b.saved_usd, rel=1e-9)
 
 
 @pytest.mark.parametrize("seed", [1, 2, 3])
@@ -282,3 +290,38 @@ def test_only_the_storage_modules_know_the_engine() -> None:
         assert not imported & ({"sqlite3", "psycopg", "redis", "Ledger", "PgLedger", "Limiter", "SharedLimiter"}
                                | engine_modules), \
             path.name
+
+
+async def test_a_ledger_from_before_the_cache_is_brought_up_to_date(tmp_path: Path) -> None:
+    """A ledger an older Tollgate left, without the columns and sums of what the cache saved,
+    opens, keeps its rows, and books cache hits from then on."""
+    path = tmp_path / "ledger.sqlite3"
+    rows = random_rows(random.Random(11), 400, 86400)
+    old = [replace(rec, outcome="ok", saved_tokens=0, saved_usd=0.0) if rec.outcome == "cache_hit" else rec
+           for rec in rows]
+    ledger = Ledger(path)
+    ledger.open(START - 10)
+    for rec in old:
+        ledger.append(rec)
+    ledger.close()
+    conn = sqlite3.connect(path)
+    for span in rollups.SPANS:                     # as the version before the cache left them
+        for name, _ in rollups.ADDED_SUMS:
+            conn.execute(f"ALTER TABLE rollup_{span} DROP COLUMN {name}")
+    conn.execute("ALTER TABLE calls DROP COLUMN saved_tokens")
+    conn.execute("ALTER TABLE calls DROP COLUMN saved_usd")
+    conn.commit()
+    conn.close()
+
+    hits = [replace(rec, ts=rec.ts + 86400, outcome="cache_hit", prompt_tokens=0, completion_tokens=0,
+                    cost_usd=0.0, saved_tokens=100 + n, saved_usd=0.001, final=True)
+            for n, rec in enumerate(rows[:50])]
+    ledger = Ledger(path)
+    ledger.open(START)
+    for rec in hits:
+        ledger.append(rec)
+    ledger.close()
+    started, summary = Ledger(path).epoch_summary(1)
+    books = Aggregates.from_summary(started, summary)
+    same(books, replayed(started, old + hits))
+    assert (books.cache_hits, books.saved_tokens) == (50, sum(100 + n for n in range(50)))

@@ -43,6 +43,10 @@ class CallRecord:
     # False for an attempt that did not answer the client: refused by a limit or failed at its
     # upstream, after which a fallback took the call (whose row is final, with fallback_from).
     final: bool = True
+    # A cache hit (outcome "cache_hit") spends nothing itself: these are the tokens and cost of
+    # the live call it stood in for, what the cache saved.
+    saved_tokens: int = 0
+    saved_usd: float = 0.0
 
     @property
     def total_tokens(self) -> int:
@@ -50,7 +54,7 @@ class CallRecord:
 
     @property
     def ok(self) -> bool:
-        return self.outcome == "ok"
+        return self.outcome in SUCCESSES
 
 
 @dataclass(slots=True)
@@ -68,6 +72,12 @@ class Admission:
 
 
 COLUMNS = tuple(f.name for f in fields(CallRecord))
+
+# Outcomes that answered the caller: everything else is an error in the books. A cache hit is
+# an answer too, from Tollgate's cache instead of an upstream.
+SUCCESSES = frozenset({"ok", "cache_hit"})
+# The same in SQL, for the sums the engines keep.
+IS_ERROR_SQL = "outcome NOT IN ('ok', 'cache_hit')"
 
 
 GroupBy = Literal["upstream", "model", "type", "user"]

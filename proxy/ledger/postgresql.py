@@ -29,7 +29,7 @@ from psycopg_pool import ConnectionPool
 
 from . import postgresql_rollups as pg_rollups
 from . import sqlite_rollups as rollups
-from . import (COLUMNS, GROUPS, Admission, CallRecord, Filters, GroupBy, LedgerError, Piece,
+from . import (COLUMNS, GROUPS, IS_ERROR_SQL, Admission, CallRecord, Filters, GroupBy, LedgerError, Piece,
                      Summary)
 from .outbox import Item, Outbox
 from .postgresql_rollups import ADMISSION_COLUMNS, CALL_COLUMNS, CALL_TYPES, q
@@ -375,7 +375,7 @@ class PgLedger(Ledger):
             pieces += [(float(quarter * _QUARTER), *rest) for quarter, *rest in conn.execute(
                 f"""SELECT floor(ts / {_QUARTER})::bigint AS qu, {group} AS grp, COUNT(*),
                            SUM(prompt_tokens)::bigint, SUM(completion_tokens)::bigint, SUM(cost_usd),
-                           SUM((outcome <> 'ok')::int)::bigint, SUM(estimated::int)::bigint
+                           SUM(({IS_ERROR_SQL})::int)::bigint, SUM(estimated::int)::bigint
                     FROM calls WHERE {where}{clause} GROUP BY qu, grp""", params)]
         return pieces
 

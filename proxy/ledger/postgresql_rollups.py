@@ -15,17 +15,18 @@ from typing import Any
 import psycopg
 
 from ..histogram import _BASE, _FLOOR
-from . import LATENCY, OTHERS, TTFT, Summary
-from .sqlite_rollups import DAY, HOUR, KEY, SUMS, USER_SUMS, spans
+from . import IS_ERROR_SQL, LATENCY, OTHERS, TTFT, Summary
+from .sqlite_rollups import ADDED_SUMS, DAY, HOUR, KEY, SUMS, USER_SUMS, spans
 
 # Any 64-bit number the deployment's other programs do not use: the migrations' lock.
 MIGRATION_LOCK = 7_461_700_001
 
 CALL_COLUMNS = ("id", "ts", "upstream", "model", "dialect", "endpoint", "type", "user", "stream", "status",
                 "outcome", "prompt_tokens", "completion_tokens", "cached_tokens", "estimated", "latency_s", "ttft_s",
-                "cost_usd", "fallback_from", "key_id", "admission", "final", "epoch")
+                "cost_usd", "fallback_from", "key_id", "admission", "final", "saved_tokens", "saved_usd", "epoch")
 CALL_TYPES = ("text", "float8", "text", "text", "text", "text", "text", "text", "bool", "int4", "text", "int4",
-              "int4", "int4", "bool", "float8", "float8", "float8", "text", "text", "text", "bool", "int4")
+              "int4", "int4", "bool", "float8", "float8", "float8", "text", "text", "text", "bool", "int4", "float8",
+              "int4")
 ADMISSION_COLUMNS = ("key", "ts", "upstream", "model", "user", "key_id", "tokens")
 
 
@@ -34,10 +35,14 @@ def q(column: str) -> str:
     return f'"{column}"'
 
 
+# The rollups' sums as version 1 created them; later steps add the rest (ADDED_SUMS).
+_FIRST_SUMS = SUMS[:len(SUMS) - len(ADDED_SUMS)]
+
+
 def _rollup_tables(span: str) -> str:
     keys = ", ".join(f"{q(k)} {'integer' if k in ('final', 'named') else 'text'} NOT NULL" for k in KEY)
     sums = ", ".join(f"{s} {'double precision' if s in ('cost_usd', 'latency_sum', 'ttft_sum') else 'bigint'} NOT NULL"
-                     for s in SUMS)
+                     for s in _FIRST_SUMS)
     user_sums = ", ".join(f"{s} {'double precision' if s == 'cost_usd' else 'bigint'} NOT NULL" for s in USER_SUMS)
     user_key = '"user", bucket' if span == "hour" else 'bucket, "user"'
     return f"""
@@ -73,6 +78,12 @@ CREATE TABLE meta (name text PRIMARY KEY, value text NOT NULL);
 {''.join(_rollup_tables(span) for span in ('hour', 'day', 'epoch'))}
 CREATE INDEX users_hour_bucket ON users_hour (bucket, "user", requests);
 """,
+    # 2: what a cache hit saved (issue 13), on the rows and in the sums.
+    """
+ALTER TABLE calls ADD COLUMN saved_tokens integer NOT NULL DEFAULT 0,
+                  ADD COLUMN saved_usd double precision NOT NULL DEFAULT 0;
+""" + "".join(f"ALTER TABLE rollup_{span} ADD COLUMN saved_tokens bigint NOT NULL DEFAULT 0, "
+               f"ADD COLUMN saved_usd double precision NOT NULL DEFAULT 0;\n" for span in ("hour", "day", "epoch")),
 )
 
 
@@ -128,10 +139,11 @@ def _fold(span: str, size: int, source: str) -> list[str]:
     bucket = f"floor(ts / {size})::bigint" if size else "epoch"
     estimated_tokens = "SUM(CASE WHEN estimated THEN prompt_tokens + completion_tokens ELSE 0 END)"
     sums = (f"COUNT(*), SUM(prompt_tokens), SUM(completion_tokens), SUM(cached_tokens), SUM(estimated::int), "
-            f"{estimated_tokens}, SUM(cost_usd), SUM(latency_s), COUNT(ttft_s), COALESCE(SUM(ttft_s), 0), MAX(ts)")
+            f"{estimated_tokens}, SUM(cost_usd), SUM(latency_s), COUNT(ttft_s), COALESCE(SUM(ttft_s), 0), "
+            f"SUM(saved_tokens), SUM(saved_usd), MAX(ts)")
     key = ("upstream, model, type, endpoint, COALESCE(key_id, ''), outcome, COALESCE(fallback_from, ''), "
            'final::int, ("user" IS NOT NULL)::int')
-    user_sums = (f"COUNT(*), SUM((outcome <> 'ok')::int), SUM(prompt_tokens), SUM(completion_tokens), "
+    user_sums = (f"COUNT(*), SUM(({IS_ERROR_SQL})::int), SUM(prompt_tokens), SUM(completion_tokens), "
                  f"SUM(cached_tokens), SUM(estimated::int), {estimated_tokens}, SUM(cost_usd), MAX(ts)")
     rollup, users, latency = (_upsert(f"rollup_{span}", KEY, SUMS, True),
                               _upsert(f"users_{span}", ("user",), USER_SUMS, True),
@@ -178,7 +190,7 @@ def _kept_from(conn: psycopg.Connection[Any], start: int) -> int:
 
 # SUM of a bigint is a numeric, which arrives as a Decimal: each is cast back to bigint.
 _SUMS = "SUM(requests)::bigint, SUM(prompt_tokens)::bigint, SUM(completion_tokens)::bigint, SUM(cost_usd)"
-_ERRORS = "SUM(CASE WHEN outcome <> 'ok' THEN requests ELSE 0 END)::bigint"
+_ERRORS = f"SUM(CASE WHEN {IS_ERROR_SQL} THEN requests ELSE 0 END)::bigint"
 _MORE = "SUM(errors)::bigint, SUM(estimated_calls)::bigint"
 
 

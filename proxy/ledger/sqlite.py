@@ -34,7 +34,7 @@ from typing import Any
 
 from . import sqlite_rollups as rollups
 from ..files import make_private_dir
-from . import (COLUMNS, GROUPS, OTHERS, Admission, CallRecord, Filters, GroupBy, LedgerError,
+from . import (COLUMNS, GROUPS, IS_ERROR_SQL, OTHERS, Admission, CallRecord, Filters, GroupBy, LedgerError,
                      LedgerHealth, Piece, Snapshot, Summary)
 
 log = logging.getLogger("tollgate.ledger")
@@ -50,7 +50,8 @@ CREATE TABLE IF NOT EXISTS calls (
     prompt_tokens INTEGER NOT NULL, completion_tokens INTEGER NOT NULL,
     cached_tokens INTEGER NOT NULL, estimated INTEGER NOT NULL,
     latency_s REAL NOT NULL, ttft_s REAL, cost_usd REAL NOT NULL, fallback_from TEXT, key_id TEXT,
-    admission TEXT, final INTEGER NOT NULL DEFAULT 1
+    admission TEXT, final INTEGER NOT NULL DEFAULT 1,
+    saved_tokens INTEGER NOT NULL DEFAULT 0, saved_usd REAL NOT NULL DEFAULT 0
 );
 CREATE INDEX IF NOT EXISTS calls_ts ON calls(ts);
 CREATE TABLE IF NOT EXISTS admissions (
@@ -242,6 +243,10 @@ class Ledger:
                     conn.execute(f"ALTER TABLE calls ADD COLUMN {added} TEXT")
             if "final" not in columns:
                 conn.execute("ALTER TABLE calls ADD COLUMN final INTEGER NOT NULL DEFAULT 1")
+            if "saved_tokens" not in columns:
+                conn.execute("ALTER TABLE calls ADD COLUMN saved_tokens INTEGER NOT NULL DEFAULT 0")
+                conn.execute("ALTER TABLE calls ADD COLUMN saved_usd REAL NOT NULL DEFAULT 0")
+            rollups.add_columns(conn)
             conn.execute("CREATE INDEX IF NOT EXISTS calls_admission ON calls(admission)")
             rollups.backfill(conn)
             if conn.execute("SELECT COUNT(*) FROM epochs").fetchone()[0] == 0:
@@ -597,7 +602,7 @@ class Ledger:
             pieces += [(q * _QUARTER, *rest) for q, *rest in conn.execute(
                 f"""SELECT CAST(ts / {_QUARTER} AS INTEGER) AS q, {group} AS grp,
                            COUNT(*), SUM(prompt_tokens), SUM(completion_tokens), SUM(cost_usd),
-                           SUM(outcome != 'ok'), SUM(estimated)
+                           SUM({IS_ERROR_SQL}), SUM(estimated)
                     FROM calls WHERE {where}{clause} GROUP BY q, grp""", params)]
         return pieces
 

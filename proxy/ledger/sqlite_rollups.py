@@ -23,7 +23,7 @@ import time
 from typing import Any
 
 from ..histogram import _BASE, _FLOOR, bucket_index
-from . import LATENCY, OTHERS, TTFT, Summary
+from . import IS_ERROR_SQL, LATENCY, OTHERS, TTFT, Summary
 
 log = logging.getLogger("tollgate.ledger")
 
@@ -35,7 +35,10 @@ CHUNK = 250_000      # rows per back-fill transaction
 # `named`: the call named its user (the calls of users the per-user tables hold).
 KEY = ("upstream", "model", "type", "endpoint", "key_id", "outcome", "fallback_from", "final", "named")
 SUMS = ("requests", "prompt_tokens", "completion_tokens", "cached_tokens", "estimated_calls", "estimated_tokens",
-        "cost_usd", "latency_sum", "ttft_count", "ttft_sum")
+        "cost_usd", "latency_sum", "ttft_count", "ttft_sum", "saved_tokens", "saved_usd")
+# The sums added after the first release (what the cache saved), with their SQL types.
+ADDED_SUMS = (("saved_tokens", "INTEGER"), ("saved_usd", "REAL"))
+_REAL = ("cost_usd", "latency_sum", "ttft_sum", "saved_usd")
 USER_SUMS = ("requests", "errors", "prompt_tokens", "completion_tokens", "cached_tokens", "estimated_calls",
              "estimated_tokens", "cost_usd")
 
@@ -44,7 +47,7 @@ def _tables(span: str) -> str:
     return f"""
 CREATE TABLE IF NOT EXISTS rollup_{span} (
     bucket INTEGER NOT NULL, {', '.join(f'{k} {"INTEGER" if k in ("final", "named") else "TEXT"} NOT NULL' for k in KEY)},
-    {', '.join(f'{s} {"REAL" if s in ("cost_usd", "latency_sum", "ttft_sum") else "INTEGER"} NOT NULL' for s in SUMS)},
+    {', '.join(f'{s} {"REAL" if s in _REAL else "INTEGER"} NOT NULL' for s in SUMS)},
     last_ts REAL NOT NULL,
     PRIMARY KEY (bucket, {', '.join(KEY)})
 ) WITHOUT ROWID;
@@ -91,11 +94,11 @@ def _fold_sql(span: str, size: int, bucket_of: str) -> list[str]:
     bucket = f"CAST(ts / {size} AS INTEGER)" if size else ":epoch"
     sums = ("COUNT(*), SUM(prompt_tokens), SUM(completion_tokens), SUM(cached_tokens), SUM(estimated), "
             "SUM(CASE WHEN estimated THEN prompt_tokens + completion_tokens ELSE 0 END), SUM(cost_usd), "
-            "SUM(latency_s), COUNT(ttft_s), TOTAL(ttft_s), MAX(ts)")
+            "SUM(latency_s), COUNT(ttft_s), TOTAL(ttft_s), SUM(saved_tokens), SUM(saved_usd), MAX(ts)")
     key = ("upstream, model, type, endpoint, COALESCE(key_id, ''), outcome, COALESCE(fallback_from, ''), final, "
            "user IS NOT NULL")
     (rollup, rollup_tail), (users, users_tail), (latency, latency_tail) = _UPSERT[span]
-    user_sums = ("COUNT(*), SUM(outcome != 'ok'), SUM(prompt_tokens), SUM(completion_tokens), SUM(cached_tokens), "
+    user_sums = (f"COUNT(*), SUM({IS_ERROR_SQL}), SUM(prompt_tokens), SUM(completion_tokens), SUM(cached_tokens), "
                  "SUM(estimated), SUM(CASE WHEN estimated THEN prompt_tokens + completion_tokens ELSE 0 END), "
                  "SUM(cost_usd), MAX(ts)")
     rows = "FROM calls WHERE id > :lo AND id <= :hi"
@@ -126,6 +129,16 @@ def _bucket_of(conn: sqlite3.Connection) -> str:
         conn.create_function("tollgate_bucket", 1, bucket_index, deterministic=True)
         return _BUCKET_UDF
     return _BUCKET_SQL
+
+
+def add_columns(conn: sqlite3.Connection) -> None:
+    """Give the rollups of an older ledger the sums added since (zero for the rows before them,
+    which saved nothing)."""
+    for span in SPANS:
+        have = {row[1] for row in conn.execute(f"PRAGMA table_info(rollup_{span})")}
+        for name, kind in ADDED_SUMS:
+            if name not in have:
+                conn.execute(f"ALTER TABLE rollup_{span} ADD COLUMN {name} {kind} NOT NULL DEFAULT 0")
 
 
 def add_range(conn: sqlite3.Connection, lo: int, hi: int, epoch: int) -> None:
@@ -221,7 +234,7 @@ def user_history(conn: sqlite3.Connection, start: int, end: int, edge_totals: di
             f"WHERE user IN ({marks}) AND bucket >= ? AND bucket < ? GROUP BY bucket", (*named, start, end))}
     else:
         by_hour = {}
-    errors = "SUM(CASE WHEN outcome != 'ok' THEN requests ELSE 0 END)"
+    errors = f"SUM(CASE WHEN {IS_ERROR_SQL} THEN requests ELSE 0 END)"
     for hour, has_user, *figures in conn.execute(
             f"SELECT bucket * {HOUR}, named, {sums}, {errors}, SUM(estimated_calls) FROM rollup_hour "
             "WHERE bucket >= ? AND bucket < ? AND final = 1 GROUP BY bucket, named", (start, end)):
@@ -250,7 +263,7 @@ def history(conn: sqlite3.Connection, start: int, end: int, equals: tuple[tuple[
     estimated calls) for the whole hours [start, end), calls only (no attempts)."""
     sums = ("SUM(requests), SUM(prompt_tokens), SUM(completion_tokens), SUM(cost_usd), {errors}, "
             "SUM(estimated_calls)")
-    errors = "SUM(CASE WHEN outcome != 'ok' THEN requests ELSE 0 END)"
+    errors = f"SUM(CASE WHEN {IS_ERROR_SQL} THEN requests ELSE 0 END)"
     if group_by == "user" or any(column == "user" for column, _ in equals):
         # Per-user sums; the calls that named no user are the rollups' unnamed ones.
         user = next((value for column, value in equals if column == "user"), None)
