@@ -28,15 +28,10 @@ from .errors import (REFUSED_OUTCOMES, BadRequest, LedgerUnavailable, ProxyError
 from .inbound import read_body
 from .keys import ACCOUNTING, ADMISSION, BOOKS, CONFIG, ESTIMATOR, LEDGER, LIMITER, METRICS, UPSTREAMS
 from .reply import relay_reply
+from .tickets import finish_ticket, refused
 from .endpoints import Prefix
 from .ledger import Admission, CallRecord
 from .upstream import Unreachable, UpstreamClient, UpstreamTimeout, request_headers
-
-
-def _refused(app: web.Application, reason: str) -> None:
-    app[ACCOUNTING].refuse(reason)
-    app[LIMITER].refused(reason)
-    app[METRICS].refused.labels(reason).inc()
 
 
 def _dialect(prefix: Prefix) -> Dialect:
@@ -57,7 +52,7 @@ async def _handle(request: web.Request, prefix: Prefix) -> web.StreamResponse:
     try:
         where = endpoints.route(config, prefix, request.method, request.match_info["rest"], admin)
     except ProxyError as exc:
-        _refused(request.app, exc.code)
+        refused(request.app, exc.code)
         raise
     if isinstance(where, endpoints.Metered):
         return await metered(request, prefix, where.rest, where.endpoint)
@@ -65,7 +60,7 @@ async def _handle(request: web.Request, prefix: Prefix) -> web.StreamResponse:
         try:
             auth.proxy_key(config, request.headers)
         except ProxyError as exc:
-            _refused(request.app, exc.outcome)
+            refused(request.app, exc.outcome)
             raise
     return await passthrough.passthrough(request, prefix, where)
 
@@ -75,12 +70,12 @@ async def metered(request: web.Request, prefix: Prefix, rest: str, endpoint: str
     if request.content_type != "application/json":
         # Every SDK sends JSON as JSON; a browser page can only send text/plain or a form without
         # asking first (a "simple" request), so nothing else is taken.
-        _refused(app, UnsupportedMediaType.code)
+        refused(app, UnsupportedMediaType.code)
         raise UnsupportedMediaType(f"Send the body as JSON, with 'Content-Type: application/json' (this request "
                                    f"said '{request.content_type[:100]}'); every OpenAI and Ollama SDK does.")
     if app[LEDGER].full and not app[LEDGER].drop_when_full:
         # on_ledger_full = "refuse": a call the books cannot take is not served at all.
-        _refused(app, LedgerUnavailable.code)
+        refused(app, LedgerUnavailable.code)
         health = app[LEDGER].health()
         raise LedgerUnavailable(f"Tollgate cannot record calls right now ({health.failing or 'ledger behind'}; "
                                 f"{health.unwritten:,} rows waiting), so it is not forwarding any; try again later.",
@@ -106,11 +101,11 @@ async def metered(request: web.Request, prefix: Prefix, rest: str, endpoint: str
     finally:
         app[METRICS].in_flight.dec()
         if call.outcome in REFUSED_OUTCOMES:
-            _finish_ticket(app, call, 0)
-            _refused(app, call.outcome)
+            finish_ticket(app, call, 0)
+            refused(app, call.outcome)
         elif not call.command:
             record = call.record(app[CONFIG], app[ESTIMATOR], app[ACCOUNTING].clock())
-            _finish_ticket(app, call, record.total_tokens)
+            finish_ticket(app, call, record.total_tokens)
             app[ACCOUNTING].record(record)
 
 
@@ -218,7 +213,7 @@ async def _send(request: web.Request, prefix: Prefix, rest: str, call: Call, inf
             earlier.append(f"Upstream '{plan.upstream.name}' answered HTTP {response.status}.")
         # Falling back: the failed attempt holds no tokens, and the fallback gets its own admission.
         _attempt(app, call, plan.upstream, plan.model, *failed, call.admission)
-        _finish_ticket(app, call, 0)
+        finish_ticket(app, call, 0)
         call.admission = None
         tried.add(plan.upstream.name)
         fallback_from = fallback_from or plan.upstream.name
@@ -252,12 +247,5 @@ def _upstream_body(raw: bytes, info: CallInfo, plan: Plan, strip_usage: bool) ->
     if plan.clamp_output is not None:
         body = dialects.with_max_output(info, body, plan.clamp_output)
     return raw if body is info.body else orjson.dumps(body)
-
-
-def _finish_ticket(app: web.Application, call: Call, tokens: int) -> None:
-    if call.ticket is not None:
-        app[LIMITER].finish(call.ticket, tokens)
-        call.ticket = None
-        app[ADMISSION].lines.notify()
 
 
