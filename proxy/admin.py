@@ -1,4 +1,4 @@
-"""Operator endpoints: /stats (JSON and WhatsApp text), /metrics/reset, /healthz.
+"""Operator endpoints: /stats (JSON and WhatsApp text), /metrics/reset, /cache/purge, /healthz.
 
 All but /healthz need the admin token when one is configured.
 """
@@ -17,12 +17,12 @@ import orjson
 from prometheus_client import CONTENT_TYPE_LATEST
 from aiohttp import web
 
-from . import reports, stats
+from . import caching, reports, stats
 from . import auth
 from .auth import require_admin
 from .errors import BadRequest
 from . import config as config_mod
-from .keys import ACCOUNTING, BOOKS, CONFIG, LEDGER, LIMITER, METRICS, SESSIONS
+from .keys import ACCOUNTING, BOOKS, CACHE, CONFIG, LEDGER, LIMITER, METRICS, SESSIONS
 
 
 # Shipped as package data beside this module (pyproject's package-data).
@@ -45,7 +45,7 @@ async def get_stats(request: web.Request) -> web.Response:
     if request.query.get("format") == "text":
         lang = request.query.get("lang", "es")
         return web.Response(text=stats.stats_text(config, acc, request.app[LIMITER], lang), content_type="text/plain")
-    return _json(stats.stats_json(config, acc, request.app[LIMITER]))
+    return _json(stats.stats_json(config, acc, request.app[LIMITER], cache=request.app[CACHE]))
 
 
 async def reset(request: web.Request) -> web.Response:
@@ -57,6 +57,19 @@ async def reset(request: web.Request) -> web.Response:
         request.app[BOOKS].forget()
     return _json({"message": "Métricas reiniciadas exitosamente",
                   "nuevo_inicio": stats.fmt_time(config, started)})
+
+
+async def purge_cache(request: web.Request) -> web.Response:
+    """Empty the answer cache: `?namespace=<proxy key name>` (`namespace=` for calls without a
+    key) for one tenant's answers, or everything."""
+    require_admin(request)
+    namespace = request.query.get("namespace")
+    if namespace is not None and namespace and namespace not in request.app[CONFIG].keys:
+        raise BadRequest(f"No proxy key is named '{namespace[:100]}'; a namespace is a key's name from [keys].")
+    gone = await request.app[CACHE].purge(namespace)
+    await caching.held(request.app)
+    entries, held = request.app[CACHE].held
+    return _json({"purged": gone, "namespace": namespace, "entries": entries, "bytes": held})
 
 
 def _filters(request: web.Request) -> reports.Filters:

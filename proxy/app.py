@@ -11,7 +11,7 @@ from datetime import datetime, timezone
 import orjson
 from aiohttp import web
 
-from . import files, limits, logs, stats, tokens
+from . import caching, files, limits, logs, stats, tokens
 from .ledger import ledger_for
 from .accounting import DAY, Accounting, Aggregates, CostTrend
 from .config import Config
@@ -21,8 +21,10 @@ from .admission import Admission, WaitLines
 from .alerts import Alerts
 from .guard import guard
 from .books import Books
-from .keys import (ACCOUNTING, ADMISSION, ALERTS, BOOKS, CONFIG, ESTIMATOR, LEDGER, LIMITER, METRICS, SESSIONS,
-                   UPSTREAMS)
+from .cache import AnswerCache
+from .cache import store_for as cache_store_for
+from .keys import (ACCOUNTING, ADMISSION, ALERTS, BOOKS, CACHE, CONFIG, ESTIMATOR, LEDGER, LIMITER, METRICS,
+                   SESSIONS, UPSTREAMS)
 from .limits import WindowStore
 from .metrics import Metrics
 from .routes import setup_routes
@@ -57,6 +59,7 @@ def create_app(config: Config, clock: Callable[[], float] = time.time) -> web.Ap
     app[LIMITER].released.append(app[ADMISSION].lines.notify)
     app[ALERTS] = Alerts(config, app[ACCOUNTING], app[LIMITER], app[BOOKS])
     app[METRICS] = Metrics(app[LIMITER], app[ADMISSION].lines, ledger, app[ALERTS])
+    app[CACHE] = AnswerCache(config.cache, cache_store_for(config, clock), clock)
     # Every finished call, after the ledger has it: counters, alert rules, the access log.
     app[ACCOUNTING].listeners += [app[METRICS].observe, app[ALERTS].on_call, access_log]
 
@@ -68,6 +71,7 @@ def create_app(config: Config, clock: Callable[[], float] = time.time) -> web.Ap
     app.cleanup_ctx.append(app[ALERTS].lifecycle)
     app.cleanup_ctx.append(app[METRICS].lifecycle)
     app.cleanup_ctx.append(access_log_flush_ctx)
+    app.cleanup_ctx.append(cache_ctx)
 
     setup_routes(app)
     return app
@@ -80,6 +84,15 @@ async def encodings_ctx(app: web.Application) -> AsyncIterator[None]:
     """Build the tokenizers off the loop at start: the first estimate must not stall every call."""
     await asyncio.get_running_loop().run_in_executor(None, tokens.preload)
     yield
+
+
+async def cache_ctx(app: web.Application) -> AsyncIterator[None]:
+    """The answer cache's store: what it holds shown from the start, closed at the end."""
+    cache = app[CACHE]
+    if cache.enabled:
+        await caching.held(app)
+    yield
+    await cache.store.close()
 
 
 # How often the ledger is asked to prune what retention lets go (it works through it in batches).

@@ -4,13 +4,18 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
+from .cache import Lookup
 from .config import Config, Upstream
 from .dialects import CallInfo, Dialect, Usage
 from .errors import ProxyError
 from .limits import Ticket
 from .ledger import CallRecord
 from .tokens import Estimator
+
+if TYPE_CHECKING:
+    from .cache.semantic import Vector
 
 
 @dataclass
@@ -41,6 +46,16 @@ class Call:
     key_id: str | None = None
     admission: str | None = None
     command: bool = False  # answered by the proxy itself: no ledger row
+    # The answer cache's part: how it took part (hit, miss, bypass: the X-Tollgate-Cache header),
+    # the live answer's bytes kept to store it (None once too large), and, for a hit, the tokens
+    # and cost the live call would have taken.
+    cache_status: str | None = None
+    cache: Lookup | None = None
+    cache_leads: bool = False             # the first of identical misses: the others wait for it
+    cache_vector: Vector | None = None    # the question's embedding, for a semantic rule
+    capture: bytearray | None = None
+    saved: tuple[int, float] = (0, 0.0)
+    clamped: bool = False                 # its output was capped: not the answer to the question asked
 
     def fail(self, exc: ProxyError, status_sent: bool) -> None:
         if self.completed:
@@ -71,4 +86,5 @@ class Call:
             latency_s=time.perf_counter() - self.started, ttft_s=self.ttft,
             cost_usd=price.cost(usage.prompt, usage.completion, usage.cached) if price else 0.0,
             fallback_from=self.fallback_from, key_id=self.key_id, admission=self.admission,
+            saved_tokens=self.saved[0], saved_usd=self.saved[1],
         )

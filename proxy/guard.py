@@ -23,7 +23,7 @@ from .errors import ProxyError
 from .keys import CONFIG
 
 # State-changing admin requests: never from another origin.
-_ADMIN_WRITES = frozenset({"/metrics/reset", "/dashboard/login", "/dashboard/logout"})
+_ADMIN_WRITES = frozenset({"/metrics/reset", "/cache/purge", "/dashboard/login", "/dashboard/logout"})
 _LLM_ROOTS = ("/v1/", "/api/", "/t/")
 _CORS_HEADERS = "authorization, content-type, openai-beta, openai-organization, openai-project, " \
                 "x-tollgate-type, x-tollgate-user, x-stainless-arch, x-stainless-lang, x-stainless-os, " \

@@ -8,6 +8,7 @@ from .accounting import Accounting
 from .admission import Admission
 from .alerts import Alerts
 from .books import Books
+from .cache import AnswerCache
 from .config import Config
 from .limits import WindowStore
 from .metrics import Metrics
@@ -27,3 +28,4 @@ ALERTS = web.AppKey("alerts", Alerts)
 UPSTREAMS = web.AppKey("upstreams", dict[str, UpstreamClient])
 SESSIONS = web.AppKey("sessions", Sessions)
 BOOKS = web.AppKey("books", Books)
+CACHE = web.AppKey("cache", AnswerCache)

@@ -108,6 +108,19 @@ class Metrics:
         self.attempts = Counter("tollgate_fallen_back_attempts", "Attempts an upstream refused or failed "
                                 "before a fallback answered the call, by upstream and outcome.",
                                 ["upstream", "outcome"], registry=r)
+        self.cache_lookups = Counter("tollgate_cache_lookups", "Calls a cache rule covered, by result: hit "
+                                     "(answered from the cache), miss (asked upstream), bypass (the request asked "
+                                     "not to use the cache, or asked for a sampled answer).", ["result"], registry=r)
+        for result in ("hit", "miss", "bypass"):
+            self.cache_lookups.labels(result)
+        self.cache_saved_tokens = Counter("tollgate_cache_saved_tokens", "Tokens the answers from the cache "
+                                          "would have taken live.", registry=r)
+        self.cache_saved_usd = Counter("tollgate_cache_saved_usd", "What those tokens would have cost, in US "
+                                       "dollars at the configured prices.", registry=r)
+        self.cache_entries = Gauge("tollgate_cache_entries", "Answers the cache holds.", registry=r,
+                                   multiprocess_mode="livemax")
+        self.cache_bytes = Gauge("tollgate_cache_bytes", "Bytes the cache's answers and keys take.", registry=r,
+                                 multiprocess_mode="livemax")
         self.in_flight = Gauge("tollgate_in_flight_calls", "LLM calls being served now.", registry=r,
                                multiprocess_mode="livesum")
         self._limits = _LimitCollector(limiter)
@@ -159,6 +172,10 @@ class Metrics:
         async with running(every_second()):
             yield
 
+    def cache_held(self, entries: int, held: int) -> None:
+        self.cache_entries.set(entries)
+        self.cache_bytes.set(held)
+
     def _model(self, model: str) -> str:
         if model in self._models:
             return model
@@ -185,6 +202,10 @@ class Metrics:
             self.ttft.labels(upstream).observe(rec.ttft_s)
         if rec.fallback_from:
             self.fallbacks.labels(rec.fallback_from, upstream).inc()
+        if rec.saved_tokens:
+            self.cache_saved_tokens.inc(rec.saved_tokens)
+        if rec.saved_usd:
+            self.cache_saved_usd.inc(rec.saved_usd)
 
     def exposition(self) -> bytes:
         if self.shared_dir is None:

@@ -18,7 +18,7 @@ import aiohttp
 import orjson
 from aiohttp import web
 
-from . import auth, dialects, endpoints, passthrough, routing, stats, tagging
+from . import auth, caching, dialects, endpoints, passthrough, routing, stats, tagging
 from .admission import Plan, parse_retry_after
 from .call import Call
 from .config import Config, Upstream
@@ -145,11 +145,21 @@ async def _metered(request: web.Request, prefix: Prefix, rest: str, call: Call) 
     call.type = tagging.request_type(config, info, request.headers.get("X-Tollgate-Type"),
                                      request.match_info.get("type"))
     call.upstream = _route(config, call, info)
-    strip_usage = dialects.wants_injected_usage(info)
-    response, plan, client = await _send(request, prefix, rest, call, info, raw, strip_usage)
-
-    async with response:
-        return await relay_reply(request, call, response, plan, client, strip_usage)
+    try:
+        hit = await caching.answer(request, call, info)
+        if hit is not None:
+            return hit
+        strip_usage = dialects.wants_injected_usage(info)
+        response, plan, client = await _send(request, prefix, rest, call, info, raw, strip_usage)
+        call.clamped = plan.clamp_output is not None
+        async with response:
+            out = await relay_reply(request, call, response, plan, client, strip_usage,
+                                    config.cache.max_entry_bytes)
+        if call.cache is not None:
+            await caching.keep(app, call, response.content_type in ("text/event-stream", "application/x-ndjson"))
+        return out
+    finally:
+        caching.leave(app, call)
 
 
 async def _send(request: web.Request, prefix: Prefix, rest: str, call: Call, info: CallInfo, raw: bytes,

@@ -30,7 +30,7 @@ _TAIL_BYTES = 64 << 10
 
 
 async def relay_reply(request: web.Request, call: Call, response: aiohttp.ClientResponse, plan: Plan,
-                      client: UpstreamClient, strip_usage: bool) -> web.StreamResponse:
+                      client: UpstreamClient, strip_usage: bool, capture_limit: int = 0) -> web.StreamResponse:
     """Pass the upstream's answer on as it arrives, learning its usage on the way."""
     call.status = response.status
     if response.status == 429:
@@ -43,11 +43,15 @@ async def relay_reply(request: web.Request, call: Call, response: aiohttp.Client
     if plan.ticket is not None:
         _add_limit_headers(out_headers, request.app[LIMITER].headers(plan.ticket.scopes))
     out_headers["X-Tollgate-Upstream"] = plan.upstream.name
+    if call.cache_status is not None:
+        out_headers["X-Tollgate-Cache"] = call.cache_status
     if call.fallback_from:
         out_headers["X-Tollgate-Fallback-From"] = call.fallback_from
     content_type = response.content_type
     streamed = content_type in ("text/event-stream", "application/x-ndjson")
     rest_of_body = client.chunks(response)
+    if call.capture is not None and call.answered:
+        rest_of_body = _captured(call, rest_of_body, capture_limit)
     head = b""
     if not streamed:
         head, more = await client.read_up_to(rest_of_body, _KEEP_BYTES)
@@ -74,6 +78,18 @@ async def relay_reply(request: web.Request, call: Call, response: aiohttp.Client
         call.fail(exc, status_sent=True)
         await _end_broken(request, call, out, exc)
     return out
+
+
+async def _captured(call: Call, body: AsyncIterator[bytes], limit: int) -> AsyncIterator[bytes]:
+    """The body as it arrives, a copy kept for the answer cache (the upstream's bytes, usage
+    frames included) until it passes `limit`, when the copy is dropped: too large to keep."""
+    async for chunk in body:
+        if call.capture is not None:
+            if len(call.capture) + len(chunk) > limit:
+                call.capture = None
+            else:
+                call.capture += chunk
+        yield chunk
 
 
 def _add_limit_headers(out: CIMultiDict[str], ours: dict[str, str]) -> None:

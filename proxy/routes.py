@@ -14,6 +14,7 @@ def setup_routes(app: web.Application) -> None:
     app.router.add_get("/stats/export.csv", admin.export_csv)
     app.router.add_get("/stats/snapshot.csv", admin.snapshot_csv)
     app.router.add_post("/metrics/reset", admin.reset)
+    app.router.add_post("/cache/purge", admin.purge_cache)
     app.router.add_get("/metrics", admin.metrics)
     app.router.add_get("/dashboard", admin.dashboard)
     app.router.add_post("/dashboard/login", admin.dashboard_login)

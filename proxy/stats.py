@@ -11,6 +11,7 @@ from datetime import datetime
 from typing import Any
 
 from .accounting import Accounting, Aggregates, Tally
+from .cache import AnswerCache
 from .ledger import OTHERS, SUCCESSES
 from .config import Config, Upstream
 from .errors import REFUSED_OUTCOMES
@@ -31,6 +32,7 @@ _TEXT = {
         "tokens": "🤖 **Tokens Consumidos:**",
         "total": "• **Total**: {n}",
         "estimated": "• Estimados (sin dato del proveedor): ~{n}",
+        "cache": "💾 Ahorro por caché: {tokens} tokens, ${usd}, {hits} requests",
         "limits": "📊 **Rate Limits ({label}):**",
         "tpm": "• Tokens/Minuto: {used} / {limit} TPM ({pct})",
         "rpd": "• Requests/Día: {used} / {limit} RPD ({pct})",
@@ -53,6 +55,7 @@ _TEXT = {
         "tokens": "🤖 **Tokens Used:**",
         "total": "• **Total**: {n}",
         "estimated": "• Estimated (not reported by the provider): ~{n}",
+        "cache": "💾 Cache savings: {tokens} tokens, ${usd}, {hits} requests",
         "limits": "📊 **Rate Limits ({label}):**",
         "tpm": "• Tokens/Minute: {used} / {limit} TPM ({pct})",
         "rpd": "• Requests/Day: {used} / {limit} RPD ({pct})",
@@ -139,8 +142,10 @@ def _refused(acc: Accounting, limiter: WindowStore) -> dict[str, int]:
     return shared if shared is not None else dict(acc.refused)
 
 
-def stats_json(config: Config, acc: Accounting, limiter: WindowStore, running: bool = True) -> dict[str, Any]:
-    """The seed's /stats; `running` is False when `tollgate stats` reads the ledger of a stopped server."""
+def stats_json(config: Config, acc: Accounting, limiter: WindowStore, running: bool = True,
+               cache: AnswerCache | None = None) -> dict[str, Any]:
+    """The seed's /stats; `running` is False when `tollgate stats` reads the ledger of a stopped server.
+    `cache` adds this process's own cache figures to what the books say it saved."""
     now = acc.clock()
     agg = acc.current
     totals = agg.totals
@@ -169,6 +174,12 @@ def stats_json(config: Config, acc: Accounting, limiter: WindowStore, running: b
             "activas": len(acc.active_users(config.stats.active_window_s)),
             "total_mensajes": agg.chat_messages,
             "usuarios": users,
+        },
+        # Answers from the cache since the epoch began: each a request, none an upstream call.
+        "cache": {
+            "hits": agg.cache_hits, "saved_tokens": agg.saved_tokens, "saved_usd": round(agg.saved_usd, 6),
+            "hit_share": round(agg.cache_hits / totals.requests, 4) if totals.requests else 0.0,
+            **(cache.figures() if cache is not None else {}),
         },
         "detail": {
             "epoch_started": agg.epoch_started,
@@ -208,6 +219,7 @@ def stats_json(config: Config, acc: Accounting, limiter: WindowStore, running: b
 def stats_text(config: Config, acc: Accounting, limiter: WindowStore, lang: str = "es", running: bool = True) -> str:
     words = _TEXT.get(lang, _TEXT["es"])
     data = stats_json(config, acc, limiter)
+    cached = data["cache"]
     agg = acc.current
     label_key = "label_en" if lang == "en" else "label"
     lines = [
@@ -238,6 +250,9 @@ def stats_text(config: Config, acc: Accounting, limiter: WindowStore, lang: str 
             words["tpm"].format(used=tpm_used, limit=tpm_limit, pct=limits["uso_tpm"]),
             words["rpd"].format(used=rpd_used, limit=rpd_limit, pct=limits["uso_rpd"]),
         ]
+    if config.cache.rules or cached["hits"]:
+        lines += ["", words["cache"].format(tokens=fmt_int(cached["saved_tokens"]), usd=f"{cached['saved_usd']:.4f}",
+                                            hits=fmt_int(cached["hits"]))]
     lines += ["", words["types"]]
     for name, count in data["requests_por_tipo"].items():
         request_type = config.types.get(name)

@@ -47,6 +47,7 @@ class Behavior:
     gzip: bool = False                  # compress replies (when the caller accepts gzip)
     headers: dict[str, str] | None = None  # extra reply headers (its own x-ratelimit-*, say)
     raw_body: bytes | None = None       # override the whole reply body
+    finish_reason: str = "stop"         # "length": a reply cut by the output limit (Ollama's done_reason too)
 
 
 @dataclass
@@ -98,6 +99,8 @@ class FakeUpstream:
         # Anything else is recorded too, so a test sees every request that got this far.
         self.app.router.add_route("*", "/{rest:.*}", self.echo)
         self.cancelled = asyncio.Event()  # set when a caller hung up on a stream mid-way
+        # Embeddings by input text, so a test controls which questions are close in meaning.
+        self.vectors: dict[str, list[float]] = {}
 
     # --- helpers ---------------------------------------------------------------------
 
@@ -238,8 +241,8 @@ class FakeUpstream:
             return web.Response(body=b.raw_body, content_type=b.content_type or "application/json")
         if not body.get("stream"):
             text = "".join(self.words(b))
-            choice = ({"index": 0, "message": {"role": "assistant", "content": text}, "finish_reason": "stop"}
-                      if chat else {"index": 0, "text": text, "finish_reason": "stop", "logprobs": None})
+            choice = ({"index": 0, "message": {"role": "assistant", "content": text}, "finish_reason": b.finish_reason}
+                      if chat else {"index": 0, "text": text, "finish_reason": b.finish_reason, "logprobs": None})
             reply: dict[str, Any] = {"id": "fake-1", "object": kind, "created": int(time.time()),
                                      "model": model, "choices": [choice]}
             if b.report_usage:
@@ -262,7 +265,7 @@ class FakeUpstream:
             return b"data: " + orjson.dumps(obj) + b"\n\n"
 
         frames = [chunk(word) for word in self.words(b)]
-        tail = [chunk(None, "stop")]
+        tail = [chunk(None, b.finish_reason)]
         if with_usage:
             usage = {"id": "fake-1", "object": kind + ".chunk" if chat else kind, "created": 1,
                      "model": model, "choices": [],
@@ -283,8 +286,8 @@ class FakeUpstream:
         prompt = b.prompt_tokens if b.prompt_tokens is not None else 3 * len(inputs)
         reply: dict[str, Any] = {
             "object": "list", "model": body.get("model"),
-            "data": [{"object": "embedding", "index": i, "embedding": [0.1, 0.2, 0.3]}
-                     for i in range(len(inputs))],
+            "data": [{"object": "embedding", "index": i, "embedding": self.vectors.get(str(text), [0.1, 0.2, 0.3])}
+                     for i, text in enumerate(inputs)],
         }
         if b.report_usage:
             reply["usage"] = {"prompt_tokens": prompt, "total_tokens": prompt}
@@ -346,7 +349,7 @@ class FakeUpstream:
 
     def _ollama_final(self, body: dict[str, Any], b: Behavior, prompt: int, completion: int) -> dict[str, Any]:
         final: dict[str, Any] = {"model": body.get("model"), "created_at": "2024-01-15T14:32:18Z",
-                                 "done": True, "done_reason": "stop", "total_duration": 1000,
+                                 "done": True, "done_reason": b.finish_reason, "total_duration": 1000,
                                  "load_duration": 10, "prompt_eval_duration": 100, "eval_duration": 500}
         if b.report_usage:
             if not b.omit_prompt_eval_count:
@@ -396,7 +399,8 @@ class FakeUpstream:
         inputs = body.get("input")
         inputs = inputs if isinstance(inputs, list) else [inputs]
         prompt = b.prompt_tokens if b.prompt_tokens is not None else 4 * len(inputs)
-        reply: dict[str, Any] = {"model": body.get("model"), "embeddings": [[0.1, 0.2] for _ in inputs],
+        reply: dict[str, Any] = {"model": body.get("model"),
+                                 "embeddings": [self.vectors.get(str(text), [0.1, 0.2]) for text in inputs],
                                  "total_duration": 10, "load_duration": 1}
         if b.report_usage:
             reply["prompt_eval_count"] = prompt

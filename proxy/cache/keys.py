@@ -1,11 +1,11 @@
-"""What makes two requests the same question, for the answer cache (issue 13; a building block,
-not yet in the config).
+"""What makes two requests the same question, for the answer cache.
 
 A request's cache key is a hash of its namespace (the proxy key's name: tenants never share
-answers), the upstream and model that answer it, the endpoint, and its body with the fields
+answers), the upstream and model that answer it, the dialect and endpoint, and its body with the fields
 that do not change the answer left out (`IGNORED`) and every object's keys in one order. Two
 requests with the same key get the same answer from a deterministic model; `deterministic`
-says whether this one asks for a deterministic answer at all.
+says whether this one asks for a deterministic answer at all. For semantic matching, `question`
+splits a request into its last user message and everything else.
 """
 
 from __future__ import annotations
@@ -44,7 +44,7 @@ def key(dialect: Dialect, namespace: str | None, upstream: str, model: str, endp
     is the request as orjson read it (so every integer fits 64 bits)."""
     ignored = IGNORED[dialect]
     kept = {k: v for k, v in body.items() if k not in ignored and k != "model"}
-    canonical = orjson.dumps([namespace or "", upstream, model, endpoint, kept],
+    canonical = orjson.dumps([namespace or "", upstream, model, dialect, endpoint, kept],
                              option=orjson.OPT_SORT_KEYS | orjson.OPT_NON_STR_KEYS)
     return hashlib.sha256(canonical).hexdigest()
 
@@ -65,3 +65,33 @@ def deterministic(dialect: Dialect, body: Mapping[str, Any]) -> tuple[bool, str]
     if body.get("tools") or body.get("functions"):
         return False, "tools the answer may call"
     return True, ""
+
+
+def question(dialect: Dialect, endpoint: str, body: Mapping[str, Any]) -> tuple[str, dict[str, Any]] | None:
+    """For semantic matching: the request's last user message, and the request without it (what
+    must be identical for two questions to share an answer: system prompt, earlier turns, model,
+    parameters). None when there is no plain-text last user message to compare."""
+    if endpoint == "chat":
+        messages = body.get("messages")
+        if not isinstance(messages, list) or not messages:
+            return None
+        last = messages[-1]
+        if not isinstance(last, Mapping) or last.get("role") != "user":
+            return None
+        text = _plain_text(last.get("content"))
+        if text is None or last.keys() - {"role", "content"}:
+            return None  # images, names or tool results: not a question to compare by meaning
+        return text, {**body, "messages": messages[:-1]}
+    field = "prompt"
+    value = body.get(field)
+    if not isinstance(value, str) or (dialect == "ollama" and body.get("images")):
+        return None
+    return value, {k: v for k, v in body.items() if k != field}
+
+
+def _plain_text(content: Any) -> str | None:
+    if isinstance(content, str):
+        return content
+    if isinstance(content, list) and all(isinstance(p, Mapping) and p.get("type") == "text" for p in content):
+        return "\n".join(str(p.get("text", "")) for p in content)
+    return None

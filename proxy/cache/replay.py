@@ -1,5 +1,4 @@
-"""A cached answer replayed in the shape the caller asked for (issue 13; a building block, not yet
-in the relay).
+"""A cached answer replayed in the shape the caller asked for.
 
 An answer is stored as the upstream gave it: one JSON body, SSE frames or NDJSON lines. `read`
 turns any of them into an `Answer` (the text, how it ended, its usage, its id and model), and

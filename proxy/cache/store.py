@@ -1,5 +1,7 @@
-"""Where the answer cache keeps its entries, and how identical misses share one upstream call
-(issue 13; a building block, not yet in the config).
+"""Where the answer cache keeps its entries, and how identical misses share one upstream call.
+
+`CacheStore` is what every engine offers: this process's memory (`MemoryCache`, here), a SQLite
+file (`sqlite_store.py`) or Redis (`redis_store.py`); the rest of Tollgate never knows which.
 
 `MemoryCache` is bounded in bytes: what an entry holds (its answer and its key) counts, the least
 recently used entries leave first, an entry larger than `max_entry_bytes` is never stored, and
@@ -18,8 +20,10 @@ import asyncio
 import time
 from collections import OrderedDict
 from collections.abc import Callable
-from dataclasses import dataclass, field
-from typing import Literal
+from dataclasses import asdict, dataclass, field
+from typing import Literal, Protocol
+
+import orjson
 
 Shape = Literal["json", "sse", "ndjson"]
 
@@ -52,6 +56,37 @@ class Entry:
     def age(self, now: float) -> int:
         """Seconds since it was stored, as HTTP's Age header counts them."""
         return max(0, int(now - self.created))
+
+    def pack(self) -> bytes:
+        """The entry as one value for a store outside this process: its fields, a newline, its body."""
+        head = {k: v for k, v in asdict(self).items() if k != "body"}
+        return orjson.dumps(head) + b"\n" + self.body
+
+    @classmethod
+    def unpack(cls, data: bytes) -> Entry:
+        head, _, body = data.partition(b"\n")
+        return cls(body=body, **orjson.loads(head))
+
+
+class CacheStore(Protocol):
+    """An answer store: bounded in bytes, least recently used out first, entries gone after their
+    time to live. Every engine counts an entry's size as `Entry.size` does."""
+
+    max_entry_bytes: int
+
+    async def find(self, key: str) -> Entry | None:
+        """The live entry under `key` (now the most recently used), or None."""
+
+    async def keep(self, entry: Entry) -> bool:
+        """Store it, making room; False if it alone is larger than `max_entry_bytes`."""
+
+    async def drop(self, namespace: str | None) -> int:
+        """Empty one namespace (a proxy key's name; "" for calls without one), or everything."""
+
+    async def size(self) -> tuple[int, int]:
+        """Entries and bytes held."""
+
+    async def close(self) -> None: ...
 
 
 @dataclass
@@ -110,20 +145,46 @@ class MemoryCache:
         self.figures.entries -= 1
         self.figures.bytes -= entry.size
 
+    # As a CacheStore: nothing here waits, so each is the method above.
+
+    async def find(self, key: str) -> Entry | None:
+        return self.get(key)
+
+    async def keep(self, entry: Entry) -> bool:
+        return self.put(entry)
+
+    async def drop(self, namespace: str | None) -> int:
+        return self.purge(namespace)
+
+    async def size(self) -> tuple[int, int]:
+        return self.figures.entries, self.figures.bytes
+
+    async def close(self) -> None:
+        self._entries.clear()
+        self.figures.entries = self.figures.bytes = 0
+
 
 @dataclass
 class Flights:
     """Identical misses in flight, by key: the first leads, the rest wait for its entry."""
 
     _waiting: dict[str, asyncio.Future[Entry | None]] = field(default_factory=dict)
+    followers: int = 0   # callers waiting for a leader now (for /stats, and tests to await)
+    joined: asyncio.Event = field(default_factory=asyncio.Event)   # set as each follower joins
 
     def join(self, key: str) -> asyncio.Future[Entry | None] | None:
         """None: this caller leads (it calls upstream, then `land`s); else the leader's future."""
         flight = self._waiting.get(key)
         if flight is not None:
+            self.followers += 1
+            self.joined.set()
+            flight.add_done_callback(self._left)
             return flight
         self._waiting[key] = asyncio.get_running_loop().create_future()
         return None
+
+    def _left(self, _: asyncio.Future[Entry | None]) -> None:
+        self.followers -= 1
 
     def land(self, key: str, entry: Entry | None) -> None:
         """The leader is done: its entry (None if its answer could not be cached) for everyone

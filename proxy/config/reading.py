@@ -114,6 +114,10 @@ def _finish(config: Config, raw: dict[str, Any], source: Path) -> Config:
     for required in ("chat", "vision"):
         request_types.setdefault(required, RequestType(name=required, label=required.capitalize(),
                                                        label_en=required.capitalize()))
+    if any(r.semantic for r in config.cache.rules):
+        # The semantic cache's own embedding calls are booked under this type.
+        request_types.setdefault("cache", RequestType(name="cache", label="Caché semántica",
+                                                      label_en="Semantic cache"))
 
     routing = config.routing
     if routing.default_upstream is not None and routing.default_upstream not in upstreams:
@@ -156,8 +160,21 @@ def _finish(config: Config, raw: dict[str, Any], source: Path) -> Config:
             raise fail(f"tagging.rules[{i}].type", tag.type, f"one of the request types {sorted(request_types)}")
     commands = replace(config.commands, stats=tuple(p.strip().lower() for p in config.commands.stats))
 
+    cache = config.cache
+    for i, cache_rule in enumerate(cache.rules):
+        for field_name, known in (("upstreams", upstreams), ("types", request_types), ("keys", keys)):
+            unknown = [n for n in getattr(cache_rule, field_name) if n not in known]
+            if unknown:
+                raise fail(f"cache.rules[{i}].{field_name}", unknown[0], f"one of {sorted(known)}")
+    embedder = cache.semantic.upstream or (ollamas[0] if ollamas else None)
+    if embedder is not None and embedder not in upstreams:
+        raise fail("cache.semantic.upstream", embedder, f"one of {names}")
+    if embedder is None and any(r.semantic for r in cache.rules):
+        raise fail("cache.semantic.upstream", None, "an upstream to embed questions with (there is no ollama one)")
+    cache = replace(cache, semantic=replace(cache.semantic, upstream=embedder))
+
     return replace(config, server=server, upstreams=upstreams, types=request_types, routing=routing,
-                   limits=policy, keys=keys, alerts=alerts, commands=commands)
+                   limits=policy, keys=keys, alerts=alerts, commands=commands, cache=cache)
 
 
 def _zone(name: str, key: str, fail: typing.Callable[[str, Any, str], ConfigError]) -> None:

@@ -33,6 +33,7 @@ OutputCap = Literal["clamp", "reject"]
 LimitsBackend = Literal["memory", "redis"]
 RedisUnavailable = Literal["closed", "local"]
 LedgerBackend = Literal["sqlite", "postgresql"]
+CacheBackend = Literal["memory", "sqlite", "redis"]
 Lang = Literal["es", "en"]
 
 
@@ -269,6 +270,64 @@ class AlertPolicy(Table, frozen=True, kw_only=True):
         "how often rules are checked besides after every call (figures that fall with time)")] = 15.0
 
 
+Similarity = Annotated[float, Meta(gt=0, le=1), expects("a cosine similarity above 0, at most 1")]
+
+
+class CacheRule(Table, frozen=True, kw_only=True):
+    """Which calls the answer cache may answer, and how. A call is cached by the first rule that
+    matches it (every list it sets names the call's upstream, type and proxy key); no rule, no
+    cache. Only chat and completion calls are cached (OpenAI's chat and completions, Ollama's chat
+    and generate)."""
+
+    upstreams: Annotated[tuple[UpstreamName, ...], expects("a list of upstream names"),
+                         doc("the upstreams whose answers it keeps", "any")] = ()
+    types: Annotated[tuple[str, ...], expects("a list of request types"),
+                     doc("the request types it keeps (`faq`)", "any")] = ()
+    keys: Annotated[tuple[str, ...], expects("a list of proxy key names"),
+                    doc("the proxy keys whose calls it keeps", "any")] = ()
+    ttl_s: Annotated[Positive, doc("how long an answer is kept")] = 3600.0
+    sampled: Annotated[bool, doc(
+        "keep answers to requests that ask for a sampled answer (temperature above 0 without a seed, the "
+        "models' default), several choices or tools; off, those are passed on uncached (`bypass`)")] = False
+    semantic: Annotated[bool, doc(
+        "on a miss, look for an earlier question close in meaning (`[cache.semantic]`): same system prompt, "
+        "earlier turns, model and parameters, and a last user message whose embedding is within "
+        "`similarity`")] = False
+    similarity: Annotated[Similarity, doc("the cosine similarity a semantic match needs")] = 0.95
+
+
+class SemanticCache(Table, frozen=True, kw_only=True):
+    """Where the semantic cache gets its embeddings, and how many questions it compares."""
+
+    upstream: Annotated[UpstreamName | None, doc(
+        "the upstream that embeds questions (an ollama one calls `/api/embed`, an openai one "
+        "`/v1/embeddings`); each embedding is a metered call of type `cache`", "the ollama upstream")] = None
+    model: Annotated[NonEmpty, doc("the embedding model")] = "nomic-embed-text"
+    max_entries: Annotated[Count, doc(
+        "most questions kept for comparison (the oldest go first); each holds one vector "
+        "(768 dimensions take 3 KiB)")] = 100_000
+    timeout_s: Annotated[Positive, doc("an embedding slower than this is abandoned: the call is a miss")] = 5.0
+
+
+class CachePolicy(Table, frozen=True, kw_only=True):
+    """The answer cache: off unless a rule turns it on. Entries hold message text and answers,
+    which the ledger never does: they stay within `max_bytes`, the least recently used leaving
+    first, and `POST /cache/purge` empties them."""
+
+    backend: Annotated[CacheBackend, doc(
+        '`"memory"`: this process\'s own; `"sqlite"`: `data_dir/cache.sqlite3` (owner-only), kept across '
+        'restarts and shared by the workers of one machine; `"redis"`: the `[redis]` server, shared by every '
+        "replica")] = "memory"
+    max_bytes: Annotated[Count, doc("most bytes the entries take, answers and keys")] = 64 * 1024 * 1024
+    max_entry_bytes: Annotated[Count, doc("an answer larger than this is never kept")] = 256 * 1024
+    wait_s: Annotated[Positive, doc(
+        "longest an identical request waits for the one already asking the upstream, before asking "
+        "itself")] = 60.0
+    rules: Annotated[tuple[CacheRule, ...], doc("cache rules (`[[cache.rules]]`, below)", "`[]`")] = ()
+    semantic: Annotated[SemanticCache, doc("semantic matching (`[cache.semantic]`, below)", "its defaults")] = field(
+        default_factory=SemanticCache)
+
+
 class Commands(Table, frozen=True, kw_only=True):
     """A chat call (OpenAI or Ollama dialect, streaming or not) whose last user message is one of
     these is answered by Tollgate itself with the `/stats` text, in the exact shape the client
@@ -502,6 +561,7 @@ class Config(Table, frozen=True, kw_only=True):
     keys: dict[str, ProxyKey] = {}
     alerts: AlertPolicy = field(default_factory=AlertPolicy)
     commands: Commands = field(default_factory=Commands)
+    cache: CachePolicy = field(default_factory=CachePolicy)
 
     def price(self, upstream: Upstream, model: str) -> Price:
         if upstream.free:
