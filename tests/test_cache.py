@@ -403,3 +403,14 @@ async def test_the_redis_store_is_shared_by_replicas(raw_config: dict[str, Any],
     finally:
         for replica in replicas:
             await replica.stop()
+
+
+def test_a_redis_cache_without_its_url_is_refused_before_serving(raw_config: dict[str, Any],
+                                                                  monkeypatch: pytest.MonkeyPatch) -> None:
+    from proxy import config as config_mod
+
+    monkeypatch.delenv("TOLLGATE_REDIS_URL", raising=False)
+    raw = cached(raw_config)
+    raw["cache"]["backend"] = "redis"
+    with pytest.raises(config_mod.ConfigError, match=r"cache.backend = 'redis': expected \$TOLLGATE_REDIS_URL"):
+        config_mod.check_serve(config_mod.parse(raw))

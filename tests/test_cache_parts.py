@@ -7,6 +7,7 @@ import asyncio
 import random
 from typing import Any
 
+import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -148,3 +149,70 @@ async def test_identical_misses_that_arrive_together_make_one_upstream_call() ->
     await asyncio.sleep(0)
     release.set()
     assert await asyncio.gather(*callers) == [None, None, None] and upstream_calls == 2
+
+
+@settings(max_examples=60, deadline=None)
+@given(steps=st.lists(st.tuples(st.sampled_from(["add", "remove"]), st.integers(0, 30), st.integers(0, 2)),
+                      max_size=80), seed=st.integers(0, 2**32))
+def test_the_semantic_index_finds_what_brute_force_finds(steps: list[tuple[str, int, int]], seed: int) -> None:
+    """Adds, removals (a row's place taken by its context's last) and evictions at the bound
+    never make the index answer other than a plain search over what it should hold."""
+    import numpy as np
+
+    from proxy.cache.semantic import SemanticIndex, unit
+
+    rng = np.random.default_rng(seed)
+    index = SemanticIndex(max_entries=12)
+    held: dict[str, tuple[str, Any]] = {}      # key: (context, vector), oldest first
+    for action, n, c in steps:
+        key, context = f"k{n}", f"ctx{c}"
+        if action == "add":
+            vector = unit(list(rng.standard_normal(8)))
+            assert vector is not None
+            index.add(context, key, vector)
+            held.pop(key, None)
+            while len(held) >= 12:
+                held.pop(next(iter(held)))
+            held[key] = (context, vector)
+        else:
+            index.remove(key)
+            held.pop(key, None)
+        assert len(index) == len(held)
+    for c in range(3):
+        probe = unit(list(rng.standard_normal(8)))
+        assert probe is not None
+        mine = {k: float(v @ probe) for k, (ctx, v) in held.items() if ctx == f"ctx{c}"}
+        found = index.nearest(f"ctx{c}", probe, -1.0)
+        if not mine:
+            assert found is None
+        else:
+            assert found is not None and found[1] == pytest.approx(max(mine.values()), abs=1e-5)
+
+
+async def test_a_large_context_is_searched_off_the_loop_and_checked_again() -> None:
+    """Past OFFLOAD_ROWS questions the search runs on a worker thread; its winner is the one a
+    search on the loop finds, and a winner the store has let go is a miss that leaves the index."""
+    import numpy as np
+
+    from proxy.cache import OFFLOAD_ROWS, AnswerCache, Lookup
+    from proxy.cache.semantic import unit
+    from proxy.config import CachePolicy, CacheRule
+
+    clock = Clock()
+    rule = CacheRule(semantic=True, similarity=0.8)
+    cache = AnswerCache(CachePolicy(rules=(rule,)), MemoryCache(1 << 30, 1 << 20, clock), clock)
+    assert cache.index is not None
+    rng = np.random.default_rng(5)
+    vectors = rng.standard_normal((OFFLOAD_ROWS + 500, 32)).astype(np.float32)
+    vectors /= np.linalg.norm(vectors, axis=1, keepdims=True)
+    for n, vector in enumerate(vectors):
+        cache.index.add("ctx", f"k{n}", vector)
+        cache.store.put(entry(f"k{n}", 10, clock, namespace=""))  # type: ignore[attr-defined]
+    lookup = Lookup(rule, "new", "", False, None, "¿?", "ctx")
+    probe = unit(list(vectors[1234] + 0.01 * rng.standard_normal(32)))
+    assert probe is not None
+    found = await cache.similar(lookup, probe)
+    assert found is not None and found.key == "k1234"
+    await cache.store.drop("")
+    assert await cache.similar(lookup, probe) is None
+    assert cache.index.score("ctx", "k1234", probe) is None

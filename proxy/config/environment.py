@@ -3,6 +3,7 @@ address it binds, and what must hold before serving."""
 
 from __future__ import annotations
 
+import importlib.util
 import ipaddress
 
 from msgspec.structs import replace
@@ -70,9 +71,13 @@ def check_serve(config: Config) -> None:
     if config.ledger.backend == "postgresql" and config.ledger.dsn() is None:
         raise ConfigError(f"{config.source}: ledger.backend = 'postgresql': expected ${config.ledger.dsn_env} "
                           f"(ledger.dsn_env) to hold the connection string, but it is unset")
-    if config.limits.backend == "redis" and config.redis.url() is None:
-        raise ConfigError(f"{config.source}: limits.backend = 'redis': expected ${config.redis.url_env} "
-                          f"(redis.url_env) to hold the Redis URL, but it is unset")
+    for what, backend in (("limits.backend", config.limits.backend), ("cache.backend", config.cache.backend)):
+        if backend == "redis" and config.redis.url() is None:
+            raise ConfigError(f"{config.source}: {what} = 'redis': expected ${config.redis.url_env} "
+                              f"(redis.url_env) to hold the Redis URL, but it is unset")
+    if any(rule.semantic for rule in config.cache.rules) and importlib.util.find_spec("numpy") is None:
+        raise ConfigError(f"{config.source}: cache.rules: semantic = true: expected numpy, which compares the "
+                          f"questions, but it is not installed (pip install 'tollgate[semantic]')")
 
 
 def check_bind(config: Config) -> None:
