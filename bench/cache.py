@@ -35,9 +35,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from bench.harness import ROOT, free_port, pct, start, start_proxy, start_upstream, stop  # noqa: E402
 
-QUESTION = {"model": "gpt-4o", "temperature": 0,
-            "messages": [{"role": "system", "content": "Eres el asistente de la tienda."},
-                         {"role": "user", "content": "¿Cuál es el horario?"}]}
+SYSTEM = {"role": "system", "content": "Eres el asistente de la tienda."}
+QUESTION: dict[str, Any] = {"model": "gpt-4o", "temperature": 0,
+                            "messages": [SYSTEM, {"role": "user", "content": "¿Cuál es el horario?"}]}
 
 
 async def timed(session: aiohttp.ClientSession, url: str, body: bytes, headers: dict[str, str]) -> float:
@@ -125,8 +125,8 @@ def _sqlite_vec(vectors: Any, probes: list[Any]) -> float | None:
     # bundles a SQLite that does. Neither is one of Tollgate's dependencies: pip install both
     # beside sqlite-vec to compare.
     try:
-        import sqlite_vec  # type: ignore[import-not-found, unused-ignore]
-        import pysqlite3 as sqlite3  # type: ignore[import-not-found, unused-ignore]
+        import sqlite_vec  # type: ignore[import-not-found, import-untyped, unused-ignore]
+        import pysqlite3 as sqlite3  # type: ignore[import-not-found, import-untyped, unused-ignore]
     except ImportError:
         return None
 
@@ -220,7 +220,7 @@ async def workload(total: int) -> None:
                 kinds[kind] += 1
                 if kind == "new":
                     asked.append(text)
-                body = {**QUESTION, "messages": [QUESTION["messages"][0], {"role": "user", "content": text}]}
+                body = {**QUESTION, "messages": [SYSTEM, {"role": "user", "content": text}]}
                 async with session.post(str(proxy.make_url("/v1/chat/completions")), json=body) as r:
                     await r.read()
             async with session.get(str(proxy.make_url("/stats"))) as r:
