@@ -33,7 +33,7 @@ import orjson
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from bench.harness import ROOT, free_port, pct, start, start_proxy, start_upstream, stop  # noqa: E402
+from bench.harness import ROOT, cloud_config, free_port, pct, start, start_proxy, start_upstream, stop  # noqa: E402
 
 SYSTEM = {"role": "system", "content": "Eres el asistente de la tienda."}
 QUESTION: dict[str, Any] = {"model": "gpt-4o", "temperature": 0,
@@ -51,17 +51,7 @@ async def timed(session: aiohttp.ClientSession, url: str, body: bytes, headers: 
 
 async def latency(rounds: int, count: int) -> None:
     upstream, up_port = await start_upstream()
-    proxy, proxy_port, _ = await start_proxy(f"""
-[upstreams.cloud]
-kind = "openai"
-base_url = "http://127.0.0.1:{up_port}"
-models = ["*"]
-[prices."gpt-4o"]
-input = 0.03
-output = 0.06
-[[cache.rules]]
-ttl_s = 3600
-""")
+    proxy, proxy_port, _ = await start_proxy(cloud_config(up_port) + "[[cache.rules]]\nttl_s = 3600\n")
     bare_port = free_port()
     bare = await start([sys.executable, str(ROOT / "bench" / "bare_relay.py"), str(bare_port),
                         f"http://127.0.0.1:{up_port}"], b"bare relay ready")

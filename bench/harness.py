@@ -162,6 +162,19 @@ async def start_upstream() -> tuple[asyncio.subprocess.Process, int]:
     return proc, port
 
 
+def cloud_config(up_port: int) -> str:
+    """The proxy config most benchmarks use: one OpenAI upstream (the fake) for every model, priced."""
+    return f"""
+[upstreams.cloud]
+kind = "openai"
+base_url = "http://127.0.0.1:{up_port}"
+models = ["*"]
+[prices."gpt-4o"]
+input = 0.03
+output = 0.06
+"""
+
+
 async def start_proxy(config: str, data_dir: Path | None = None) -> tuple[asyncio.subprocess.Process, int, Path]:
     """`tollgate serve` with `config` (TOML; the [server] table is supplied here), its ledger in
     `data_dir` or a fresh directory."""

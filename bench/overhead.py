@@ -28,22 +28,14 @@ import orjson
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from bench.harness import (CHAT, ROOT, closed_loop, free_port, one, open_loop, pct, reset_peak,  # noqa: E402
+from bench.harness import (CHAT, ROOT, closed_loop, cloud_config, free_port, one, open_loop, pct, reset_peak,  # noqa: E402
                            rss_kib, start, start_proxy, start_upstream, stop)
 
 
 async def main(quick: bool) -> None:
     rounds = 1 if quick else 3
     upstream, up_port = await start_upstream()
-    proxy, proxy_port, _ = await start_proxy(f"""
-[upstreams.cloud]
-kind = "openai"
-base_url = "http://127.0.0.1:{up_port}"
-models = ["*"]
-[prices."gpt-4o"]
-input = 0.03
-output = 0.06
-""")
+    proxy, proxy_port, _ = await start_proxy(cloud_config(up_port))
     bare_port = free_port()
     bare = await start([sys.executable, str(ROOT / "bench" / "bare_relay.py"), str(bare_port),
                         f"http://127.0.0.1:{up_port}"], b"bare relay ready")
