@@ -25,8 +25,10 @@ from .keys import CONFIG
 # State-changing admin requests: never from another origin.
 _ADMIN_WRITES = frozenset({"/metrics/reset", "/cache/purge", "/dashboard/login", "/dashboard/logout"})
 _LLM_ROOTS = ("/v1/", "/api/", "/t/")
+# Tollgate's own reply headers a page may read: which upstream answered, whether from the cache.
+_EXPOSED = "age, x-tollgate-cache, x-tollgate-upstream, x-tollgate-fallback-from"
 _CORS_HEADERS = "authorization, content-type, openai-beta, openai-organization, openai-project, " \
-                "x-tollgate-type, x-tollgate-user, x-stainless-arch, x-stainless-lang, x-stainless-os, " \
+                "cache-control, x-tollgate-cache, x-tollgate-type, x-tollgate-user, x-stainless-arch, x-stainless-lang, x-stainless-os, " \
                 "x-stainless-package-version, x-stainless-retry-count, x-stainless-runtime, " \
                 "x-stainless-runtime-version, x-stainless-timeout, x-stainless-async"
 
@@ -84,5 +86,6 @@ async def guard(request: web.Request,
     else:
         response = await handler(request)
     response.headers["Access-Control-Allow-Origin"] = other
+    response.headers["Access-Control-Expose-Headers"] = _EXPOSED
     response.headers["Vary"] = "Origin"
     return response

@@ -82,10 +82,12 @@ async def test_a_listed_origin_gets_cors_and_its_preflight_answered(guarded: Pro
             assert r.status == 204 and r.headers["Access-Control-Allow-Origin"] == APP
             assert "POST" in r.headers["Access-Control-Allow-Methods"]
             assert "content-type" in r.headers["Access-Control-Allow-Headers"]
+            assert "x-tollgate-cache" in r.headers["Access-Control-Allow-Headers"]
         async with s.options(guarded.url + "/v1/chat/completions", headers={
                 "Origin": "https://evil.example", "Access-Control-Request-Method": "POST"}) as r:
             assert r.status == 403 and "Access-Control-Allow-Origin" not in r.headers
         async with s.post(guarded.url + "/v1/chat/completions", json=CHAT, headers={"Origin": APP}) as r:
             assert r.status == 200 and r.headers["Access-Control-Allow-Origin"] == APP
             assert r.headers["Vary"] == "Origin"
+            assert "x-tollgate-cache" in r.headers["Access-Control-Expose-Headers"]
     assert fake.requests == 1
