@@ -216,3 +216,43 @@ async def test_a_large_context_is_searched_off_the_loop_and_checked_again() -> N
     await cache.store.drop("")
     assert await cache.similar(lookup, probe) is None
     assert cache.index.score("ctx", "k1234", probe) is None
+
+
+@pytest.fixture(params=["memory", "sqlite", "redis"])
+async def store(request: pytest.FixtureRequest, tmp_path: Any, clock: Clock) -> Any:
+    """Each engine behind CacheStore, holding at most three entries of 1,000 bytes."""
+    from proxy.cache.redis_store import RedisCache
+    from proxy.cache.sqlite_store import SqliteCache
+
+    size = entry("a", 1000, clock).size
+    if request.param == "memory":
+        made: Any = MemoryCache(3 * size, size, clock)
+    elif request.param == "sqlite":
+        made = SqliteCache(tmp_path / "cache.sqlite3", 3 * size, size, clock)
+    else:
+        url = request.getfixturevalue("redis_server")
+        made = RedisCache(url, f"parts-{random.getrandbits(32)}", 3 * size, size, 2.0, clock)
+    yield made
+    await made.close()
+
+
+async def test_every_store_keeps_its_bound_its_order_and_its_time_to_live(store: Any, clock: Clock) -> None:
+    from proxy.cache.redis_store import RedisCache
+
+    for name in "abc":
+        assert await store.keep(entry(name, 1000, clock, ttl=60 if name != "c" else 10))
+    assert await store.find("a") is not None          # a is now the most recently used
+    assert await store.keep(entry("d", 1000, clock))  # b, the least recently used, makes room
+    assert await store.find("b") is None and await store.find("a") is not None
+    entries, held = await store.size()
+    assert entries == 3 and held == 3 * entry("a", 1000, clock).size
+    found = await store.find("d")
+    assert found is not None and found.body == b"x" * 1000 and found.prompt_tokens == 10
+    assert not await store.keep(entry("huge", 2000, clock))
+    await store.keep(entry("e", 10, clock, namespace="other-key"))
+    assert await store.drop("bot") >= 2 and await store.find("e") is not None
+    assert await store.drop(None) == 1 and (await store.size())[1] == 0
+    if not isinstance(store, RedisCache):   # Redis expires on its own clock (as tested through the proxy)
+        await store.keep(entry("f", 10, clock, ttl=10))
+        clock.advance(11)
+        assert await store.find("f") is None and await store.size() == (0, 0)

@@ -22,12 +22,12 @@ from .store import Entry
 _FIND = """
 local data = redis.call('GET', KEYS[1] .. ARGV[1])
 if not data then return false end
-redis.call('ZADD', KEYS[2], ARGV[2], ARGV[1])
+redis.call('ZADD', KEYS[2], redis.call('INCR', KEYS[3]), ARGV[1])
 return data
 """
 
-# KEYS: entry prefix, lru, sizes, held bytes, namespaces. ARGV: key, data, ttl ms, size, now,
-# max bytes, namespace.
+# KEYS: entry prefix, lru, sizes, held bytes, namespaces, use counter. ARGV: key, data, ttl ms,
+# size, (unused), max bytes, namespace.
 _KEEP = """
 local function forget(k)
   local size = redis.call('HGET', KEYS[3], k)
@@ -47,7 +47,7 @@ while (tonumber(redis.call('GET', KEYS[4]) or '0') + size > max) do
   forget(oldest[1])
 end
 redis.call('SET', KEYS[1] .. ARGV[1], ARGV[2], 'PX', ARGV[3])
-redis.call('ZADD', KEYS[2], ARGV[5], ARGV[1])
+redis.call('ZADD', KEYS[2], redis.call('INCR', KEYS[6]), ARGV[1])
 redis.call('HSET', KEYS[3], ARGV[1], size)
 redis.call('HSET', KEYS[5], ARGV[1], ARGV[7])
 redis.call('INCRBY', KEYS[4], size)
@@ -79,16 +79,18 @@ class RedisCache:
         self.clock = clock
         pool = aioredis.BlockingConnectionPool.from_url(url, max_connections=64, timeout=timeout_s,
                                                         socket_timeout=timeout_s, socket_connect_timeout=timeout_s)
+        self._pool = pool
         self._client = aioredis.Redis(connection_pool=pool)
         tag = "{" + prefix + "}"   # every key in one slot, as a Redis Cluster needs for a script
+        # The LRU order is a counter's, not a clock's: replicas' clocks need not agree.
         self._keys = [f"{tag}:cache:e:", f"{tag}:cache:lru", f"{tag}:cache:sizes", f"{tag}:cache:bytes",
-                      f"{tag}:cache:ns"]
+                      f"{tag}:cache:ns", f"{tag}:cache:seq"]
         self._find = self._client.register_script(_FIND)
         self._keep = self._client.register_script(_KEEP)
         self._drop = self._client.register_script(_DROP)
 
     async def find(self, key: str) -> Entry | None:
-        data = await self._find(keys=self._keys[:2], args=[key, self.clock()])
+        data = await self._find(keys=[*self._keys[:2], self._keys[5]], args=[key])
         return Entry.unpack(bytes(data)) if data else None
 
     async def keep(self, entry: Entry) -> bool:
@@ -97,7 +99,7 @@ class RedisCache:
         ttl_ms = int((entry.created + entry.ttl_s - self.clock()) * 1000)
         if ttl_ms <= 0:
             return False
-        await self._keep(keys=self._keys, args=[entry.key, entry.pack(), ttl_ms, entry.size, self.clock(),
+        await self._keep(keys=self._keys, args=[entry.key, entry.pack(), ttl_ms, entry.size, 0,
                                                 self.max_bytes, entry.namespace])
         return True
 
@@ -113,3 +115,4 @@ class RedisCache:
 
     async def close(self) -> None:
         await self._client.aclose()
+        await self._pool.disconnect()   # a pool handed to the client is the owner's to close

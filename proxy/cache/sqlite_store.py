@@ -25,7 +25,7 @@ T = TypeVar("T")
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS entries (
-    key TEXT PRIMARY KEY, namespace TEXT NOT NULL, expires REAL NOT NULL, used REAL NOT NULL,
+    key TEXT PRIMARY KEY, namespace TEXT NOT NULL, expires REAL NOT NULL, used INTEGER NOT NULL,
     size INTEGER NOT NULL, data BLOB NOT NULL
 ) WITHOUT ROWID;
 CREATE INDEX IF NOT EXISTS entries_used ON entries(used);
@@ -34,8 +34,9 @@ CREATE TABLE IF NOT EXISTS held (id INTEGER PRIMARY KEY CHECK (id = 1), entries 
                                  bytes INTEGER NOT NULL);
 INSERT OR IGNORE INTO held VALUES (1, 0, 0);
 """
-# Rows made room with at a time: the least recently used first.
-_EVICT_BATCH = 64
+# An entry's place in the order of use: one more than the latest (a counter, not the clock, so two
+# uses in the same instant still have an order). One index step.
+_NEXT = "(SELECT COALESCE(MAX(used), 0) + 1 FROM entries)"
 
 
 class SqliteCache:
@@ -72,7 +73,7 @@ class SqliteCache:
                 _delete(conn, "key = ?", (key,))
                 conn.execute("COMMIT")
                 return None
-            conn.execute("UPDATE entries SET used = ? WHERE key = ?", (now, key))
+            conn.execute(f"UPDATE entries SET used = {_NEXT} WHERE key = ?", (key,))
             return bytes(row[0])
 
         data = await self._run(find)
@@ -89,13 +90,12 @@ class SqliteCache:
                 _delete(conn, "key = ?", (entry.key,))
                 _delete(conn, "expires <= ?", (now,))
                 while conn.execute("SELECT bytes FROM held").fetchone()[0] + entry.size > self.max_bytes:
-                    oldest = [r[0] for r in conn.execute("SELECT key FROM entries ORDER BY used LIMIT ?",
-                                                         (_EVICT_BATCH,))]
-                    if not oldest:
+                    oldest = conn.execute("SELECT key FROM entries ORDER BY used LIMIT 1").fetchone()
+                    if oldest is None:
                         break
-                    _delete(conn, f"key IN ({', '.join('?' * len(oldest))})", oldest)
-                conn.execute("INSERT INTO entries VALUES (?, ?, ?, ?, ?, ?)",
-                             (entry.key, entry.namespace, entry.created + entry.ttl_s, now, entry.size, entry.pack()))
+                    _delete(conn, "key = ?", (oldest[0],))
+                conn.execute(f"INSERT INTO entries VALUES (?, ?, ?, {_NEXT}, ?, ?)",
+                             (entry.key, entry.namespace, entry.created + entry.ttl_s, entry.size, entry.pack()))
                 conn.execute("UPDATE held SET entries = entries + 1, bytes = bytes + ?", (entry.size,))
                 conn.execute("COMMIT")
             except BaseException:
@@ -125,7 +125,7 @@ class SqliteCache:
         await self._run(lambda conn: conn.close())
 
 
-def _delete(conn: sqlite3.Connection, where: str, params: tuple[object, ...] | list[str]) -> int:
+def _delete(conn: sqlite3.Connection, where: str, params: tuple[object, ...]) -> int:
     """Delete the matching entries and take them off the counter; returns how many went."""
     count, size = conn.execute(f"SELECT COUNT(*), TOTAL(size) FROM entries WHERE {where}", params).fetchone()
     if count:
