@@ -24,6 +24,7 @@ async def guarded(raw_config: dict[str, Any], monkeypatch: pytest.MonkeyPatch) -
     monkeypatch.setenv("TG_TEST_ADMIN", ADMIN)
     raw_config["server"]["admin_token_env"] = "TG_TEST_ADMIN"
     raw_config["upstreams"]["gpt4o_cloud"]["limits"] = {"rpm": 10, "rpd": 5, "tpm": 150000}
+    raw_config["cache"] = {"rules": [{"upstreams": ["ollama_local"]}]}
     p = Proxy(raw_config)
     await p.start()
     yield p
@@ -38,6 +39,11 @@ async def test_dashboard_shows_what_stats_says(guarded: Proxy, fake: FakeUpstrea
             async with s.post(guarded.url + "/v1/chat/completions",
                               json={"model": "gpt-4o", "messages": [], "user": "ana"}) as r:
                 assert r.status == 200
+        for expected in ("miss", "hit"):                 # the same question twice: one from the cache
+            async with s.post(guarded.url + "/api/chat", json={
+                    "model": "llama3.2", "stream": False, "options": {"temperature": 0},
+                    "messages": [{"role": "user", "content": "¿Horario?"}]}) as r:
+                assert r.status == 200 and r.headers["X-Tollgate-Cache"] == expected
         async with s.get(guarded.url + "/stats") as r:
             stats = await r.json()
     problems: list[str] = []
@@ -58,7 +64,9 @@ async def test_dashboard_shows_what_stats_says(guarded: Proxy, fake: FakeUpstrea
         assert page.url == guarded.url + "/dashboard"
         await page.wait_for_selector("body[data-loaded]")
         text = {i: await page.text_content(f"#{i}") for i in
-                ("total-requests", "errors", "success-rate", "tokens-total", "cost", "projection", "uptime")}
+                ("total-requests", "errors", "success-rate", "tokens-total", "cost", "projection", "uptime",
+                 "cache-hits", "cache-share", "cache-tokens", "cache-rate")}
+        assert await page.is_visible("#cache")
         gauges = await page.eval_on_selector_all(
             ".gauge", "els => els.map(e => [e.dataset.scope, e.dataset.limit, e.className])")
         bars = await page.eval_on_selector_all("#tokens-chart rect", "els => els.map(e => +e.dataset.tokens)")
@@ -68,12 +76,15 @@ async def test_dashboard_shows_what_stats_says(guarded: Proxy, fake: FakeUpstrea
         await page.screenshot(path=str(ARTIFACTS / "dashboard.png"), full_page=True)
         await browser.close()
     assert problems == [] and external == []
-    assert text["total-requests"] == f"{stats['total_requests']:,}" == "6"
+    assert text["total-requests"] == f"{stats['total_requests']:,}" == "8"
     assert text["errors"] == "1" and text["success-rate"] == stats["tasa_exito"]
     assert text["tokens-total"] == f"{stats['tokens']['total']:,}"
     assert text["cost"] == stats["costo_estimado_usd"]
     assert text["projection"] == f"${stats['detail']['cost_projection_month_usd']:.2f}"
     assert text["uptime"] == stats["uptime"]
+    assert text["cache-hits"] == "1" and text["cache-tokens"] == f"{stats['cache']['saved_tokens']:,}" != "0"
+    assert text["cache-share"] == f"{stats['cache']['hit_share'] * 100:.1f}%" == "12.5%"
+    assert text["cache-rate"] == "50.0%"                 # 1 hit, 1 miss (the sampled bypass is not a lookup)
     # 4 of the 5 daily requests used: amber (>= 70%); the minute's 4 of 10: green.
     classes = {(scope, limit): cls for scope, limit, cls in gauges}
     assert classes[("upstream:gpt4o_cloud", "requests_per_day")] == "gauge amber"

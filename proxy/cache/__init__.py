@@ -114,9 +114,10 @@ class AnswerCache:
 
     def figures(self) -> dict[str, object]:
         """This process's part of /stats' `cache`."""
-        covered = sum(self.lookups.values())
+        # A bypass was never a candidate: the hit rate is of the lookups, hits and misses.
+        looked = self.lookups["hit"] + self.lookups["miss"]
         return {"enabled": self.enabled, "backend": self.policy.backend,
-                "since_start": {**self.lookups, "hit_rate": round(self.lookups["hit"] / covered, 4) if covered else None},
+                "since_start": {**self.lookups, "hit_rate": round(self.lookups["hit"] / looked, 4) if looked else None},
                 "entries": self.held[0], "bytes": self.held[1],
                 "semantic_questions": len(self.index) if self.index is not None else None,
                 "store_failures": self.failures}
