@@ -22,7 +22,7 @@ from . import auth
 from .auth import require_admin
 from .errors import BadRequest
 from . import config as config_mod
-from .keys import ACCOUNTING, BOOKS, CACHE, CONFIG, LEDGER, LIMITER, METRICS, SESSIONS
+from .keys import ACCOUNTING, BOOKS, BUDGETS, CACHE, CONFIG, LEDGER, LIMITER, METRICS, SESSIONS
 
 
 # Shipped as package data beside this module (pyproject's package-data).
@@ -45,7 +45,8 @@ async def get_stats(request: web.Request) -> web.Response:
     if request.query.get("format") == "text":
         lang = request.query.get("lang", "es")
         return web.Response(text=stats.stats_text(config, acc, request.app[LIMITER], lang), content_type="text/plain")
-    return _json(stats.stats_json(config, acc, request.app[LIMITER], cache=request.app[CACHE]))
+    return _json(stats.stats_json(config, acc, request.app[LIMITER], cache=request.app[CACHE],
+                                  budgets=request.app[BUDGETS]))
 
 
 async def reset(request: web.Request) -> web.Response:

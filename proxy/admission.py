@@ -16,7 +16,8 @@ from email.utils import parsedate_to_datetime
 from . import routing
 from .config import Config, Upstream
 from .dialects import CallInfo
-from .errors import BadRequest, PayloadTooLarge, RateLimited
+from .budgets import Budgets
+from .errors import BadRequest, BudgetExceeded, PayloadTooLarge, RateLimited
 from .limits import Denial, Scope, Ticket, WindowStore
 from .tokens import Estimator
 
@@ -89,6 +90,7 @@ class Admission:
     limiter: WindowStore
     lines: WaitLines
     estimator: Estimator
+    budgets: Budgets | None = None
 
     def refusal(self, denial: Denial, scopes: list[Scope],
                 refused: list[tuple[Upstream, str, Denial]] | None = None) -> RateLimited:
@@ -104,18 +106,52 @@ class Admission:
             # The caller learns every upstream that was tried, not only the last.
             first, _, first_denial = refused[0]
             message = f"Upstream '{first.name}' refused the call: {first_denial.message} Its fallback: {message}"
+        if denial.limit == "budget":
+            return BudgetExceeded(message, headers)
         return RateLimited(message, denial.limit, headers)
+
+    def _within_budgets(self, info: CallInfo, upstream: Upstream, model: str, user: str | None, key: str | None,
+                        tried: set[str], fallback_from: str | None,
+                        refused: list[tuple[Upstream, str, Denial]]) -> tuple[Upstream, str, str | None]:
+        """Where the call may go within its budgets: here, or its fallback (`on_budget =
+        "fallback"`); else the budget's 429. The estimate is the prompt as tiktoken counts it and
+        the output the call asks for, at the upstream's prices (a free upstream spends nothing)."""
+        if self.budgets is None or not self.budgets.budgets:
+            return upstream, model, fallback_from
+        while True:
+            covering = self.budgets.covering(upstream.name, model, key, user)
+            if not covering:
+                return upstream, model, fallback_from
+            price = self.config.price(upstream, model)
+            estimate = 0.0
+            if price.input or price.output:
+                estimate = price.cost(info.estimate_prompt(self.estimator), info.max_output_tokens or 0, 0)
+            over = self.budgets.check(covering, user, estimate)
+            if over is None:
+                return upstream, model, fallback_from
+            budget, denial = over
+            fallback = (routing.fallback_for(self.config, upstream, tried, info.dialect)
+                        if budget.on_budget == "fallback" else None)
+            if fallback is None:
+                raise self.refusal(denial, [], refused)
+            refused.append((upstream, model, denial))
+            tried.add(upstream.name)
+            fallback_from = fallback_from or upstream.name
+            upstream, model = fallback, routing.fallback_model(upstream, model)
 
     async def admit(self, info: CallInfo, upstream: Upstream, model: str, user: str | None,
                     key: str | None, tried: set[str], fallback_from: str | None) -> Plan:
+        refused: list[tuple[Upstream, str, Denial]] = []
+        upstream, model, fallback_from = self._within_budgets(info, upstream, model, user, key, tried, fallback_from,
+                                                              refused)
         if not self.limiter.scopes(upstream.name, model, user, key):
-            return Plan(upstream, model, None, None, fallback_from)  # nothing limits this call
+            # Nothing limits this call.
+            return Plan(upstream, model, None, None, fallback_from, tuple(refused))
         policy = self.config.limits
         loop = asyncio.get_running_loop()
         deadline = loop.time() + policy.max_wait_s
         held: asyncio.Lock | None = None
         prompt: int | None = None
-        refused: list[tuple[Upstream, str, Denial]] = []
         try:
             while True:
                 scopes = self.limiter.scopes(upstream.name, model, user, key)
@@ -138,6 +174,8 @@ class Admission:
                     tried.add(upstream.name)
                     fallback_from = fallback_from or upstream.name
                     upstream, model, prompt = fallback, routing.fallback_model(upstream, model), None
+                    upstream, model, fallback_from = self._within_budgets(info, upstream, model, user, key, tried,
+                                                                          fallback_from, refused)
                     continue
                 remaining = deadline - loop.time()
                 if policy.on_limit != "wait" or decision.retry_after is None or decision.retry_after > remaining:

@@ -23,8 +23,9 @@ from .guard import guard
 from .books import Books
 from .cache import AnswerCache
 from .cache import store_for as cache_store_for
-from .keys import (ACCOUNTING, ADMISSION, ALERTS, BOOKS, CACHE, CONFIG, ESTIMATOR, LEDGER, LIMITER, METRICS,
-                   SESSIONS, UPSTREAMS)
+from .budgets import Budgets
+from .keys import (ACCOUNTING, ADMISSION, ALERTS, BOOKS, BUDGETS, CACHE, CONFIG, ESTIMATOR, LEDGER, LIMITER,
+                   METRICS, SESSIONS, UPSTREAMS)
 from .limits import WindowStore
 from .metrics import Metrics
 from .routes import setup_routes
@@ -55,16 +56,19 @@ def create_app(config: Config, clock: Callable[[], float] = time.time) -> web.Ap
     app[UPSTREAMS] = {name: UpstreamClient(u) for name, u in config.upstreams.items()}
     app[SESSIONS] = Sessions(config.server.session_ttl_h * 3600.0, clock)
     app[LIMITER] = limits.windows_for(config, clock, admissions_reader(ledger, config))
-    app[ADMISSION] = Admission(config, app[LIMITER], WaitLines(), app[ESTIMATOR])
+    app[BUDGETS] = Budgets(config, clock)
+    app[ADMISSION] = Admission(config, app[LIMITER], WaitLines(), app[ESTIMATOR], app[BUDGETS])
     app[LIMITER].released.append(app[ADMISSION].lines.notify)
     app[ALERTS] = Alerts(config, app[ACCOUNTING], app[LIMITER], app[BOOKS])
-    app[METRICS] = Metrics(app[LIMITER], app[ADMISSION].lines, ledger, app[ALERTS])
+    app[BUDGETS].alerts = app[ALERTS]
+    app[METRICS] = Metrics(app[LIMITER], app[ADMISSION].lines, ledger, app[ALERTS], app[BUDGETS])
     app[CACHE] = AnswerCache(config.cache, cache_store_for(config, clock), clock)
     # Every finished call, after the ledger has it: counters, alert rules, the access log.
-    app[ACCOUNTING].listeners += [app[METRICS].observe, app[ALERTS].on_call, access_log]
+    app[ACCOUNTING].listeners += [app[METRICS].observe, app[BUDGETS].on_call, app[ALERTS].on_call, access_log]
 
     app.cleanup_ctx.append(encodings_ctx)
     app.cleanup_ctx.append(ledger_ctx)
+    app.cleanup_ctx.append(budgets_ctx)
     app.cleanup_ctx.append(app[LIMITER].lifecycle)
     app.cleanup_ctx.append(upstreams_ctx)
     app.cleanup_ctx.append(snapshot_ctx)
@@ -84,6 +88,16 @@ async def encodings_ctx(app: web.Application) -> AsyncIterator[None]:
     """Build the tokenizers off the loop at start: the first estimate must not stall every call."""
     await asyncio.get_running_loop().run_in_executor(None, tokens.preload)
     yield
+
+
+async def budgets_ctx(app: web.Application) -> AsyncIterator[None]:
+    """This period's spend from the ledger, before the first call is checked against it."""
+    budgets = app[BUDGETS]
+    if not budgets.budgets:
+        yield
+        return
+    async for _ in budgets.lifecycle(app[LEDGER], app[BOOKS].shared):
+        yield
 
 
 async def cache_ctx(app: web.Application) -> AsyncIterator[None]:

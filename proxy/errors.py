@@ -78,13 +78,22 @@ class RateLimited(ProxyError):
         self.type = limit
 
 
+class BudgetExceeded(RateLimited):
+    """Refused here because a spending budget is spent (or this call would overspend it)."""
+
+    code, outcome = "budget_exceeded", "over_budget"
+
+    def __init__(self, message: str, headers: dict[str, str]) -> None:
+        super().__init__(message, "budget_exceeded", headers)
+
+
 # Every ledger outcome, so accounting and exports can list them with zeros.
 OUTCOMES = (
     "ok", "cache_hit", "upstream_status", "upstream_rate_limited", "timeout", "unreachable", "broken_stream",
     "stream_error", "bad_upstream_response", "response_too_large", "bad_request", "too_large", "unknown_model", "unauthorized", "rate_limited",
-    "limits_unavailable", "cancelled", "internal",
+    "limits_unavailable", "over_budget", "cancelled", "internal",
 )
 # Outcomes of calls refused before any model was asked, for want of a key or by our own limits:
 # counted by reason (/stats detail.refused, tollgate_refused_requests_total), never a ledger row
 # each, never an error of the calls that were served.
-REFUSED_OUTCOMES = frozenset({"unauthorized", "rate_limited", "limits_unavailable"})
+REFUSED_OUTCOMES = frozenset({"unauthorized", "rate_limited", "limits_unavailable", "over_budget"})

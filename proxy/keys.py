@@ -8,6 +8,7 @@ from .accounting import Accounting
 from .admission import Admission
 from .alerts import Alerts
 from .books import Books
+from .budgets import Budgets
 from .cache import AnswerCache
 from .config import Config
 from .limits import WindowStore
@@ -29,3 +30,4 @@ UPSTREAMS = web.AppKey("upstreams", dict[str, UpstreamClient])
 SESSIONS = web.AppKey("sessions", Sessions)
 BOOKS = web.AppKey("books", Books)
 CACHE = web.AppKey("cache", AnswerCache)
+BUDGETS = web.AppKey("budgets", Budgets)

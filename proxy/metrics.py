@@ -21,6 +21,7 @@ from prometheus_client.registry import Collector
 
 from .admission import WaitLines
 from .alerts import Alerts
+from .budgets import Budgets
 from .limits import WindowStore
 from .ledger import CallRecord, LedgerStore
 from .tasks import running
@@ -63,6 +64,22 @@ _DELIVERIES = ("tollgate_alert_deliveries", "Alerts posted to webhooks, by resul
 _WAITING = ("tollgate_waiting_calls", "Calls waiting in line for a place (wait mode).")
 
 
+class _BudgetCollector(Collector):
+    def __init__(self, budgets: Budgets) -> None:
+        self.budgets = budgets
+
+    def collect(self) -> Iterator[GaugeMetricFamily]:
+        spent = GaugeMetricFamily("tollgate_budget_spent_usd", "Spend in a budget's current period (per-user "
+                                  "budgets: the highest user's), in US dollars.", labels=["budget", "period"])
+        ceiling = GaugeMetricFamily("tollgate_budget_usd", "A budget's ceiling, in US dollars.",
+                                    labels=["budget", "period"])
+        for row in self.budgets.report():
+            labels = [str(row["name"]), str(row["period"])]
+            spent.add_metric(labels, float(row["spent_usd"]))
+            ceiling.add_metric(labels, float(row["usd"]))
+        yield from (spent, ceiling)
+
+
 class _LedgerCollector(Collector):
     def __init__(self, ledger: LedgerStore) -> None:
         self.ledger = ledger
@@ -86,7 +103,8 @@ class _AlertCollector(Collector):
 
 
 class Metrics:
-    def __init__(self, limiter: WindowStore, lines: WaitLines, ledger: LedgerStore, alerts: Alerts) -> None:
+    def __init__(self, limiter: WindowStore, lines: WaitLines, ledger: LedgerStore, alerts: Alerts,
+                 budgets: Budgets | None = None) -> None:
         self.registry = CollectorRegistry()
         r = self.registry
         self.requests = Counter("tollgate_requests", "Calls by upstream, model, type and outcome.",
@@ -124,6 +142,10 @@ class Metrics:
         self.in_flight = Gauge("tollgate_in_flight_calls", "LLM calls being served now.", registry=r,
                                multiprocess_mode="livesum")
         self._limits = _LimitCollector(limiter)
+        # Each process holds the deployment's spend (read back from the ledger): one value, not a sum.
+        self._budgets = _BudgetCollector(budgets) if budgets is not None and budgets.budgets else None
+        if self._budgets is not None:
+            r.register(self._budgets)
         self._models: set[str] = set()
         self.lines, self.ledger, self.alerts = lines, ledger, alerts
         # Workers of one server (`serve --workers`) write their series to one directory, and
@@ -214,4 +236,6 @@ class Metrics:
         every = CollectorRegistry()
         MultiProcessCollector(every, self.shared_dir)  # type: ignore[no-untyped-call]  # untyped upstream
         every.register(self._limits)  # the limits are the deployment's already (Redis)
+        if self._budgets is not None:
+            every.register(self._budgets)
         return generate_latest(every)

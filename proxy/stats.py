@@ -11,6 +11,7 @@ from datetime import datetime
 from typing import Any
 
 from .accounting import Accounting, Aggregates, Tally
+from .budgets import Budgets
 from .cache import AnswerCache
 from .ledger import OTHERS, SUCCESSES
 from .config import Config, Upstream
@@ -143,7 +144,7 @@ def _refused(acc: Accounting, limiter: WindowStore) -> dict[str, int]:
 
 
 def stats_json(config: Config, acc: Accounting, limiter: WindowStore, running: bool = True,
-               cache: AnswerCache | None = None) -> dict[str, Any]:
+               cache: AnswerCache | None = None, budgets: Budgets | None = None) -> dict[str, Any]:
     """The seed's /stats; `running` is False when `tollgate stats` reads the ledger of a stopped server.
     `cache` adds this process's own cache figures to what the books say it saved."""
     now = acc.clock()
@@ -209,6 +210,7 @@ def stats_json(config: Config, acc: Accounting, limiter: WindowStore, running: b
             "cost_last_7_days_usd": round(acc.trend.last_week(now), 6),
             "cost_projection_month_usd": round(acc.trend.monthly(now), 4),
             "limits": limiter.report(),
+            "budgets": budgets.report() if budgets is not None else [],
             "limits_store": limiter.state,
             # Rows not yet on disk, and rows given up (on_ledger_full = "serve"): the books' own state.
             "ledger": acc.ledger.health().as_dict() if acc.ledger is not None else None,

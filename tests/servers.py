@@ -106,3 +106,59 @@ class RedisServer:
             self.proc.wait(30)
             self.proc.stdout.close()
             self.proc = None
+
+
+class MailServer:
+    """A real SMTP server (aiosmtpd) on a loopback port of the test's own event loop: plain,
+    STARTTLS or TLS from the start, with a certificate `openssl` makes for 127.0.0.1. It keeps
+    the messages it takes, or refuses every one (`refuse`) with 550."""
+
+    def __init__(self, directory: Path, security: str = "none", refuse: bool = False) -> None:
+        import asyncio
+
+        self.security = security
+        self.refuse = refuse
+        self.messages: list[Any] = []
+        self.arrived = asyncio.Event()
+        self.cert = directory / "smtp-cert.pem"
+        self.port = 0
+        self._server: Any = None
+        if security != "none":
+            subprocess.run(["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "1",
+                            "-keyout", str(directory / "smtp-key.pem"), "-out", str(self.cert),
+                            "-subj", "/CN=127.0.0.1", "-addext", "subjectAltName=IP:127.0.0.1"],
+                           check=True, capture_output=True)
+
+    async def start(self) -> None:
+        import asyncio
+        import email
+        import ssl
+
+        from aiosmtpd.smtp import SMTP
+
+        outer = self
+
+        class Handler:
+            async def handle_DATA(self, server: Any, session: Any, envelope: Any) -> str:
+                if outer.refuse:
+                    return "550 5.7.1 Refused by policy"
+                outer.messages.append(email.message_from_bytes(envelope.content))
+                outer.arrived.set()
+                return "250 OK"
+
+        context = None
+        if self.security != "none":
+            context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+            context.load_cert_chain(self.cert, self.cert.parent / "smtp-key.pem")
+        starttls = self.security == "starttls"
+        loop = asyncio.get_running_loop()
+        self._server = await loop.create_server(
+            lambda: SMTP(Handler(), tls_context=context if starttls else None, require_starttls=starttls,
+                         hostname="127.0.0.1"),
+            "127.0.0.1", 0, ssl=context if self.security == "tls" else None)
+        self.port = self._server.sockets[0].getsockname()[1]
+
+    async def stop(self) -> None:
+        if self._server is not None:
+            self._server.close()
+            await self._server.wait_closed()

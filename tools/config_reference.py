@@ -39,6 +39,8 @@ SECTIONS: list[tuple[str, type[msgspec.Struct]]] = [
     ("[alerts]", c.AlertPolicy),
     ("[[alerts.rules]]", c.AlertRule),
     ("[alerts.webhooks.<name>]", c.Webhook),
+    ("[alerts.email.<name>]", c.Email),
+    ("[budgets.<name>]", c.Budget),
     ("[cache]", c.CachePolicy),
     ("[[cache.rules]]", c.CacheRule),
     ("[cache.semantic]", c.SemanticCache),

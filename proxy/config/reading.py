@@ -144,16 +144,41 @@ def _finish(config: Config, raw: dict[str, Any], source: Path) -> Config:
 
     alerts = config.alerts
     hooks = {name: replace(hook, name=name) for name, hook in alerts.webhooks.items()}
+    default_port = {"starttls": 587, "tls": 465, "none": 25}
+    emails = {name: replace(mail, name=name, port=mail.port or default_port[mail.security],
+                            lang=mail.lang or config.commands.lang)
+              for name, mail in alerts.email.items()}
     rules = []
     default_upstream = stats.limits_upstream or next(iter(upstreams))
     for i, rule in enumerate(alerts.rules):
         if not all(h in hooks for h in rule.webhooks):
             raise fail(f"alerts.rules[{i}].webhooks", list(rule.webhooks), f"names from [alerts.webhooks]: {sorted(hooks)}")
+        if not all(e in emails for e in rule.emails):
+            raise fail(f"alerts.rules[{i}].emails", list(rule.emails), f"names from [alerts.email]: {sorted(emails)}")
         whose = rule.upstream or default_upstream
         if whose not in upstreams:
             raise fail(f"alerts.rules[{i}].upstream", whose, f"one of {names}")
         rules.append(replace(rule, name=rule.name or rule.metric, upstream=whose))
-    alerts = replace(alerts, rules=tuple(rules), webhooks=hooks)
+    alerts = replace(alerts, rules=tuple(rules), webhooks=hooks, email=emails)
+
+    budgets = {}
+    for name, budget in config.budgets.items():
+        key = f"budgets.{_key(name)}"
+        if budget.upstream is not None and budget.upstream not in upstreams:
+            raise fail(f"{key}.upstream", budget.upstream, f"one of {names}")
+        if budget.key is not None and budget.key not in keys:
+            raise fail(f"{key}.key", budget.key, f"one of the proxy keys {sorted(keys)}")
+        if budget.per_user and budget.user is not None:
+            raise fail(f"{key}.per_user", True, "false when `user` names one user")
+        for field_name, destinations, table in (("webhooks", set(hooks), "[alerts.webhooks]"),
+                                                ("emails", set(emails), "[alerts.email]")):
+            missing = [n for n in getattr(budget, field_name) if n not in destinations]
+            if missing:
+                raise fail(f"{key}.{field_name}", missing[0], f"names from {table}: {sorted(destinations)}")
+        budgets[name] = replace(budget, name=name, alert_at=tuple(sorted(set(budget.alert_at))))
+    if any(b.period == "month" for b in budgets.values()) and (config.ledger.keep_raw_days or 32) < 32:
+        raise fail("ledger.keep_raw_days", config.ledger.keep_raw_days,
+                   "32 or more with a monthly budget (its spend is read back from the month's call rows)")
 
     for i, tag in enumerate(config.tagging.rules):
         if tag.type not in request_types:
@@ -174,7 +199,7 @@ def _finish(config: Config, raw: dict[str, Any], source: Path) -> Config:
     cache = replace(cache, semantic=replace(cache.semantic, upstream=embedder))
 
     return replace(config, server=server, upstreams=upstreams, types=request_types, routing=routing,
-                   limits=policy, keys=keys, alerts=alerts, commands=commands, cache=cache)
+                   limits=policy, keys=keys, alerts=alerts, commands=commands, cache=cache, budgets=budgets)
 
 
 def _zone(name: str, key: str, fail: typing.Callable[[str, Any, str], ConfigError]) -> None:

@@ -34,6 +34,9 @@ LimitsBackend = Literal["memory", "redis"]
 RedisUnavailable = Literal["closed", "local"]
 LedgerBackend = Literal["sqlite", "postgresql"]
 CacheBackend = Literal["memory", "sqlite", "redis"]
+BudgetPeriod = Literal["day", "month"]
+OnBudget = Literal["reject", "fallback"]
+SmtpSecurity = Literal["starttls", "tls", "none"]
 Lang = Literal["es", "en"]
 
 
@@ -57,6 +60,7 @@ def doc(meaning: str, default: str | None = None) -> Meta:
 FROM_TABLE_NAME = Meta(extra={"derived": True})
 
 Positive = Annotated[float, Meta(gt=0), expects("a positive number")]
+Fraction = Annotated[float, Meta(gt=0, le=1), expects("a fraction above 0, at most 1 (0.8 for 80%)")]
 Count = Annotated[int, Meta(gt=0), expects("a positive whole number")]
 Limit = Annotated[int, Meta(gt=0), expects("a positive whole number (omit the key for no limit)")]
 Usd = Annotated[float, Meta(ge=0), expects("USD per 1,000 tokens, zero or more")]
@@ -258,6 +262,36 @@ class AlertRule(Table, frozen=True, kw_only=True):
         "window of `stats.limits_model`)", "`stats.limits_upstream`, else the first upstream")] = ""
     webhooks: Annotated[tuple[str, ...], expects("a list of webhook names"),
                         doc("names of webhooks to post to", "`[]`")] = ()
+    emails: Annotated[tuple[str, ...], expects("a list of e-mail destination names"),
+                      doc("names of `[alerts.email.<name>]` destinations to e-mail", "`[]`")] = ()
+
+
+class Email(Table, frozen=True, kw_only=True):
+    """An SMTP server and the people alerts are e-mailed to, by name. Sent apart from calls, once
+    per crossing like the webhooks; the password comes from the environment, never this file."""
+
+    name: Annotated[str, FROM_TABLE_NAME] = ""
+    host: Annotated[HostName, doc("the SMTP server (`smtp.gmail.com`)")]
+    port: Annotated[Port, doc("its port", "587 with `starttls`, 465 with `tls`, 25 with `none`")] = 0
+    security: Annotated[SmtpSecurity, doc(
+        '`"starttls"` (upgrade a plain connection, port 587), `"tls"` (TLS from the start, port 465) or '
+        '`"none"` (plain text: only for a relay on this machine)')] = "starttls"
+    sender: Annotated[NonEmpty, doc("the From address (`tollgate@example.com`)")]
+    to: Annotated[tuple[NonEmpty, ...], Meta(min_length=1), expects("a list of e-mail addresses"),
+                  doc("the recipients")]
+    username_env: Annotated[EnvName | None, doc("environment variable holding the login name", "no login")] = None
+    password_env: Annotated[EnvName | None, doc("environment variable holding the password", "no login")] = None
+    ca_file: Annotated[Path | None, doc(
+        "a PEM file of the certificate authorities to trust (a server with its own certificate)",
+        "the system's")] = None
+    lang: Annotated[Lang | None, doc('the language of the message: `"es"` or `"en"`', "`commands.lang`")] = None
+    timeout_s: Annotated[Positive, doc("a server slower than this is abandoned (the alert counts as failed)")] = 15.0
+
+    def username(self) -> str | None:
+        return os.environ.get(self.username_env) or None if self.username_env else None
+
+    def password(self) -> str | None:
+        return os.environ.get(self.password_env) or None if self.password_env else None
 
 
 class AlertPolicy(Table, frozen=True, kw_only=True):
@@ -266,6 +300,8 @@ class AlertPolicy(Table, frozen=True, kw_only=True):
     rules: Annotated[tuple[AlertRule, ...], doc("alert rules (`[[alerts.rules]]`, below)", "`[]`")] = ()
     webhooks: Annotated[dict[str, Webhook], doc("webhooks by name (`[alerts.webhooks.<name>]`, below)",
                                                 "`{}`")] = {}
+    email: Annotated[dict[str, Email], doc("e-mail destinations by name (`[alerts.email.<name>]`, below)",
+                                           "`{}`")] = {}
     check_interval_s: Annotated[Positive, doc(
         "how often rules are checked besides after every call (figures that fall with time)")] = 15.0
 
@@ -326,6 +362,39 @@ class CachePolicy(Table, frozen=True, kw_only=True):
     rules: Annotated[tuple[CacheRule, ...], doc("cache rules (`[[cache.rules]]`, below)", "`[]`")] = ()
     semantic: Annotated[SemanticCache, doc("semantic matching (`[cache.semantic]`, below)", "its defaults")] = field(
         default_factory=SemanticCache)
+
+
+class Budget(Table, frozen=True, kw_only=True):
+    """A ceiling on spend (at the configured prices) per day or month, for the calls it covers: an
+    upstream's, a model's, a proxy key's, a user's, every user's each, or everything (set none).
+    Checked before each call with the call's estimated cost, like the other limits; spend is read
+    from the ledger at start, so restarts and stats resets do not forget it."""
+
+    name: Annotated[str, FROM_TABLE_NAME] = ""
+    usd: Annotated[float, Meta(gt=0), expects("a positive amount of US dollars"), doc("the ceiling, in USD")]
+    period: Annotated[BudgetPeriod, doc(
+        '`"day"` or `"month"`, calendar ones in `stats.timezone`')] = "month"
+    upstream: Annotated[UpstreamName | None, doc("only this upstream's calls", "any")] = None
+    model: Annotated[str | None, doc('only models matching this glob (`"gpt-4o*"`)', "any")] = None
+    key: Annotated[str | None, doc("only this proxy key's calls", "any")] = None
+    user: Annotated[str | None, doc("only this user's calls", "any")] = None
+    per_user: Annotated[bool, doc("a ceiling for every user separately (calls naming no user are not held)")] = False
+    alert_at: Annotated[tuple[Fraction, ...], expects("a list of fractions of the ceiling"),
+                        doc("alert once a period as spend passes each fraction")] = (0.5, 0.8, 1.0)
+    on_budget: Annotated[OnBudget, doc(
+        'at the ceiling: `"reject"` answers 429 in the dialect\'s shape, `"fallback"` sends the call to the '
+        "upstream's `fallback` (the local model, the natural choice for a bot)")] = "reject"
+    webhooks: Annotated[tuple[str, ...], expects("a list of webhook names"),
+                        doc("webhooks its alerts are posted to", "`[]`")] = ()
+    emails: Annotated[tuple[str, ...], expects("a list of e-mail destination names"),
+                      doc("e-mail destinations its alerts are sent to", "`[]`")] = ()
+
+    def covers(self, upstream: str, model: str, key: str | None, user: str | None) -> bool:
+        return ((self.upstream is None or upstream == self.upstream)
+                and (self.model is None or fnmatch.fnmatchcase(model, self.model))
+                and (self.key is None or key == self.key)
+                and (self.user is None or user == self.user)
+                and (not self.per_user or user is not None))
 
 
 class Commands(Table, frozen=True, kw_only=True):
@@ -562,6 +631,7 @@ class Config(Table, frozen=True, kw_only=True):
     alerts: AlertPolicy = field(default_factory=AlertPolicy)
     commands: Commands = field(default_factory=Commands)
     cache: CachePolicy = field(default_factory=CachePolicy)
+    budgets: dict[str, Budget] = {}
 
     def price(self, upstream: Upstream, model: str) -> Price:
         if upstream.free:

@@ -29,7 +29,7 @@ from psycopg_pool import ConnectionPool
 
 from . import postgresql_rollups as pg_rollups
 from . import sqlite_rollups as rollups
-from . import (COLUMNS, GROUPS, IS_ERROR_SQL, Admission, CallRecord, Filters, GroupBy, LedgerError, Piece,
+from . import (COLUMNS, GROUPS, IS_ERROR_SQL, Admission, Spend, CallRecord, Filters, GroupBy, LedgerError, Piece,
                      Summary)
 from .outbox import Item, Outbox
 from .postgresql_rollups import ADMISSION_COLUMNS, CALL_COLUMNS, CALL_TYPES, q
@@ -387,6 +387,21 @@ class PgLedger(Ledger):
             cursor.execute(f"SELECT {names} FROM calls WHERE {where} ORDER BY ts, id", params)
             while rows := cursor.fetchmany(batch):
                 yield [_sqlite_shaped(row) for row in rows]
+
+    def spend(self, since: float) -> list[Spend]:
+        with _reading(), self._read() as conn:
+            return [(str(u), str(m), k, n, float(c)) for u, m, k, n, c in conn.execute(
+                'SELECT upstream, model, key_id, "user", SUM(cost_usd) FROM calls WHERE ts >= %s AND cost_usd > 0 '
+                "GROUP BY 1, 2, 3, 4", (since,))]
+
+    def recent(self, filters: Filters, outcome: str | None, limit: int) -> list[CallRecord]:
+        where, params = _where(filters)
+        if outcome is not None:
+            where, params = where + " AND outcome = %s", [*params, outcome]
+        names = ", ".join(q(c) for c in COLUMNS)
+        with _reading(), self._read() as conn:
+            return [_record(tuple(row)) for row in conn.execute(
+                f"SELECT {names} FROM calls WHERE {where} ORDER BY ts DESC, id DESC LIMIT %s", (*params, limit))]
 
     def rows(self, since: float | None = None, until: float | None = None) -> Iterator[CallRecord]:
         names = ", ".join(q(c) for c in COLUMNS)

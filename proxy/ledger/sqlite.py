@@ -34,7 +34,7 @@ from typing import Any
 
 from . import sqlite_rollups as rollups
 from ..files import make_private_dir
-from . import (COLUMNS, GROUPS, IS_ERROR_SQL, OTHERS, Admission, CallRecord, Filters, GroupBy, LedgerError,
+from . import (COLUMNS, GROUPS, IS_ERROR_SQL, OTHERS, Spend, Admission, CallRecord, Filters, GroupBy, LedgerError,
                      LedgerHealth, Piece, Snapshot, Summary)
 
 log = logging.getLogger("tollgate.ledger")
@@ -614,6 +614,30 @@ class Ledger:
             cursor = conn.execute(f"SELECT {', '.join(COLUMNS)} FROM calls WHERE {where} ORDER BY ts, id", params)
             while rows := cursor.fetchmany(batch):
                 yield rows
+        finally:
+            conn.close()
+
+    def spend(self, since: float) -> list[Spend]:
+        """What the calls since `since` cost, by upstream, model, proxy key and user: where the
+        budgets start from (a month of raw rows at most; retention keeps them, see config)."""
+        conn = _reader(self.path)
+        try:
+            return [(str(u), str(m), k, n, float(c)) for u, m, k, n, c in conn.execute(
+                "SELECT upstream, model, key_id, user, SUM(cost_usd) FROM calls WHERE ts >= ? AND cost_usd > 0 "
+                "GROUP BY 1, 2, 3, 4", (since,))]
+        finally:
+            conn.close()
+
+    def recent(self, filters: Filters, outcome: str | None, limit: int) -> list[CallRecord]:
+        """The newest calls the filters cover (before `filters.until`), newest first."""
+        where, params = _where(filters)
+        if outcome is not None:
+            where, params = where + " AND outcome = ?", [*params, outcome]
+        conn = _reader(self.path)
+        try:
+            return [_record(row) for row in conn.execute(
+                f"SELECT {', '.join(_COLUMNS)} FROM calls WHERE {where} ORDER BY ts DESC, id DESC LIMIT ?",
+                (*params, limit))]
         finally:
             conn.close()
 

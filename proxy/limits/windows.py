@@ -147,9 +147,12 @@ class Denial:
     limit: str             # requests_per_minute, requests_per_day, tokens_per_minute, concurrency, upstream_rate_limit
     retry_after: float | None  # None: never (the call alone is over the limit)
     maximum: int
+    note: str = ""             # a budget's own words (limit "budget")
 
     @property
     def message(self) -> str:
+        if self.limit == "budget":
+            return self.note
         what = {"requests_per_minute": f"{self.maximum:,} requests per minute",
                 "requests_per_day": f"{self.maximum:,} requests per day",
                 "tokens_per_minute": f"{self.maximum:,} tokens per minute",
