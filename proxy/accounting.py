@@ -18,8 +18,11 @@ from typing import Any
 from .errors import OUTCOMES
 from .histogram import Histogram
 from .ledger import LATENCY, OTHERS, SUCCESSES, CallRecord, LedgerStore, Summary
+from .reports import local_start
 
 DAY = 86_400.0
+# Hours of refusal counts kept for the dashboard's chart (31 days).
+REFUSAL_HOURS = 31 * 24
 # The endpoints whose successful calls are chat messages (/stats' conversation count).
 CHAT_ENDPOINTS = frozenset({"chat", "responses", "generate", "completion"})
 
@@ -233,6 +236,7 @@ class Accounting:
         # forwarded, the ledger full), by reason, since this process started. Counted, never
         # ledger rows: a flood of them must not flood the books, nor count as failed calls.
         self.refused: dict[str, int] = {}
+        self.refused_hours: dict[int, int] = {}   # by UTC hour, the last REFUSAL_HOURS of them
 
     def load(self, aggregates: Aggregates) -> None:
         """Start from the epoch's aggregates as the ledger has them (at start)."""
@@ -240,6 +244,19 @@ class Accounting:
 
     def refuse(self, reason: str) -> None:
         self.refused[reason] = self.refused.get(reason, 0) + 1
+        hour = int(self.clock() // 3600)
+        self.refused_hours[hour] = self.refused_hours.get(hour, 0) + 1
+        if len(self.refused_hours) > REFUSAL_HOURS:
+            del self.refused_hours[min(self.refused_hours)]
+
+    def refusals_by(self, bucket: str, tz: Any, since: float, until: float) -> dict[float, int]:
+        """Refusals per local hour or day of [since, until), as this process counted them."""
+        out: dict[float, int] = {}
+        for hour, count in self.refused_hours.items():
+            if since <= hour * 3600 < until:
+                start = local_start(hour * 3600.0, "day" if bucket == "day" else "hour", tz)
+                out[start] = out.get(start, 0) + count
+        return out
 
     def record(self, rec: CallRecord) -> None:
         self.current.add(rec)

@@ -20,7 +20,7 @@ from aiohttp import web
 from . import caching, reports, stats
 from . import auth
 from .auth import require_admin
-from .errors import BadRequest
+from .errors import OUTCOMES, BadRequest
 from . import config as config_mod
 from .keys import ACCOUNTING, BOOKS, BUDGETS, CACHE, CONFIG, LEDGER, LIMITER, METRICS, SESSIONS
 
@@ -104,11 +104,61 @@ async def history(request: web.Request) -> web.Response:
     data = await asyncio.get_running_loop().run_in_executor(
         None, reports.history, request.app[LEDGER], bucket, filters, group_by, config.stats.tz, acc.clock())
     now = acc.clock()
+    if request.query.get("fill") == "1":
+        # A chart's time axis: every bucket of the period, those no call fell in included.
+        since, until = filters.since if filters.since is not None else now - 86400, filters.until or now
+        data["starts"] = reports.starts(bucket, since, until, config.stats.tz)
+        data["latency"] = await asyncio.get_running_loop().run_in_executor(
+            None, reports.latency, request.app[LEDGER], bucket, since, until, config.stats.tz)
+        # Refused before any model was asked: not ledger rows, so this process's count since it started.
+        data["refused"] = {str(start): count for start, count in
+                           acc.refusals_by(bucket, config.stats.tz, since, until).items()}
     if not written:
         data["unwritten_rows"] = request.app[LEDGER].unwritten
     data["cost_last_7_days_usd"] = round(acc.trend.last_week(now), 6)
     data["cost_projection_month_usd"] = round(acc.trend.monthly(now), 4)
     return _json(data)
+
+
+# The recent-calls table: a page at a time, newest first.
+_CALLS_PAGE, _CALLS_MAX = 50, 500
+
+
+async def recent_calls(request: web.Request) -> web.Response:
+    """`GET /stats/calls?limit=&until=&outcome=&user=&upstream=...`: the newest calls, what an
+    operator opens first when a user says "the bot didn't answer". The ledger never holds
+    message text, so neither does this."""
+    require_admin(request)
+    filters = _filters(request)
+    try:
+        limit = min(_CALLS_MAX, max(1, int(request.query.get("limit", _CALLS_PAGE))))
+    except ValueError:
+        raise BadRequest("limit: expected a whole number of calls, at most 500.") from None
+    outcome = request.query.get("outcome") or None
+    if outcome is not None and outcome not in OUTCOMES:
+        raise BadRequest(f"outcome={outcome[:40]!r}: expected one of {', '.join(OUTCOMES)}.")
+    await request.app[LEDGER].flush(timeout=_REPORT_FLUSH_S)
+    rows = await asyncio.get_running_loop().run_in_executor(
+        None, request.app[LEDGER].recent, filters, outcome, limit + 1)
+    tz = request.app[CONFIG].stats.tz
+    calls = [{"ts": r.ts, "time": datetime.fromtimestamp(r.ts, tz).isoformat(timespec="seconds"),
+              "upstream": r.upstream, "model": r.model, "type": r.type, "user": r.user, "key": r.key_id,
+              "endpoint": r.endpoint, "stream": r.stream, "status": r.status, "outcome": r.outcome,
+              "prompt_tokens": r.prompt_tokens, "completion_tokens": r.completion_tokens,
+              "estimated": r.estimated, "latency_s": round(r.latency_s, 4), "cost_usd": round(r.cost_usd, 6),
+              "fallback_from": r.fallback_from, "saved_tokens": r.saved_tokens} for r in rows[:limit]]
+    # The next page: calls before the last one shown (`until` is exclusive).
+    more = {"until": rows[limit - 1].ts} if len(rows) > limit else None
+    return _json({"calls": calls, "next": more})
+
+
+_CHART_JS = (Path(__file__).parent / "static" / "chart.umd.min.js").read_bytes()
+
+
+async def chart_js(request: web.Request) -> web.Response:
+    """Chart.js, vendored (static/SOURCE.md): the dashboard loads nothing from outside Tollgate."""
+    return web.Response(body=_CHART_JS, content_type="application/javascript",
+                        headers={"Cache-Control": "public, max-age=86400"})
 
 
 async def export_csv(request: web.Request) -> web.StreamResponse:
@@ -200,7 +250,7 @@ async def dashboard(request: web.Request) -> web.Response:
         return _login(401)
     return web.Response(text=_DASHBOARD, content_type="text/html",
                         headers={"Cache-Control": "no-store", "Content-Security-Policy":
-                                 "default-src 'self'; img-src data:; style-src 'unsafe-inline'; script-src 'unsafe-inline'"})
+                                 "default-src 'self'; img-src data:; style-src 'unsafe-inline'; script-src 'self' 'unsafe-inline'"})
 
 
 async def dashboard_login(request: web.Request) -> web.Response:

@@ -16,7 +16,8 @@ from datetime import datetime, timedelta
 from typing import Any, Literal
 from zoneinfo import ZoneInfo
 
-from .ledger import COLUMNS, GROUPS, OTHERS, Filters, GroupBy, LedgerStore
+from .histogram import Histogram
+from .ledger import COLUMNS, GROUPS, LATENCY, OTHERS, Filters, GroupBy, LedgerStore
 
 __all__ = ["GROUPS", "Filters", "GroupBy", "history", "csv_chunks", "parse_time", "local_start", "snapshot_row"]
 
@@ -61,6 +62,34 @@ def whole_hours(tz: ZoneInfo, since: float | None, until: float | None) -> bool:
         if moment >= last:
             return True
         moment = min(moment + step, last)
+
+
+def starts(bucket: Bucket, since: float, until: float, tz: ZoneInfo) -> list[float]:
+    """Every local hour or day that begins in [since, until) or holds `since`: a chart's time
+    axis, with the buckets no call fell in."""
+    out: list[float] = []
+    moment = local_start(since, bucket, tz)
+    step = 3600.0 if bucket == "hour" else 86400.0
+    while moment < until and len(out) < 10_000:
+        out.append(moment)
+        # A day is 23 to 25 hours: the next local midnight, found from a point safely past it.
+        moment = local_start(moment + step + (3 * 3600 if bucket == "day" else 0), bucket, tz)
+    return out
+
+
+def latency(ledger: LedgerStore, bucket: Bucket, since: float, until: float, tz: ZoneInfo) -> list[dict[str, Any]]:
+    """Latency p50 and p95 and time-to-first-token p50 for each local bucket, from the hourly
+    rollups' histograms (whole UTC hours: an hour partly in the period counts whole)."""
+    by_start: dict[float, tuple[Histogram, Histogram]] = {}
+    for hour, kind, index, count in ledger.latency_hours(int(since // 3600), -(-int(until) // 3600)):
+        start = local_start(hour * 3600.0, bucket, tz)
+        pair = by_start.setdefault(start, (Histogram(), Histogram()))
+        histogram = pair[0] if kind == LATENCY else pair[1]
+        histogram.buckets[index] = histogram.buckets.get(index, 0) + count
+        histogram.count += count
+    return [{"start": start, "p50_s": round(lat.quantile(0.5), 4), "p95_s": round(lat.quantile(0.95), 4),
+             "ttft_p50_s": round(ttft.quantile(0.5), 4) if ttft.count else None, "calls": lat.count}
+            for start, (lat, ttft) in sorted(by_start.items())]
 
 
 def history(ledger: LedgerStore, bucket: Bucket, filters: Filters, group_by: GroupBy | None,

@@ -15,7 +15,7 @@ from .budgets import Budgets
 from .cache import AnswerCache
 from .ledger import OTHERS, SUCCESSES
 from .config import Config, Upstream
-from .errors import REFUSED_OUTCOMES
+from .errors import OUTCOMES, REFUSED_OUTCOMES
 from .limits import WindowStore
 
 _TEXT = {
@@ -211,6 +211,13 @@ def stats_json(config: Config, acc: Accounting, limiter: WindowStore, running: b
             "cost_projection_month_usd": round(acc.trend.monthly(now), 4),
             "limits": limiter.report(),
             "budgets": budgets.report() if budgets is not None else [],
+            # What the dashboard writes in words: the configured title, language and labels.
+            "labels": {
+                "title": config.stats.title, "lang": config.commands.lang,
+                "upstreams": {name: u.label for name, u in config.upstreams.items()},
+                "types": {name: {"es": t.label, "en": t.label_en} for name, t in config.types.items()},
+                "outcomes": [o for o in OUTCOMES if o not in REFUSED_OUTCOMES],
+            },
             "limits_store": limiter.state,
             # Rows not yet on disk, and rows given up (on_ledger_full = "serve"): the books' own state.
             "ledger": acc.ledger.health().as_dict() if acc.ledger is not None else None,

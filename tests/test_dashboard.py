@@ -7,7 +7,7 @@ from typing import Any
 
 import aiohttp
 import pytest
-from playwright.async_api import async_playwright
+from playwright.async_api import async_playwright, expect
 
 from .conftest import Clock, Proxy, workload
 from .fake_upstream import Behavior, FakeUpstream
@@ -25,13 +25,24 @@ async def guarded(raw_config: dict[str, Any], monkeypatch: pytest.MonkeyPatch) -
     raw_config["server"]["admin_token_env"] = "TG_TEST_ADMIN"
     raw_config["upstreams"]["gpt4o_cloud"]["limits"] = {"rpm": 10, "rpd": 5, "tpm": 150000}
     raw_config["cache"] = {"rules": [{"upstreams": ["ollama_local"]}]}
+    raw_config["budgets"] = {"nube": {"usd": 0.02, "period": "day", "upstream": "gpt4o_cloud"}}
     p = Proxy(raw_config)
     await p.start()
     yield p
     await p.stop()
 
 
+# Counts the pixels a canvas has drawn (any not fully transparent).
+_INKED = """canvas => { const d = canvas.getContext("2d").getImageData(0, 0, canvas.width, canvas.height).data;
+                         let n = 0; for (let i = 3; i < d.length; i += 4) if (d[i] > 0) n++; return n; }"""
+CHARTS = ("usage-chart", "cost-chart", "latency-chart", "errors-chart", "heat-chart", "users-chart", "types-chart")
+
+
 async def test_dashboard_shows_what_stats_says(guarded: Proxy, fake: FakeUpstream, chromium: str) -> None:
+    """After a known workload, headless Chromium: no console error, nothing fetched from outside,
+    every figure as /stats says, every chart drawn, the words in the configured language and
+    switchable, the range selector asking for the range, the calls table filtered; a screenshot
+    in the light and the dark theme."""
     await workload(guarded, fake)  # 2 cloud calls, 1 local, 1 bad request
     fake.behavior = Behavior(prompt_tokens=7, chunks=2, completion_per_chunk=3)
     async with aiohttp.ClientSession(headers={"Authorization": f"Bearer {ADMIN}"}) as s:
@@ -44,54 +55,112 @@ async def test_dashboard_shows_what_stats_says(guarded: Proxy, fake: FakeUpstrea
                     "model": "llama3.2", "stream": False, "options": {"temperature": 0},
                     "messages": [{"role": "user", "content": "¿Horario?"}]}) as r:
                 assert r.status == 200 and r.headers["X-Tollgate-Cache"] == expected
+        async with s.post(guarded.url + "/v1/chat/completions",     # over the day's budget: refused
+                          json={"model": "gpt-4o", "messages": [], "max_tokens": 1000}) as r:
+            assert r.status == 429
+        await guarded.settled()
         async with s.get(guarded.url + "/stats") as r:
             stats = await r.json()
     problems: list[str] = []
     external: list[str] = []
+    asked: list[str] = []
     async with async_playwright() as pw:
         browser = await pw.chromium.launch(executable_path=chromium, args=FLAGS)
         page = await browser.new_page(viewport={"width": 1280, "height": 1000})
         page.on("console", lambda m: problems.append(m.text) if m.type == "error" else None)
         page.on("pageerror", lambda e: problems.append(str(e)))
-        page.on("request", lambda r: None if r.url.startswith(guarded.url) else external.append(r.url))
+        page.on("request", lambda r: asked.append(r.url) if r.url.startswith(guarded.url)
+                else external.append(r.url))
         # Without the token: the login form, not the numbers.
         response = await page.goto(guarded.url + "/dashboard")
         assert response is not None and response.status == 401
         assert await page.locator("input[name=token]").count() == 1
         problems.clear()  # the 401 itself is logged by the browser as a failed resource
         # The token once in the URL: it becomes a cookie and leaves the address bar.
+        await page.emulate_media(color_scheme="light")
         await page.goto(guarded.url + f"/dashboard?token={ADMIN}")
         assert page.url == guarded.url + "/dashboard"
         await page.wait_for_selector("body[data-loaded]")
         text = {i: await page.text_content(f"#{i}") for i in
-                ("total-requests", "errors", "success-rate", "tokens-total", "cost", "projection", "uptime",
-                 "cache-hits", "cache-share", "cache-tokens", "cache-rate")}
-        assert await page.is_visible("#cache")
+                ("title", "total-requests", "errors", "success-rate", "tokens-total", "cost", "projection", "uptime",
+                 "cache-hits", "cache-share", "cache-tokens", "cache-rate", "updated")}
+        inked = {chart: await page.eval_on_selector(f"#{chart}", _INKED) for chart in CHARTS}
         gauges = await page.eval_on_selector_all(
-            ".gauge", "els => els.map(e => [e.dataset.scope, e.dataset.limit, e.className])")
-        bars = await page.eval_on_selector_all("#tokens-chart rect", "els => els.map(e => +e.dataset.tokens)")
-        users = await page.eval_on_selector_all("#users td:first-child", "els => els.map(e => e.textContent)")
-        legend = await page.eval_on_selector_all("#tokens-legend span", "els => els.map(e => e.textContent)")
+            ".gauge", "els => els.map(e => [e.dataset.scope || e.dataset.budget, e.dataset.limit, e.className, "
+                      "e.textContent])")
+        total = await page.get_attribute("#usage-chart", "data-total")
+        calls = await page.locator("#calls tr").count() - 1
+        headings = await page.eval_on_selector_all("section h2", "els => els.map(e => e.textContent)")
         ARTIFACTS.mkdir(exist_ok=True)
-        await page.screenshot(path=str(ARTIFACTS / "dashboard.png"), full_page=True)
+        await page.screenshot(path=str(ARTIFACTS / "dashboard-light.png"), full_page=True)
+        light = await page.evaluate("getComputedStyle(document.body).backgroundColor")
+        await page.emulate_media(color_scheme="dark")
+        dark = await page.evaluate("getComputedStyle(document.body).backgroundColor")
+        await page.screenshot(path=str(ARTIFACTS / "dashboard-dark.png"), full_page=True)
+        dark_inked = await page.eval_on_selector("#usage-chart", _INKED)
+        # On a phone: one column, nothing wider than the screen.
+        await page.set_viewport_size({"width": 390, "height": 844})
+        await page.reload()
+        await page.wait_for_selector("body[data-loaded]")
+        phone_width = await page.evaluate("document.documentElement.scrollWidth")
+        await page.screenshot(path=str(ARTIFACTS / "dashboard-phone-dark.png"), full_page=True)
+        await page.set_viewport_size({"width": 1280, "height": 1000})
+        await page.reload()
+        await page.wait_for_selector("body[data-loaded]")
+
+        # The calls table, filtered by outcome and by user.
+        await page.select_option("#calls-outcome", "bad_request")
+        await expect(page.locator("#calls tr")).to_have_count(2)
+        await page.select_option("#calls-outcome", "")
+        await page.fill("#calls-user", "ana")
+        await page.dispatch_event("#calls-user", "change")
+        await expect(page.locator("#calls tr")).to_have_count(3)
+
+        # English, then back: every word switches, the numbers stay.
+        await page.click("#lang-en")
+        english = await page.eval_on_selector_all("section h2", "els => els.map(e => e.textContent)")
+        english_gauges = await page.eval_on_selector_all(".gauge", "els => els.map(e => e.textContent)")
+        assert await page.text_content("#total-requests") == text["total-requests"]
+        await page.click("#lang-es")
+
+        # The range selector asks /stats/history for the range, and the chart's axis has its buckets.
+        for button, bucket, buckets in (("#range-30d", "day", (30, 31)), ("#range-7d", "hour", (168, 169))):
+            before = await page.get_attribute("body", "data-loaded")
+            asked.clear()
+            await page.click(button)
+            await expect(page.locator("body")).not_to_have_attribute("data-loaded", before or "")
+            history = [u for u in asked if "/stats/history" in u and "group_by" in u]
+            assert history and f"bucket={bucket}" in history[-1]
+            assert int(await page.get_attribute("#usage-chart", "data-buckets") or 0) in buckets
         await browser.close()
     assert problems == [] and external == []
+    assert text["title"] == "Raymundo"
     assert text["total-requests"] == f"{stats['total_requests']:,}" == "8"
     assert text["errors"] == "1" and text["success-rate"] == stats["tasa_exito"]
     assert text["tokens-total"] == f"{stats['tokens']['total']:,}"
     assert text["cost"] == stats["costo_estimado_usd"]
     assert text["projection"] == f"${stats['detail']['cost_projection_month_usd']:.2f}"
     assert text["uptime"] == stats["uptime"]
+    assert text["updated"] is not None and text["updated"].startswith("actualizado hace ")
     assert text["cache-hits"] == "1" and text["cache-tokens"] == f"{stats['cache']['saved_tokens']:,}" != "0"
     assert text["cache-share"] == f"{stats['cache']['hit_share'] * 100:.1f}%" == "12.5%"
     assert text["cache-rate"] == "50.0%"                 # 1 hit, 1 miss (the sampled bypass is not a lookup)
-    # 4 of the 5 daily requests used: amber (>= 70%); the minute's 4 of 10: green.
-    classes = {(scope, limit): cls for scope, limit, cls in gauges}
-    assert classes[("upstream:gpt4o_cloud", "requests_per_day")] == "gauge amber"
-    assert classes[("upstream:gpt4o_cloud", "requests_per_minute")] == "gauge green"
-    assert sum(bars) == stats["tokens"]["total"]
-    assert legend == ["gpt4o_cloud", "ollama_local"]
-    assert users == ["ana"]
+    assert all(n > 500 for n in inked.values()), inked   # every chart drew on its canvas
+    assert dark_inked > 500 and light != dark
+    assert phone_width <= 390
+    assert int(total or 0) == stats["total_requests"]
+    assert calls == 8
+    # Words a person reads: the upstream's label, what the limit counts, the level's colour.
+    by = {(scope, limit): (cls, words) for scope, limit, cls, words in gauges}
+    cls, words = by[("upstream:gpt4o_cloud", "requests_per_day")]
+    assert cls == "gauge amber" and words == "GPT-4o (cloud) · requests hoy4 / 5"
+    assert by[("upstream:gpt4o_cloud", "requests_per_minute")][0] == "gauge green"
+    budget = by[("nube", None)]
+    assert budget[1].startswith("nube · presupuesto del día$0.0131")
+    assert any(h.startswith("Últimas llamadas") for h in headings)
+    assert any(h.startswith("Recent calls") for h in english) and "Latency over time" in english
+    assert any(w.startswith("GPT-4o (cloud) · requests today") for w in english_gauges)
+    assert stats["detail"]["refused"]["over_budget"] == 1
 
 
 async def test_dashboard_login_form_and_wrong_token(guarded: Proxy) -> None:
@@ -149,3 +218,65 @@ async def test_sessions_are_random_expire_and_end_at_logout(raw_config: dict[str
         await s2.close()
     finally:
         await proxy.stop()
+
+
+async def test_recent_calls_are_paged_newest_first_and_filtered(guarded: Proxy, fake: FakeUpstream) -> None:
+    await workload(guarded, fake)  # 2 cloud calls, 1 local, 1 bad request
+    await guarded.settled()
+    auth = {"Authorization": f"Bearer {ADMIN}"}
+    async with aiohttp.ClientSession(headers=auth) as s:
+        async with s.get(guarded.url + "/stats/calls?limit=3") as r:
+            first = await r.json()
+        assert len(first["calls"]) == 3 and first["next"] is not None
+        async with s.get(guarded.url + f"/stats/calls?limit=3&until={first['next']['until']}") as r:
+            rest = await r.json()
+        assert len(rest["calls"]) == 1 and rest["next"] is None
+        times = [c["ts"] for c in first["calls"] + rest["calls"]]
+        assert times == sorted(times, reverse=True) and len(set(times)) == 4
+        assert set(first["calls"][0]) >= {"time", "upstream", "model", "type", "user", "prompt_tokens", "estimated",
+                                          "latency_s", "outcome", "fallback_from"}
+        assert not {"messages", "content", "text"} & set(first["calls"][0])   # never message text
+        async with s.get(guarded.url + "/stats/calls?outcome=bad_request") as r:
+            assert [c["outcome"] for c in (await r.json())["calls"]] == ["bad_request"]
+        async with s.get(guarded.url + "/stats/calls?upstream=ollama_local") as r:
+            assert [c["model"] for c in (await r.json())["calls"]] == ["llama3.2"]
+        async with s.get(guarded.url + "/stats/calls?outcome=nada") as r:
+            assert r.status == 400 and "outcome='nada'" in (await r.json())["error"]["message"]
+    async with aiohttp.ClientSession() as s:
+        async with s.get(guarded.url + "/stats/calls") as r:
+            assert r.status == 401
+
+
+async def test_chart_js_is_served_from_the_package_as_its_source_records(guarded: Proxy) -> None:
+    import hashlib
+    import re
+
+    static = Path(__file__).resolve().parent.parent / "proxy" / "static"
+    recorded = re.search(r"Chart\.js (\S+),.*SHA-256 `([0-9a-f]{64})`", (static / "SOURCE.md").read_text(), re.S)
+    assert recorded is not None
+    async with aiohttp.ClientSession() as s:
+        async with s.get(guarded.url + "/dashboard/chart.js") as r:
+            body = await r.read()
+            assert r.status == 200 and r.content_type == "application/javascript"
+    assert hashlib.sha256(body).hexdigest() == recorded.group(2)
+    assert f"Chart.js v{recorded.group(1)}" in body[:200].decode()
+    assert "MIT" in (static / "chart.js.LICENSE.md").read_text()
+
+
+def test_a_charts_time_axis_has_every_local_hour_and_day_across_dst() -> None:
+    """The axis the dashboard draws on: Madrid's spring-forward day has 23 hours, its autumn day
+    25, and every day bucket starts at a local midnight."""
+    from datetime import datetime
+    from zoneinfo import ZoneInfo
+
+    from proxy.reports import starts
+
+    madrid = ZoneInfo("Europe/Madrid")
+    for day, after, hours in (((2024, 3, 31), (2024, 4, 1), 23), ((2024, 10, 27), (2024, 10, 28), 25),
+                              ((2024, 6, 1), (2024, 6, 2), 24)):
+        begin, end = (datetime(*d, tzinfo=madrid).timestamp() for d in (day, after))
+        assert len(starts("hour", begin, end, madrid)) == hours
+    month = starts("day", datetime(2024, 3, 1, tzinfo=madrid).timestamp(),
+                   datetime(2024, 11, 1, tzinfo=madrid).timestamp(), madrid)
+    assert len(month) == 245
+    assert all(datetime.fromtimestamp(s, madrid).hour == 0 for s in month)

@@ -33,8 +33,8 @@ def missing_secrets(config: Config) -> list[str]:
     env = config.server.admin_token_env
     if env and config.server.admin_token() is None:
         found.append(f"server.admin_token_env names ${env}, which is unset: the admin endpoints (/stats, "
-                     f"/stats/history, /stats/export.csv, /stats/snapshot.csv, /metrics, /metrics/reset, "
-                     f"/cache/purge, /dashboard) are open to every program on this machine")
+                     f"/stats/history, /stats/calls, /stats/export.csv, /stats/snapshot.csv, /metrics, "
+                     f"/metrics/reset, /cache/purge, /dashboard) are open to every program on this machine")
     for upstream in config.upstreams.values():
         if upstream.api_key_env and upstream.api_key() is None:
             found.append(f"upstreams.{upstream.name}.api_key_env names ${upstream.api_key_env}, which is unset: "

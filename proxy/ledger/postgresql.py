@@ -394,6 +394,12 @@ class PgLedger(Ledger):
                 'SELECT upstream, model, key_id, "user", SUM(cost_usd) FROM calls WHERE ts >= %s AND cost_usd > 0 '
                 "GROUP BY 1, 2, 3, 4", (since,))]
 
+    def latency_hours(self, start_hour: int, end_hour: int) -> list[tuple[int, int, int, int]]:
+        with _reading(), self._read() as conn:
+            return [(int(h), int(k), int(i), int(n)) for h, k, i, n in conn.execute(
+                "SELECT bucket, kind, idx, n FROM latency_hour WHERE bucket >= %s AND bucket < %s",
+                (start_hour, end_hour))]
+
     def recent(self, filters: Filters, outcome: str | None, limit: int) -> list[CallRecord]:
         where, params = _where(filters)
         if outcome is not None:

@@ -628,6 +628,17 @@ class Ledger:
         finally:
             conn.close()
 
+    def latency_hours(self, start_hour: int, end_hour: int) -> list[tuple[int, int, int, int]]:
+        """The latency and time-to-first-token histograms of UTC hours [start, end): (hour, kind,
+        bucket index, count) from the hourly rollups, every call of each hour."""
+        conn = _reader(self.path)
+        try:
+            return [tuple(r) for r in conn.execute(
+                "SELECT bucket, kind, idx, n FROM latency_hour WHERE bucket >= ? AND bucket < ?",
+                (start_hour, end_hour))]
+        finally:
+            conn.close()
+
     def recent(self, filters: Filters, outcome: str | None, limit: int) -> list[CallRecord]:
         """The newest calls the filters cover (before `filters.until`), newest first."""
         where, params = _where(filters)
