@@ -245,3 +245,44 @@ async def test_a_mail_server_that_refuses_or_is_down_fails_the_alert_never_the_c
         await client.close()
         await proxy.stop()
         await mail.stop()
+
+
+def test_what_a_budget_covers() -> None:
+    from proxy.config import Budget
+
+    cloud = Budget(usd=1, upstream="gpt4o_cloud", model="gpt-4o*")
+    assert cloud.covers("gpt4o_cloud", "gpt-4o-mini", None, None)
+    assert not cloud.covers("gpt4o_cloud", "o3", None, None) and not cloud.covers("ollama_local", "gpt-4o", None, None)
+    bot = Budget(usd=1, key="bot")
+    assert bot.covers("any", "m", "bot", "ana") and not bot.covers("any", "m", "other", "ana")
+    assert not bot.covers("any", "m", None, None)
+    assert Budget(usd=1, user="ana").covers("x", "m", None, "ana") and not Budget(usd=1, user="ana").covers(
+        "x", "m", None, "beto")
+    each = Budget(usd=1, per_user=True)
+    assert each.covers("x", "m", None, "ana") and not each.covers("x", "m", None, None)
+    assert Budget(usd=1).covers("x", "m", None, None)           # everything
+
+
+@pytest.mark.parametrize("budget, said", [
+    ({"usd": 1, "upstream": "nope"}, "budgets.b.upstream = 'nope': expected one of"),
+    ({"usd": 1, "key": "nope"}, "budgets.b.key = 'nope': expected one of the proxy keys"),
+    ({"usd": 0}, "budgets.b.usd = 0: expected a positive amount of US dollars"),
+    ({"usd": 1, "emails": ["ops"]}, "budgets.b.emails = 'ops': expected names from [alerts.email]"),
+    ({"usd": 1, "alert_at": [1.5]}, "budgets.b.alert_at = [1.5]: expected a list of fractions of the ceiling"),
+])
+def test_a_budget_that_cannot_work_is_one_line_of_error(raw_config: dict[str, Any], budget: dict[str, Any],
+                                                        said: str) -> None:
+    from proxy import config as config_mod
+
+    raw_config["budgets"] = {"b": budget}
+    with pytest.raises(config_mod.ConfigError, match=said.replace("[", r"\[").replace("]", r"\]")):
+        config_mod.parse(raw_config)
+
+
+def test_a_monthly_budget_needs_the_months_rows(raw_config: dict[str, Any]) -> None:
+    from proxy import config as config_mod
+
+    raw_config["budgets"] = {"b": {"usd": 1}}
+    raw_config["ledger"] = {"keep_raw_days": 7}
+    with pytest.raises(config_mod.ConfigError, match="ledger.keep_raw_days = 7.0: expected 32 or more"):
+        config_mod.parse(raw_config)

@@ -128,6 +128,14 @@ async def test_postgresql_answers_as_sqlite_does(pg_dsn: str, tmp_path: Path) ->
         assert [tuple(a.__dict__.values()) if hasattr(a, "__dict__") else a for a in lite.replay_admissions(JAN_30)] \
             == list(pg.replay_admissions(JAN_30))
         assert lite.count() == pg.count() == sum(isinstance(i, CallRecord) for i in calls(1500, JAN_30))
+        # What budgets start from, the dashboard's latency per hour and its table of recent calls.
+        same(lite.spend(since), pg.spend(since))
+        hours = (int(JAN_30 // 3600), int(JAN_30 // 3600) + 72)
+        same(lite.latency_hours(*hours), pg.latency_hours(*hours))
+        for outcome in (None, "timeout"):
+            recent = Filters(None, until, (("user", "ana"),))
+            assert [r.ts for r in lite.recent(recent, outcome, 40)] == [r.ts for r in pg.recent(recent, outcome, 40)]
+            assert len(lite.recent(recent, outcome, 40)) > 0
         assert lite.raw_since() == pg.raw_since()
         with psycopg.connect(pg_dsn) as conn:
             parts = {r[0] for r in conn.execute("SELECT c.relname FROM pg_inherits i JOIN pg_class c "
