@@ -113,9 +113,12 @@ class MailServer:
     STARTTLS or TLS from the start, with a certificate `openssl` makes for 127.0.0.1. It keeps
     the messages it takes, or refuses every one (`refuse`) with 550."""
 
-    def __init__(self, directory: Path, security: str = "none", refuse: bool = False) -> None:
+    def __init__(self, directory: Path, security: str = "none", refuse: bool = False,
+                 login: tuple[str, str] | None = None) -> None:
         import asyncio
 
+        self.login = login          # when set, a login over TLS is required, and only this one works
+        self.logins: list[str] = []
         self.security = security
         self.refuse = refuse
         self.messages: list[Any] = []
@@ -134,7 +137,7 @@ class MailServer:
         import email
         import ssl
 
-        from aiosmtpd.smtp import SMTP
+        from aiosmtpd.smtp import SMTP, AuthResult, LoginPassword
 
         outer = self
 
@@ -146,6 +149,12 @@ class MailServer:
                 outer.arrived.set()
                 return "250 OK"
 
+        def authenticate(server: Any, session: Any, envelope: Any, mechanism: str, data: Any) -> AuthResult:
+            ok = isinstance(data, LoginPassword) and (data.login.decode(), data.password.decode()) == outer.login
+            if ok:
+                outer.logins.append(data.login.decode())
+            return AuthResult(success=ok)
+
         context = None
         if self.security != "none":
             context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
@@ -154,7 +163,8 @@ class MailServer:
         loop = asyncio.get_running_loop()
         self._server = await loop.create_server(
             lambda: SMTP(Handler(), tls_context=context if starttls else None, require_starttls=starttls,
-                         hostname="127.0.0.1"),
+                         hostname="127.0.0.1", auth_required=self.login is not None,
+                         authenticator=authenticate if self.login is not None else None),
             "127.0.0.1", 0, ssl=context if self.security == "tls" else None)
         self.port = self._server.sockets[0].getsockname()[1]
 

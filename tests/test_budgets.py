@@ -147,12 +147,15 @@ async def test_every_user_has_a_budget_of_their_own(raw_config: dict[str, Any], 
 
 
 async def test_budget_alerts_are_e_mailed_once_per_crossing(raw_config: dict[str, Any], fake: FakeUpstream,
-                                                           tmp_path: Path) -> None:
-    mail = MailServer(tmp_path, security="starttls")
+                                                           tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("TG_SMTP_USER", "tollgate")
+    monkeypatch.setenv("TG_SMTP_PASSWORD", "s3cret-password")
+    mail = MailServer(tmp_path, security="starttls", login=("tollgate", "s3cret-password"))
     await mail.start()
     raw_config["alerts"] = {"email": {"ops": {
         "host": "127.0.0.1", "port": mail.port, "security": "starttls", "sender": "tollgate@example.com",
-        "to": ["ops@example.com", "raymundo@example.com"], "ca_file": str(mail.cert), "lang": "en"}}}
+        "to": ["ops@example.com", "raymundo@example.com"], "ca_file": str(mail.cert), "lang": "en",
+        "username_env": "TG_SMTP_USER", "password_env": "TG_SMTP_PASSWORD"}}}
     fake.behavior = Behavior(prompt_tokens=100, chunks=5, completion_per_chunk=10)
     proxy = Proxy(budgeted(raw_config, usd=0.012, alert_at=[0.5, 1.0], emails=["ops"]))
     await proxy.start()
@@ -169,6 +172,7 @@ async def test_budget_alerts_are_e_mailed_once_per_crossing(raw_config: dict[str
             await ask(client)                                 # refused: no third
         await proxy.settled()
         assert alerts.queue.empty() and alerts.sent == 2 and alerts.failed == 0
+        assert mail.logins == ["tollgate", "tollgate"]       # after STARTTLS, with the login from the environment
         first, second = mail.messages
         assert first["To"] == "ops@example.com, raymundo@example.com" and first["From"] == "tollgate@example.com"
         assert "budget nube 50%" in first["Subject"]
@@ -182,10 +186,7 @@ async def test_budget_alerts_are_e_mailed_once_per_crossing(raw_config: dict[str
 
 @pytest.mark.parametrize("security", ["tls", "none"])
 async def test_rule_alerts_are_e_mailed_in_spanish_over_tls_or_plain(raw_config: dict[str, Any], fake: FakeUpstream,
-                                                                      tmp_path: Path, security: str,
-                                                                      monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setenv("TG_SMTP_USER", "tollgate")
-    monkeypatch.setenv("TG_SMTP_PASSWORD", "s3cret-password")
+                                                                      tmp_path: Path, security: str) -> None:
     mail = MailServer(tmp_path, security=security)
     await mail.start()
     destination: dict[str, Any] = {"host": "127.0.0.1", "port": mail.port, "security": security,
