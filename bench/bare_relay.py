@@ -1,9 +1,11 @@
-"""The least an aiohttp relay can do: read the body, POST it upstream, return the reply.
+"""The least an aiohttp relay can do: read the body, POST it upstream, pass the reply on.
 
     python bench/bare_relay.py PORT UPSTREAM_URL
 
 No metering, no parsing, no ledger: the ceiling any aiohttp-based proxy can reach on this
-machine. bench/overhead.py measures it beside the direct call and Tollgate, in the same run.
+machine. A whole reply is returned in one write; a stream (SSE or NDJSON) is passed on chunk by
+chunk as it arrives, as a streaming relay must, so the streaming comparison is fair.
+bench/overhead.py and bench/cpu.py measure it beside the direct call and Tollgate, in one run.
 """
 
 from __future__ import annotations
@@ -24,11 +26,18 @@ async def session_ctx(app: web.Application) -> AsyncIterator[None]:
     await app[SESSION].close()
 
 
-async def relay(request: web.Request) -> web.Response:
+async def relay(request: web.Request) -> web.StreamResponse:
     body = await request.read()
     async with request.app[SESSION].post(UPSTREAM + "/chat/completions", data=body,
                                          headers={"Content-Type": "application/json"}) as r:
-        return web.Response(body=await r.read(), status=r.status, content_type=r.content_type)
+        if r.content_type not in ("text/event-stream", "application/x-ndjson"):
+            return web.Response(body=await r.read(), status=r.status, content_type=r.content_type)
+        out = web.StreamResponse(status=r.status, headers={"Content-Type": r.content_type})
+        await out.prepare(request)
+        async for chunk in r.content.iter_any():
+            await out.write(chunk)
+        await out.write_eof()
+        return out
 
 
 if __name__ == "__main__":

@@ -1,0 +1,145 @@
+"""The cost of one call: CPU per call and throughput of Tollgate against a bare relay, in one run.
+
+    python bench/cpu.py [--rounds 3] [--seconds 10] [--connections 32]
+
+Starts the fake upstream (tests/fake_upstream.py), `bench/bare_relay.py` and two `tollgate serve`
+processes with the shipped config.toml pointed at the fake upstream: one with its tagging rules
+and no limits, one with every limit the shipped config checks (rpm, rpd, tpm, concurrency, the
+per-request caps; values scaled up so the load is admitted; no fallback). For non-streaming and
+streaming chat, in interleaved rounds, wrk drives each target for a fixed time; each process's
+CPU is read from /proc/PID/stat (utime + stime) before and after and divided by the calls wrk
+completed. Medians of the rounds are printed, with each target's ratio to the bare relay.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import os
+import re
+import statistics
+import sys
+import tempfile
+import tomllib
+from pathlib import Path
+from typing import Any
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from bench.harness import ROOT, free_port, start, start_proxy, start_upstream, stop  # noqa: E402
+from tests.conftest import to_toml  # noqa: E402
+
+TICK = os.sysconf("SC_CLK_TCK")
+BODY = '{"model": "gpt-4o", "messages": [{"role": "system", "content": "Eres el asistente de la tienda."}, ' \
+       '{"role": "user", "content": "hola, ¿cómo estás?"}]%s}'
+
+
+def cpu_seconds(pid: int) -> float:
+    """utime + stime of a process, in seconds (fields 14 and 15 of /proc/PID/stat)."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / TICK
+
+
+def shipped(up_port: int, limits: bool) -> str:
+    """config.toml as shipped, its upstreams at the fake; limits kept (scaled up) or dropped."""
+    raw: dict[str, Any] = tomllib.loads((ROOT / "config.toml").read_text())
+    raw.pop("server", None)
+    for upstream in raw["upstreams"].values():
+        upstream["base_url"] = f"http://127.0.0.1:{up_port}"
+        upstream.pop("api_key_env", None)
+        upstream.pop("fallback", None)
+        upstream.pop("fallback_model", None)
+        if not limits:
+            upstream.pop("limits", None)
+        else:
+            upstream["limits"] = {k: v * 1000 for k, v in upstream.get("limits", {}).items()}
+    if not limits:
+        raw["limits"] = {k: v for k, v in raw.get("limits", {}).items() if k != "models"}
+    else:
+        for pattern in raw["limits"].get("models", {}).values():
+            for name in ("rpm", "rpd", "tpm", "concurrency"):
+                if name in pattern:
+                    pattern[name] *= 100_000
+    # Each table under its own header: start_proxy's [server] table comes first in the file.
+    return "".join(to_toml(value, f'"{key}"') for key, value in raw.items())
+
+
+def wrk_script(directory: Path, stream: bool) -> Path:
+    path = directory / ("stream.lua" if stream else "plain.lua")
+    body = BODY % (', "stream": true' if stream else "")
+    path.write_text('wrk.method = "POST"\nwrk.headers["Content-Type"] = "application/json"\n'
+                    f"wrk.body = [[{body}]]\n")
+    return path
+
+
+async def wrk(url: str, script: Path, seconds: int, connections: int) -> tuple[int, float, float, float]:
+    """(completed calls, requests/s, p50 ms, p99 ms) from one wrk run."""
+    proc = await asyncio.create_subprocess_exec(
+        "wrk", "-t2", f"-c{connections}", f"-d{seconds}s", "--latency", "-s", str(script), url,
+        stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.STDOUT)
+    out = (await proc.communicate())[0].decode()
+    done = int(re.search(r"(\d+) requests in", out).group(1))  # type: ignore[union-attr]
+    rate = float(re.search(r"Requests/sec:\s+([\d.]+)", out).group(1))  # type: ignore[union-attr]
+    bad = re.search(r"Non-2xx or 3xx responses: (\d+)", out)
+    if bad:
+        raise RuntimeError(f"{url}: {bad.group(1)} failed responses\n{out}")
+    return done, rate, _ms(out, "50%"), _ms(out, "99%")
+
+
+def _ms(out: str, label: str) -> float:
+    value, unit = re.search(rf"{label}\s+([\d.]+)(us|ms|s)", out).groups()  # type: ignore[union-attr]
+    return float(value) * {"us": 0.001, "ms": 1.0, "s": 1000.0}[unit]
+
+
+async def main(rounds: int, seconds: int, connections: int) -> None:
+    upstream, up_port = await start_upstream()
+    bare_port = free_port()
+    bare = await start([sys.executable, str(ROOT / "bench" / "bare_relay.py"), str(bare_port),
+                        f"http://127.0.0.1:{up_port}"], b"bare relay ready")
+    plain_proxy, plain_port, _ = await start_proxy(shipped(up_port, limits=False))
+    limited_proxy, limited_port, _ = await start_proxy(shipped(up_port, limits=True))
+    targets = {
+        "direct": (f"http://127.0.0.1:{up_port}/chat/completions", None),
+        "bare relay": (f"http://127.0.0.1:{bare_port}/v1/chat/completions", bare.pid),
+        "Tollgate": (f"http://127.0.0.1:{plain_port}/v1/chat/completions", plain_proxy.pid),
+        "Tollgate, limits on": (f"http://127.0.0.1:{limited_port}/v1/chat/completions", limited_proxy.pid),
+    }
+    figures: dict[tuple[str, str], list[tuple[float, float, float, float]]] = {}
+    try:
+        with tempfile.TemporaryDirectory() as tmp:
+            scripts = {"non-streaming": wrk_script(Path(tmp), False), "streaming": wrk_script(Path(tmp), True)}
+            for kind, script in scripts.items():           # warm-up: connections, tokenizers, caches
+                for url, _ in targets.values():
+                    await wrk(url, script, 2, connections)
+            for _ in range(rounds):
+                for kind, script in scripts.items():
+                    for name, (url, pid) in targets.items():
+                        before = cpu_seconds(pid) if pid else 0.0
+                        done, rate, p50, p99 = await wrk(url, script, seconds, connections)
+                        cpu_us = (cpu_seconds(pid) - before) / done * 1e6 if pid else float("nan")
+                        figures.setdefault((kind, name), []).append((rate, cpu_us, p50, p99))
+    finally:
+        await stop(plain_proxy, limited_proxy, bare, upstream)
+    print(f"# cost of one call: {os.cpu_count()} cores, wrk -t2 -c{connections} -d{seconds}s, "
+          f"{rounds} interleaved rounds, medians")
+    for kind in ("non-streaming", "streaming"):
+        bare_rate = statistics.median(f[0] for f in figures[(kind, "bare relay")])
+        bare_cpu = statistics.median(f[1] for f in figures[(kind, "bare relay")])
+        print(f"\n## {kind}\n| target | req/s | CPU µs/call | p50 ms | p99 ms | req/s vs bare | CPU vs bare |")
+        print("|---|---:|---:|---:|---:|---:|---:|")
+        for name in targets:
+            rows = figures[(kind, name)]
+            rate, cpu = statistics.median(r[0] for r in rows), statistics.median(r[1] for r in rows)
+            p50, p99 = statistics.median(r[2] for r in rows), statistics.median(r[3] for r in rows)
+            cpu_text = "–" if cpu != cpu else f"{cpu:.0f}"
+            ratio = "–" if cpu != cpu else f"{cpu / bare_cpu:.2f}×"
+            print(f"| {name} | {rate:,.0f} | {cpu_text} | {p50:.2f} | {p99:.2f} | {rate / bare_rate:.0%} | {ratio} |")
+
+
+if __name__ == "__main__":
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--seconds", type=int, default=10)
+    parser.add_argument("--connections", type=int, default=32)
+    args = parser.parse_args()
+    asyncio.run(main(args.rounds, args.seconds, args.connections))
