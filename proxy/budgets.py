@@ -125,9 +125,8 @@ class Budgets:
                     budget.webhooks, budget.emails,
                     claim=f"budget:{budget.name}:{user or ''}:{fraction}:{int(slot.start)}")
 
-    def load(self, ledger: LedgerStore) -> None:
-        """This period's spend from the ledger (at start, and where processes share it, often)."""
-        now = self.clock()
+    def read(self, ledger: LedgerStore, now: float) -> dict[tuple[str, str], float]:
+        """This period's spend as the ledger has it, by (budget, user): on a worker thread."""
         spent: dict[tuple[str, str], float] = {}
         starts = {self.period(b, now)[0] for b in self.budgets}
         for start in starts:
@@ -139,24 +138,39 @@ class Budgets:
                     if budget.covers(upstream, model, key, user):
                         where = (budget.name, user if budget.per_user and user is not None else "")
                         spent[where] = spent.get(where, 0.0) + cost
+        return spent
+
+    def apply(self, spent: dict[tuple[str, str], float], now: float, starting: bool) -> None:
+        """What `read` found becomes this process's figures: on the event loop, where calls add to them."""
         for (name, user), usd in spent.items():
             budget = self.config.budgets[name]
             slot = self._slot(budget, user or None, now)
             slot.usd = usd
-            # Fractions passed before this process started were announced by the one that saw
-            # them: they are not announced again.
-            slot.announced |= {f for f in budget.alert_at if usd >= f * budget.usd}
+            if starting:
+                # Fractions passed before this process started were announced by the one that
+                # saw them: not again.
+                slot.announced |= {f for f in budget.alert_at if usd >= f * budget.usd}
+            else:
+                # Crossed by the calls of several processes together: announced here (each
+                # crossing is claimed once across them, so only one of them sends it).
+                self._announce(budget, user or None, slot)
+
+    async def reload(self, ledger: LedgerStore, starting: bool) -> None:
+        """Read this period's spend back from the ledger (this process's rows committed first)."""
+        if not starting:
+            await ledger.flush(timeout=SHARED_REFRESH_S)
+        now = self.clock()
+        spent = await asyncio.get_running_loop().run_in_executor(None, self.read, ledger, now)
+        self.apply(spent, now, starting)
 
     async def lifecycle(self, ledger: LedgerStore, shared: bool) -> AsyncIterator[None]:
         """Read this period's spend at start; where processes share the ledger, again and again."""
-        loop = asyncio.get_running_loop()
-        await loop.run_in_executor(None, self.load, ledger)
+        await self.reload(ledger, starting=True)
 
         async def refresh() -> None:
             while True:
                 await asyncio.sleep(SHARED_REFRESH_S)
-                await ledger.flush(timeout=SHARED_REFRESH_S)
-                await loop.run_in_executor(None, self.load, ledger)
+                await self.reload(ledger, starting=False)
 
         if not shared:
             yield

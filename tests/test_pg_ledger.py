@@ -5,6 +5,7 @@ data directories (two machines) showing one /stats."""
 
 from __future__ import annotations
 
+import asyncio
 import random
 import threading
 import uuid
@@ -362,3 +363,47 @@ async def test_a_flushed_redis_is_loaded_from_every_machines_calls(machines: lis
         await client.aclose()
         for proxy in machines:
             await proxy.stop()
+
+
+async def test_a_budget_holds_across_machines(machines: list[Proxy], fake: FakeUpstream, tmp_path: Path) -> None:
+    """Each machine spends under the ceiling alone; together they pass it: after each reads the
+    deployment's spend back (every 5 s; here the same reload, called at once), both refuse, and
+    the crossing is announced by one of them only."""
+    from proxy.keys import ALERTS, BUDGETS, LEDGER
+
+    from .fake_upstream import Behavior
+    from .servers import MailServer
+
+    mail = MailServer(tmp_path)
+    await mail.start()
+    for proxy in machines:
+        proxy.raw["budgets"] = {"nube": {"usd": 0.01, "period": "day", "upstream": "gpt4o_cloud",
+                                         "alert_at": [1.0], "emails": ["ops"]}}
+        proxy.raw["alerts"] = {"email": {"ops": {"host": "127.0.0.1", "port": mail.port, "security": "none",
+                                                 "sender": "t@example.com", "to": ["ops@example.com"]}}}
+        await proxy.start()
+    fake.behavior = Behavior(prompt_tokens=100, chunks=5, completion_per_chunk=10)   # $0.006 a call
+    body = {"model": "gpt-4o", "messages": [{"role": "user", "content": "hola"}]}
+    try:
+        async with aiohttp.ClientSession() as session:
+            for proxy in machines:
+                async with session.post(proxy.url + "/v1/chat/completions", json=body) as r:
+                    assert r.status == 200
+            for proxy in machines:    # both machines' calls committed, then each reads them back
+                await proxy.settled()
+                assert await proxy.ledger.flush(timeout=30)
+            for proxy in machines:
+                assert proxy.server is not None
+                await proxy.server.app[BUDGETS].reload(proxy.server.app[LEDGER], starting=False)
+            for proxy in machines:
+                async with session.post(proxy.url + "/v1/chat/completions", json=body) as r:
+                    assert r.status == 429 and (await r.json())["error"]["code"] == "budget_exceeded"
+        for proxy in machines:   # each announced the crossing: one sent it, the other found it claimed
+            assert proxy.server is not None
+            await asyncio.wait_for(proxy.server.app[ALERTS].delivered.wait(), 10)
+        assert len(mail.messages) == 1 and "budget nube 100%" in mail.messages[0]["Subject"]
+        assert fake.requests == 2
+    finally:
+        for proxy in machines:
+            await proxy.stop()
+        await mail.stop()
