@@ -407,6 +407,12 @@ def _without_usage(frame: bytes, obj: dict[str, Any]) -> bytes:
     plain (usage beside choices, or the text found twice) is re-encoded without it.
     """
     if obj.get("usage") is None:
+        # The upstreams' own compact spelling first, found by a plain byte search: the pattern
+        # below tries every position of the frame (7% of a streamed call's time, bench/profile.py).
+        if frame.count(b'"usage":null') == 1:
+            for spelled in (b',"usage":null', b'"usage":null,'):
+                if spelled in frame:
+                    return frame.replace(spelled, b"", 1)
         cut, found = _NULL_USAGE.subn(b"", frame, count=2)
         if found == 1:
             return cut
