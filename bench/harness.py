@@ -13,6 +13,8 @@ import socket
 import sys
 import tempfile
 import time
+from collections.abc import Callable, Coroutine
+from typing import Any
 from pathlib import Path
 
 import aiohttp
@@ -134,19 +136,23 @@ async def closed_loop(url: str, body: bytes, total: int, concurrency: int) -> fl
         return total / (time.perf_counter() - start)
 
 
-async def open_loop(url: str, body: bytes, rate: float, seconds: float) -> list[float]:
-    """Latencies of requests sent at a fixed rate, whatever the replies do (no coordinated omission)."""
+async def open_loop(url: str, body: bytes, rate: float, seconds: float,
+                    call: Callable[[aiohttp.ClientSession, str, bytes], Coroutine[Any, Any, float]] | None = None
+                    ) -> list[float]:
+    """Times of requests sent at a fixed rate, whatever the replies do (no coordinated omission):
+    each as `call` measures it (the whole call, by default)."""
+    measure = call or one
     connector = aiohttp.TCPConnector(limit=0)
     async with aiohttp.ClientSession(connector=connector) as session:
         for _ in range(20):
-            await one(session, url, body)
+            await measure(session, url, body)
         tasks = []
         start = time.perf_counter()
         for i in range(int(rate * seconds)):
             delay = start + i / rate - time.perf_counter()
             if delay > 0:
                 await asyncio.sleep(delay)
-            tasks.append(asyncio.create_task(one(session, url, body)))
+            tasks.append(asyncio.create_task(measure(session, url, body)))
         return list(await asyncio.gather(*tasks))
 
 

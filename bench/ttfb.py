@@ -24,7 +24,7 @@ import aiohttp
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from bench.cpu import BODY, shipped  # noqa: E402
-from bench.harness import pct, start_proxy, start_upstream, stop  # noqa: E402
+from bench.harness import open_loop, pct, start_proxy, start_upstream, stop  # noqa: E402
 
 
 async def first_byte(session: aiohttp.ClientSession, url: str, body: bytes) -> float:
@@ -39,20 +39,6 @@ async def first_byte(session: aiohttp.ClientSession, url: str, body: bytes) -> f
     return took
 
 
-async def open_loop(url: str, body: bytes, rate: float, seconds: float) -> list[float]:
-    async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=0)) as session:
-        for _ in range(20):
-            await first_byte(session, url, body)
-        tasks = []
-        start = time.perf_counter()
-        for i in range(int(rate * seconds)):
-            delay = start + i / rate - time.perf_counter()
-            if delay > 0:
-                await asyncio.sleep(delay)
-            tasks.append(asyncio.create_task(first_byte(session, url, body)))
-        return list(await asyncio.gather(*tasks))
-
-
 async def main(rate: float, seconds: float, rounds: int) -> None:
     upstream, up_port = await start_upstream()
     proxy, port, _ = await start_proxy(shipped(up_port, limits=False))
@@ -63,7 +49,7 @@ async def main(rate: float, seconds: float, rounds: int) -> None:
     try:
         for _ in range(rounds):
             for name, url in targets.items():
-                times = await open_loop(url, body, rate, seconds)
+                times = await open_loop(url, body, rate, seconds, first_byte)
                 rows[name].append((pct(times, 0.5) * 1000, pct(times, 0.99) * 1000))
     finally:
         await stop(proxy, upstream)
