@@ -25,7 +25,7 @@ from .cache import Bypass, Lookup, replay
 from .cache.store import Entry
 from .call import Call
 from .dialects import CallInfo, Dialect
-from .errors import ProxyError
+from .errors import REFUSED_OUTCOMES, ProxyError
 from .keys import ACCOUNTING, ADMISSION, CACHE, CONFIG, ESTIMATOR, LEDGER, METRICS, UPSTREAMS
 from .ledger import Admission
 from .tickets import finish_ticket, refused
@@ -209,8 +209,9 @@ async def _embed(request: web.Request, asking: Call, text: str) -> Vector | None
             from .cache.semantic import unit
             vector = unit(_vector_of(dialect, parsed))
     except ProxyError as exc:
-        if exc.outcome in ("rate_limited", "limits_unavailable"):
+        if exc.outcome in REFUSED_OUTCOMES:   # a limit or a budget: counted, never a ledger row
             refused(app, exc.outcome)
+            finish_ticket(app, call, 0)
             return None
         call.fail(exc, status_sent=False)
     except TimeoutError:

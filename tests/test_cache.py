@@ -414,3 +414,35 @@ def test_a_redis_cache_without_its_url_is_refused_before_serving(raw_config: dic
     raw["cache"]["backend"] = "redis"
     with pytest.raises(config_mod.ConfigError, match=r"cache.backend = 'redis': expected \$TOLLGATE_REDIS_URL"):
         config_mod.check_serve(config_mod.parse(raw))
+
+
+@pytest.mark.parametrize("by", ["limit", "budget"])
+async def test_an_embedding_refused_by_a_limit_leaves_an_exact_miss_and_no_ledger_row(
+        raw_config: dict[str, Any], fake: FakeUpstream, by: str) -> None:
+    cached(raw_config, semantic=True, similarity=0.9)
+    raw_config["upstreams"]["ollama_local"]["models"].append("nomic-embed-text")
+    if by == "limit":        # the first embedding is let through, the second refused
+        raw_config["upstreams"]["ollama_local"]["limits"] = {"rpm": 1}
+    else:                    # a priced embedding model under a budget too small for any
+        raw_config["upstreams"]["ollama_local"]["free"] = False
+        raw_config["prices"]["nomic-embed-text"] = {"input": 1.0}
+        raw_config["budgets"] = {"embeddings": {"usd": 0.001, "period": "day", "upstream": "ollama_local"}}
+    fake.vectors = {"¿Horario?": [1.0, 0.0], "¿A qué hora abren?": [0.99, 0.14]}
+    fake.behavior = Behavior(chunks=2)
+    proxy = Proxy(raw_config)
+    await proxy.start()
+    client = openai.AsyncOpenAI(base_url=proxy.url + "/v1", api_key="bot-key", max_retries=0)
+    try:
+        recorded = proxy.records()
+        first = await ask(client, messages=[{"role": "user", "content": "¿Horario?"}])
+        second = await ask(client, messages=[{"role": "user", "content": "¿A qué hora abren?"}])
+        assert first[3]["x-tollgate-cache"] == second[3]["x-tollgate-cache"] == "miss"   # no vector, no match
+        stats = await settled(proxy)
+        let_through = 1 if by == "limit" else 0
+        assert stats["detail"]["refused"]["rate_limited" if by == "limit" else "over_budget"] == 2 - let_through
+        # The refused ones booked nothing: no ledger row, nothing at the upstream.
+        assert [r.endpoint for r in recorded.rows].count("embed") == let_through
+        assert [s.path for s in fake.seen].count("/api/embed") == let_through
+    finally:
+        await client.close()
+        await proxy.stop()
