@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import Any
 
@@ -28,6 +29,24 @@ CHAT = [{"role": "user", "content": "hola"}]
 def budgeted(raw: dict[str, Any], **budget: Any) -> dict[str, Any]:
     raw["budgets"] = {"nube": {"usd": 0.01, "period": "day", "upstream": "gpt4o_cloud", **budget}}
     return raw
+
+
+@asynccontextmanager
+async def serving(raw: dict[str, Any], fake: FakeUpstream, mail: MailServer | None = None
+                  ) -> AsyncIterator[tuple[Proxy, openai.AsyncOpenAI]]:
+    """The proxy on `raw`, an upstream answering $0.006 a gpt-4o call, and the bot's client; all
+    stopped after (the mail server too, when there is one)."""
+    fake.behavior = Behavior(prompt_tokens=100, chunks=5, completion_per_chunk=10)
+    proxy = Proxy(raw)
+    await proxy.start()
+    client = openai.AsyncOpenAI(base_url=proxy.url + "/v1", api_key="bot-key", max_retries=0)
+    try:
+        yield proxy, client
+    finally:
+        await client.close()
+        await proxy.stop()
+        if mail is not None:
+            await mail.stop()
 
 
 async def ask(client: openai.AsyncOpenAI, **extra: Any) -> Any:
@@ -107,11 +126,7 @@ async def test_at_the_ceiling_the_bot_falls_back_to_the_free_local_model(
         raw_config: dict[str, Any], fake: FakeUpstream) -> None:
     raw_config["upstreams"]["gpt4o_cloud"]["fallback"] = "ollama_local"
     raw_config["upstreams"]["gpt4o_cloud"]["fallback_model"] = "llama3.2"
-    fake.behavior = Behavior(prompt_tokens=100, chunks=5, completion_per_chunk=10)
-    proxy = Proxy(budgeted(raw_config, usd=0.005, on_budget="fallback"))
-    await proxy.start()
-    client = openai.AsyncOpenAI(base_url=proxy.url + "/v1", api_key="bot-key", max_retries=0)
-    try:
+    async with serving(budgeted(raw_config, usd=0.005, on_budget="fallback"), fake) as (proxy, client):
         first = await ask(client)
         assert first.headers["x-tollgate-upstream"] == "gpt4o_cloud"
         second = await ask(client)
@@ -122,17 +137,10 @@ async def test_at_the_ceiling_the_bot_falls_back_to_the_free_local_model(
         stats = await settled(proxy)
         assert stats["detail"]["attempts_before_fallback"] == {"gpt4o_cloud:rate_limited": 1}
         assert stats["costo_estimado_usd"] == f"${ONE_CALL:.4f}"
-    finally:
-        await client.close()
-        await proxy.stop()
 
 
 async def test_every_user_has_a_budget_of_their_own(raw_config: dict[str, Any], fake: FakeUpstream) -> None:
-    fake.behavior = Behavior(prompt_tokens=100, chunks=5, completion_per_chunk=10)
-    proxy = Proxy(budgeted(raw_config, usd=0.005, per_user=True))
-    await proxy.start()
-    client = openai.AsyncOpenAI(base_url=proxy.url + "/v1", api_key="bot-key", max_retries=0)
-    try:
+    async with serving(budgeted(raw_config, usd=0.005, per_user=True), fake) as (proxy, client):
         await ask(client, user="5215511111111")
         with pytest.raises(openai.RateLimitError) as refused:
             await ask(client, user="5215511111111")
@@ -141,9 +149,6 @@ async def test_every_user_has_a_budget_of_their_own(raw_config: dict[str, Any], 
         await ask(client)                                     # naming no user: no per-user ceiling
         budget = (await settled(proxy))["detail"]["budgets"][0]
         assert budget["users_over"] == 2 and set(budget["top_users"]) == {"5215511111111", "5215522222222"}
-    finally:
-        await client.close()
-        await proxy.stop()
 
 
 async def test_budget_alerts_are_e_mailed_once_per_crossing(raw_config: dict[str, Any], fake: FakeUpstream,
@@ -156,11 +161,7 @@ async def test_budget_alerts_are_e_mailed_once_per_crossing(raw_config: dict[str
         "host": "127.0.0.1", "port": mail.port, "security": "starttls", "sender": "tollgate@example.com",
         "to": ["ops@example.com", "raymundo@example.com"], "ca_file": str(mail.cert), "lang": "en",
         "username_env": "TG_SMTP_USER", "password_env": "TG_SMTP_PASSWORD"}}}
-    fake.behavior = Behavior(prompt_tokens=100, chunks=5, completion_per_chunk=10)
-    proxy = Proxy(budgeted(raw_config, usd=0.012, alert_at=[0.5, 1.0], emails=["ops"]))
-    await proxy.start()
-    client = openai.AsyncOpenAI(base_url=proxy.url + "/v1", api_key="bot-key", max_retries=0)
-    try:
+    async with serving(budgeted(raw_config, usd=0.012, alert_at=[0.5, 1.0], emails=["ops"]), fake, mail) as (proxy, client):
         assert proxy.server is not None
         alerts = proxy.server.app[ALERTS]
         await ask(client)                                     # 50%: one e-mail
@@ -178,10 +179,6 @@ async def test_budget_alerts_are_e_mailed_once_per_crossing(raw_config: dict[str
         assert "budget nube 50%" in first["Subject"]
         assert "ALERT Tollgate: budget nube 50%: budget spend (USD) = 0.006, above 0.006" in first.get_payload(decode=True).decode()
         assert "budget nube 100%" in second["Subject"]
-    finally:
-        await client.close()
-        await proxy.stop()
-        await mail.stop()
 
 
 @pytest.mark.parametrize("security", ["tls", "none"])
@@ -195,11 +192,7 @@ async def test_rule_alerts_are_e_mailed_in_spanish_over_tls_or_plain(raw_config:
         destination["ca_file"] = str(mail.cert)
     raw_config["alerts"] = {"email": {"ops": destination},
                             "rules": [{"metric": "cost_usd", "above": 0.001, "emails": ["ops"]}]}
-    fake.behavior = Behavior(prompt_tokens=100, chunks=5, completion_per_chunk=10)
-    proxy = Proxy(raw_config)
-    await proxy.start()
-    client = openai.AsyncOpenAI(base_url=proxy.url + "/v1", api_key="bot-key", max_retries=0)
-    try:
+    async with serving(raw_config, fake, mail) as (proxy, client):
         for _ in range(3):                                    # one crossing, one e-mail
             await ask(client)
         await asyncio.wait_for(mail.arrived.wait(), 10)
@@ -208,10 +201,6 @@ async def test_rule_alerts_are_e_mailed_in_spanish_over_tls_or_plain(raw_config:
         assert len(mail.messages) == 1
         assert "ALERTA Tollgate: cost_usd: costo estimado (USD) = 0.006, por encima de 0.001" in \
             mail.messages[0].get_payload(decode=True).decode()
-    finally:
-        await client.close()
-        await proxy.stop()
-        await mail.stop()
 
 
 @pytest.mark.parametrize("trouble", ["refuses", "down"])
@@ -226,11 +215,7 @@ async def test_a_mail_server_that_refuses_or_is_down_fails_the_alert_never_the_c
                                               "sender": "tollgate@example.com", "to": ["ops@example.com"],
                                               "password_env": "TG_SMTP_PASSWORD", "timeout_s": 5}},
                             "rules": [{"metric": "cost_usd", "above": 0.001, "emails": ["ops"]}]}
-    fake.behavior = Behavior(prompt_tokens=100, chunks=5, completion_per_chunk=10)
-    proxy = Proxy(raw_config)
-    await proxy.start()
-    client = openai.AsyncOpenAI(base_url=proxy.url + "/v1", api_key="bot-key", max_retries=0)
-    try:
+    async with serving(raw_config, fake, mail) as (proxy, client):
         assert proxy.server is not None
         alerts = proxy.server.app[ALERTS]
         alerts.delivered.clear()
@@ -242,10 +227,6 @@ async def test_a_mail_server_that_refuses_or_is_down_fails_the_alert_never_the_c
         said = "\n".join(r.getMessage() for r in caplog.records if r.name == "tollgate.alerts")
         assert "e-mail 'ops'" in said and ("550" in said if trouble == "refuses" else "Error" in said)
         assert "s3cret-password" not in said
-    finally:
-        await client.close()
-        await proxy.stop()
-        await mail.stop()
 
 
 def test_what_a_budget_covers() -> None:
