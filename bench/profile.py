@@ -1,6 +1,6 @@
 """Where the time of one call goes: py-spy samples of a `tollgate serve` under load, by part.
 
-    python bench/profile.py [--stream] [--gil] [--seconds 10]
+    python bench/profile.py [--stream] [--gil] [--limits] [--seconds 10]
 
 Starts the fake upstream and Tollgate with the shipped config (tagging rules, no limits), drives
 it with wrk (32 connections), records py-spy raw stacks for `--seconds` (with `--gil`: only
@@ -57,10 +57,10 @@ def parts(raw: Path) -> tuple[collections.Counter[str], int]:
     return counts, total
 
 
-async def main(stream: bool, gil: bool, seconds: int) -> None:
+async def main(stream: bool, gil: bool, seconds: int, limits: bool = False) -> None:
     spy = shutil.which("py-spy") or str(Path(sys.executable).parent / "py-spy")
     upstream, up_port = await start_upstream()
-    proxy, port, _ = await start_proxy(shipped(up_port, limits=False))
+    proxy, port, _ = await start_proxy(shipped(up_port, limits=limits))
     url = f"http://127.0.0.1:{port}/v1/chat/completions"
     with tempfile.TemporaryDirectory() as tmp:
         script = wrk_script(Path(tmp), stream)
@@ -90,5 +90,6 @@ if __name__ == "__main__":
     parser.add_argument("--stream", action="store_true")
     parser.add_argument("--gil", action="store_true")
     parser.add_argument("--seconds", type=int, default=10)
+    parser.add_argument("--limits", action="store_true", help="with every shipped limit on (as bench/cpu.py)")
     args = parser.parse_args()
-    asyncio.run(main(args.stream, args.gil, args.seconds))
+    asyncio.run(main(args.stream, args.gil, args.seconds, args.limits))
