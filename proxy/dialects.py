@@ -63,8 +63,17 @@ class CallInfo:
     last_user_text: str
     max_output_tokens: int | None
     body: dict[str, Any] = field(repr=False)
+    # The prompt's estimate, once worked out: admission (a token limit, a budget) and the books
+    # (an upstream that reported no usage) may each ask, and tokenizing is the costly part.
+    _prompt_estimate: int | None = field(default=None, init=False, repr=False, compare=False)
 
     def estimate_prompt(self, estimator: Estimator) -> int:
+        """The prompt's tokens as tiktoken counts them (the app has one estimator)."""
+        if self._prompt_estimate is None:
+            self._prompt_estimate = self._estimate_prompt(estimator)
+        return self._prompt_estimate
+
+    def _estimate_prompt(self, estimator: Estimator) -> int:
         model = self.model or ""
         body = self.body
         if self.endpoint == "chat":
