@@ -26,9 +26,8 @@ from .cache.store import Entry
 from .call import Call
 from .dialects import CallInfo, Dialect
 from .errors import REFUSED_OUTCOMES, ProxyError
-from .keys import ACCOUNTING, ADMISSION, CACHE, CONFIG, ESTIMATOR, LEDGER, METRICS, UPSTREAMS
-from .ledger import Admission
-from .tickets import finish_ticket, refused
+from .keys import ACCOUNTING, ADMISSION, CACHE, CONFIG, ESTIMATOR, METRICS, UPSTREAMS
+from .tickets import finish_ticket, hold, refused
 from .upstream import UpstreamError, request_headers
 
 if TYPE_CHECKING:
@@ -186,11 +185,7 @@ async def _embed(request: web.Request, asking: Call, text: str) -> Vector | None
     try:
         plan = await app[ADMISSION].admit(call.info, upstream, policy.model, call.user, call.key_id,
                                           set(app[CONFIG].upstreams), None)
-        call.ticket = plan.ticket
-        if plan.ticket is not None:
-            call.admission = plan.ticket.key
-            app[LEDGER].admit(Admission(plan.ticket.key, plan.ticket.admitted, upstream.name, policy.model,
-                                        call.user, call.key_id, plan.ticket.tokens))
+        hold(app, call, plan)
         client = app[UPSTREAMS][upstream.name]
         async with asyncio.timeout(policy.timeout_s):
             async with await client.send("POST", client.url(prefix, rest), request_headers({}, upstream),
@@ -202,10 +197,7 @@ async def _embed(request: web.Request, asking: Call, text: str) -> Vector | None
         else:
             call.answered = True
             parsed = orjson.loads(body)
-            call.usage = dialects.body_usage(dialect, parsed)
-            if dialect == "ollama" and call.usage is None and isinstance(parsed, dict):
-                found = dialects.ollama_usage(parsed)
-                call.usage = found[0] if found else None
+            call.usage, call.prompt_missing = dialects.body_usage(dialect, parsed)
             from .cache.semantic import unit
             vector = unit(_vector_of(dialect, parsed))
     except ProxyError as exc:

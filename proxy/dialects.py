@@ -287,13 +287,14 @@ def ollama_usage(obj: dict[str, Any]) -> tuple[Usage, bool] | None:
     return Usage(_int(obj.get("prompt_eval_count")), _int(obj.get("eval_count"))), missing_prompt
 
 
-def body_usage(dialect: Dialect, body: Any) -> Usage | None:
+def body_usage(dialect: Dialect, body: Any) -> tuple[Usage | None, bool]:
+    """The usage of a whole (non-streamed) reply, and whether its prompt count is missing (an
+    Ollama reply whose prompt came from its cache: the caller estimates that part)."""
     if not isinstance(body, dict):
-        return None
+        return None, False
     if dialect == "openai":
-        return openai_usage(body.get("usage"))
-    found = ollama_usage(body)
-    return found[0] if found and not found[1] else None
+        return openai_usage(body.get("usage")), False
+    return ollama_usage(body) or (None, False)
 
 
 def body_text(dialect: Dialect, body: Any) -> str:

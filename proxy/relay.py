@@ -28,9 +28,9 @@ from .errors import (REFUSED_OUTCOMES, BadRequest, LedgerUnavailable, ProxyError
 from .inbound import read_body
 from .keys import ACCOUNTING, ADMISSION, BOOKS, CONFIG, ESTIMATOR, LEDGER, LIMITER, METRICS, UPSTREAMS
 from .reply import relay_reply
-from .tickets import finish_ticket, refused
+from .tickets import finish_ticket, hold, refused
 from .endpoints import Prefix
-from .ledger import Admission, CallRecord
+from .ledger import CallRecord
 from .upstream import Unreachable, UpstreamClient, UpstreamTimeout, request_headers
 
 
@@ -188,14 +188,10 @@ async def _send(request: web.Request, prefix: Prefix, rest: str, call: Call, inf
         for refused_by, refused_model, denial in plan.refused:
             _attempt(app, call, refused_by, refused_model, RateLimited.outcome, RateLimited.status, None)
             earlier.append(f"Upstream '{refused_by.name}' refused the call: {denial.message}")
-        call.upstream, call.model, call.ticket = plan.upstream, plan.model, plan.ticket
+        call.upstream, call.model = plan.upstream, plan.model
         call.fallback_from = fallback_from = plan.fallback_from
         call.admission = None
-        if plan.ticket is not None:
-            # On disk before the call leaves: a crash mid-call must not give the place back.
-            call.admission = plan.ticket.key
-            app[LEDGER].admit(Admission(plan.ticket.key, plan.ticket.admitted, plan.upstream.name, plan.model,
-                                        call.user, call.key_id, plan.ticket.tokens))
+        hold(app, call, plan)
         client = app[UPSTREAMS][plan.upstream.name]
         headers = request_headers(request.headers, plan.upstream)
         try:

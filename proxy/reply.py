@@ -189,11 +189,7 @@ def _learn_from_body(call: Call, body: bytes, content_type: str) -> None:
         obj = orjson.loads(body)
     except orjson.JSONDecodeError:
         raise BadResponse(f"Upstream '{name}' answered with malformed JSON.") from None
-    call.usage = dialects.body_usage(call.dialect, obj)
-    if call.dialect == "ollama" and call.usage is None and isinstance(obj, dict):
-        found = dialects.ollama_usage(obj)
-        if found is not None:
-            call.usage, call.prompt_missing = found
+    call.usage, call.prompt_missing = dialects.body_usage(call.dialect, obj)
     if call.usage is None:
         call.text = dialects.body_text(call.dialect, obj)
 
