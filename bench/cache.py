@@ -149,7 +149,7 @@ def memory(entries: int = 10_000, dims: int = 768) -> None:
     before = tracemalloc.get_traced_memory()[0]
     cache = MemoryCache(1 << 32, 1 << 20)
     for n in range(entries):
-        cache.put(Entry(f"{n:064x}", "bot", bytes(bytearray(body)), "json", "application/json", 60, 120, 0.009, time.time(), 3600))
+        cache.put(Entry(f"{n:064x}", "bot", bytes(bytearray(body)), 60, 120, time.time(), 3600))
     store_bytes = tracemalloc.get_traced_memory()[0] - before
     gen = np.random.default_rng(3)
     before = tracemalloc.get_traced_memory()[0]

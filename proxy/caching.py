@@ -86,13 +86,10 @@ async def keep(app: web.Application, call: Call, streamed: bool) -> None:
     try:
         if (lookup is not None and call.capture is not None and call.outcome == "ok" and call.status == 200
                 and not call.fallback_from and not call.clamped and call.upstream is not None):
-            record_cost = app[CONFIG].price(call.upstream, call.model)
-            usage = call.usage
-            cost = record_cost.cost(usage.prompt, usage.completion, usage.cached) if usage else 0.0
-            entry = await cache.keep(lookup, call.dialect, call.endpoint, bytes(call.capture), streamed, cost,
+            entry = await cache.keep(lookup, call.dialect, call.endpoint, bytes(call.capture), streamed,
                                      call.cache_vector)
             if entry is not None:
-                await held(app)
+                app[METRICS].cache_held(*cache.held)
     finally:
         call.capture = None
         if call.cache_leads and lookup is not None:
@@ -101,7 +98,8 @@ async def keep(app: web.Application, call: Call, streamed: bool) -> None:
 
 
 async def held(app: web.Application) -> None:
-    """What the store holds now, for /stats and /metrics."""
+    """What the store holds now, for /stats and /metrics (at start and after a purge; each
+    answer kept brings its own figures)."""
     cache = app[CACHE]
     try:
         cache.held = await cache.store.size()

@@ -84,7 +84,7 @@ def test_only_deterministic_questions_are_cached_by_default() -> None:
 
 
 def entry(key_: str, size: int, clock: Clock, ttl: float = 60.0, namespace: str = "bot") -> Entry:
-    return Entry(key_, namespace, b"x" * size, "json", "application/json", 10, 5, 0.001, clock(), ttl)
+    return Entry(key_, namespace, b"x" * size, 10, 5, clock(), ttl)
 
 
 @settings(max_examples=100, deadline=None)
@@ -242,7 +242,8 @@ async def test_every_store_keeps_its_bound_its_order_and_its_time_to_live(store:
     for name in "abc":
         assert await store.keep(entry(name, 1000, clock, ttl=60 if name != "c" else 10))
     assert await store.find("a") is not None          # a is now the most recently used
-    assert await store.keep(entry("d", 1000, clock))  # b, the least recently used, makes room
+    kept = await store.keep(entry("d", 1000, clock))  # b, the least recently used, makes room
+    assert kept is not None and kept == await store.size()   # the write says what is held
     assert await store.find("b") is None and await store.find("a") is not None
     entries, held = await store.size()
     assert entries == 3 and held == 3 * entry("a", 1000, clock).size

@@ -192,21 +192,23 @@ class AnswerCache:
         return entry
 
     async def keep(self, lookup: Lookup, dialect: Dialect, endpoint: str, answer_bytes: bytes, streamed: bool,
-                   cost_usd: float, vector: Vector | None) -> Entry | None:
-        """Keep a live answer if it is complete and replayable; the entry kept, or None."""
+                   vector: Vector | None) -> Entry | None:
+        """Keep a live answer if it is complete and replayable; the entry kept, or None. `held`
+        is then what the store holds, as its write said."""
         answer = replay.read(dialect, endpoint, answer_bytes, streamed)
         if answer is None:
             return None
         body = replay.json_body(answer)
-        entry = Entry(lookup.key, lookup.namespace, body, "json", "application/json", answer.prompt_tokens,
-                      answer.completion_tokens, cost_usd, self.clock(), lookup.rule.ttl_s)
+        entry = Entry(lookup.key, lookup.namespace, body, answer.prompt_tokens, answer.completion_tokens,
+                      self.clock(), lookup.rule.ttl_s)
         try:
-            kept = await self.store.keep(entry)
+            held = await self.store.keep(entry)
         except Exception as exc:  # noqa: BLE001 (the answer went out; only the cache missed it)
             self._failed("write", exc)
             return None
-        if not kept:
+        if held is None:
             return None
+        self.held = held
         if self.index is not None and lookup.context is not None and vector is not None:
             self.index.add(lookup.context, lookup.key, vector)
         return entry

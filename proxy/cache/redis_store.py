@@ -50,8 +50,7 @@ redis.call('SET', KEYS[1] .. ARGV[1], ARGV[2], 'PX', ARGV[3])
 redis.call('ZADD', KEYS[2], redis.call('INCR', KEYS[6]), ARGV[1])
 redis.call('HSET', KEYS[3], ARGV[1], size)
 redis.call('HSET', KEYS[5], ARGV[1], ARGV[7])
-redis.call('INCRBY', KEYS[4], size)
-return 1
+return {redis.call('ZCARD', KEYS[2]), redis.call('INCRBY', KEYS[4], size)}
 """
 
 # ARGV: namespace, or "" with ARGV[2] = "all".
@@ -93,15 +92,15 @@ class RedisCache:
         data = await self._find(keys=[*self._keys[:2], self._keys[5]], args=[key])
         return Entry.unpack(bytes(data)) if data else None
 
-    async def keep(self, entry: Entry) -> bool:
+    async def keep(self, entry: Entry) -> tuple[int, int] | None:
         if entry.size > self.max_entry_bytes:
-            return False
+            return None
         ttl_ms = int((entry.created + entry.ttl_s - self.clock()) * 1000)
         if ttl_ms <= 0:
-            return False
-        await self._keep(keys=self._keys, args=[entry.key, entry.pack(), ttl_ms, entry.size, 0,
-                                                self.max_bytes, entry.namespace])
-        return True
+            return None
+        entries, held = await self._keep(keys=self._keys, args=[entry.key, entry.pack(), ttl_ms, entry.size, 0,
+                                                                self.max_bytes, entry.namespace])
+        return int(entries), int(held)
 
     async def drop(self, namespace: str | None) -> int:
         return int(await self._drop(keys=self._keys, args=[namespace or "", "all" if namespace is None else ""]))

@@ -30,6 +30,7 @@ CREATE TABLE IF NOT EXISTS entries (
 ) WITHOUT ROWID;
 CREATE INDEX IF NOT EXISTS entries_used ON entries(used);
 CREATE INDEX IF NOT EXISTS entries_namespace ON entries(namespace);
+CREATE INDEX IF NOT EXISTS entries_expires ON entries(expires);
 CREATE TABLE IF NOT EXISTS held (id INTEGER PRIMARY KEY CHECK (id = 1), entries INTEGER NOT NULL,
                                  bytes INTEGER NOT NULL);
 INSERT OR IGNORE INTO held VALUES (1, 0, 0);
@@ -79,12 +80,12 @@ class SqliteCache:
         data = await self._run(find)
         return Entry.unpack(data) if data is not None else None
 
-    async def keep(self, entry: Entry) -> bool:
+    async def keep(self, entry: Entry) -> tuple[int, int] | None:
         if entry.size > self.max_entry_bytes:
-            return False
+            return None
         now = self.clock()
 
-        def keep(conn: sqlite3.Connection) -> None:
+        def keep(conn: sqlite3.Connection) -> tuple[int, int]:
             conn.execute("BEGIN IMMEDIATE")
             try:
                 _delete(conn, "key = ?", (entry.key,))
@@ -97,13 +98,14 @@ class SqliteCache:
                 conn.execute(f"INSERT INTO entries VALUES (?, ?, ?, {_NEXT}, ?, ?)",
                              (entry.key, entry.namespace, entry.created + entry.ttl_s, entry.size, entry.pack()))
                 conn.execute("UPDATE held SET entries = entries + 1, bytes = bytes + ?", (entry.size,))
+                entries, held = conn.execute("SELECT entries, bytes FROM held").fetchone()
                 conn.execute("COMMIT")
+                return int(entries), int(held)
             except BaseException:
                 conn.execute("ROLLBACK")
                 raise
 
-        await self._run(keep)
-        return True
+        return await self._run(keep)
 
     async def drop(self, namespace: str | None) -> int:
         def drop(conn: sqlite3.Connection) -> int:

@@ -21,11 +21,9 @@ import time
 from collections import OrderedDict
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
-from typing import Literal, Protocol
+from typing import Protocol
 
 import orjson
-
-Shape = Literal["json", "sse", "ndjson"]
 
 # What an entry costs beyond its answer and key: the object, its fields, the table's slot. Measured
 # (bench/cache.py, tracemalloc): 1,041 bytes an entry for a 645-byte answer and a 64-byte key.
@@ -34,16 +32,14 @@ ENTRY_OVERHEAD = 336
 
 @dataclass(frozen=True)
 class Entry:
-    """One complete, successful answer, as the upstream gave it."""
+    """One complete, successful answer: the dialect's whole JSON body (`replay.json_body`),
+    whatever shape the upstream gave it in; a hit writes it back in the caller's."""
 
     key: str
     namespace: str
-    body: bytes            # the answer, in `shape`
-    shape: Shape
-    content_type: str
-    prompt_tokens: int     # what a hit saves: the tokens and cost of the live call
+    body: bytes
+    prompt_tokens: int     # what a hit saves: the live call's tokens (priced when it is served)
     completion_tokens: int
-    cost_usd: float
     created: float
     ttl_s: float
 
@@ -78,8 +74,9 @@ class CacheStore(Protocol):
     async def find(self, key: str) -> Entry | None:
         """The live entry under `key` (now the most recently used), or None."""
 
-    async def keep(self, entry: Entry) -> bool:
-        """Store it, making room; False if it alone is larger than `max_entry_bytes`."""
+    async def keep(self, entry: Entry) -> tuple[int, int] | None:
+        """Store it, making room: the entries and bytes held then, or None if it alone is larger
+        than `max_entry_bytes` (the figures come with the write, not from another round trip)."""
 
     async def drop(self, namespace: str | None) -> int:
         """Empty one namespace (a proxy key's name; "" for calls without one), or everything."""
@@ -151,8 +148,8 @@ class MemoryCache:
     async def find(self, key: str) -> Entry | None:
         return self.get(key)
 
-    async def keep(self, entry: Entry) -> bool:
-        return self.put(entry)
+    async def keep(self, entry: Entry) -> tuple[int, int] | None:
+        return (self.figures.entries, self.figures.bytes) if self.put(entry) else None
 
     async def drop(self, namespace: str | None) -> int:
         return self.purge(namespace)
