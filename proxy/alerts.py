@@ -85,9 +85,11 @@ class Alert:
 Destination = Webhook | Email
 
 
-def _claim(alert: Alert, destination: Destination) -> str:
+def _claim(crossing: str, destination: Destination) -> str:
+    """What processes claim before sending one crossing (a rule's name, or a budget's period and
+    fraction) to one destination."""
     kind = "email" if isinstance(destination, Email) else "webhook"
-    return f"alert:{alert.claim or alert.rule}:{kind}:{destination.name}"
+    return f"alert:{crossing}:{kind}:{destination.name}"
 
 
 @dataclass
@@ -156,10 +158,9 @@ class Alerts:
                 self._fire(state.rule, value, now)
             elif value <= state.rule.above and not state.armed:
                 state.armed = True
-                probe = Alert(state.rule.name, state.rule.metric, 0.0, 0.0, "")
                 for destination in self._destinations(state.rule.webhooks, state.rule.emails):
                     # The next crossing may be sent again, by anyone.
-                    self.limiter.unclaim(_claim(probe, destination))
+                    self.limiter.unclaim(_claim(state.rule.name, destination))
 
     def _destinations(self, webhooks: tuple[str, ...], emails: tuple[str, ...]) -> list[Destination]:
         return ([self.config.alerts.webhooks[n] for n in webhooks]
@@ -208,7 +209,7 @@ class Alerts:
                     self.delivered.set()
 
     async def _deliver_one(self, session: aiohttp.ClientSession, destination: Destination, alert: Alert) -> None:
-        if not await self.limiter.claim(_claim(alert, destination)):
+        if not await self.limiter.claim(_claim(alert.claim or alert.rule, destination)):
             # Processes sharing a deployment see the same crossing: one of them sends it.
             log.info("alert %r to %r: sent by another process", alert.rule, destination.name)
             return
