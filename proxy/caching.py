@@ -41,6 +41,8 @@ async def answer(request: web.Request, call: Call, info: CallInfo) -> web.Stream
     is to be kept, `call.cache_status` set for the header)."""
     app = request.app
     cache = app[CACHE]
+    if not cache.enabled:   # no rule: nothing to decide on every call's path
+        return None
     assert call.upstream is not None
     decision = cache.decide(call.dialect, call.endpoint, call.upstream.name, call.model, call.type, call.key_id,
                             info.body, request.headers)
