@@ -188,10 +188,10 @@ async def _embed(request: web.Request, asking: Call, text: str) -> Vector | None
         hold(app, call, plan)
         client = app[UPSTREAMS][upstream.name]
         async with asyncio.timeout(policy.timeout_s):
-            async with await client.send("POST", client.url(prefix, rest), request_headers({}, upstream),
+            async with await client.send("POST", client.target(prefix, rest), request_headers({}, upstream),
                                          raw) as response:
                 call.status = response.status
-                body = await response.read()
+                body = await client.read(response)
         if call.status != 200:
             call.outcome = "upstream_rate_limited" if call.status == 429 else "upstream_status"
         else:

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import asyncio
 
-import aiohttp
 import orjson
 from aiohttp import web
 
@@ -23,8 +22,8 @@ async def passthrough(request: web.Request, prefix: Prefix, where: endpoints.Pas
     client = app[UPSTREAMS][upstream.name]
     body = await read_body(request, app[CONFIG]) if request.can_read_body else None
     headers = request_headers(request.headers, upstream)
-    response = await client.send(request.method, client.url(prefix, where.rest), headers, body,
-                                 request.query_string)
+    response = await client.send(request.method, client.target(prefix, where.rest, request.rel_url.raw_query_string),
+                                 headers, body)
     async with response:
         out = web.StreamResponse(status=response.status, reason=response.reason,
                                  headers=response_headers(response.headers))
@@ -65,12 +64,12 @@ async def _ollama_models(client: UpstreamClient) -> list[str]:
     """The models an Ollama server has pulled; an unreachable server just lists none."""
     try:
         response = await asyncio.wait_for(
-            client.send("GET", client.url("api", "tags"), request_headers({}, client.upstream), None), 5.0)
+            client.send("GET", client.target("api", "tags"), request_headers({}, client.upstream), None), 5.0)
         async with response:
             if response.status != 200:
                 return []
-            body = orjson.loads(await response.read())
-    except (UpstreamError, asyncio.TimeoutError, aiohttp.ClientError, orjson.JSONDecodeError):
+            body = orjson.loads(await client.read(response))
+    except (UpstreamError, asyncio.TimeoutError, orjson.JSONDecodeError):
         return []
     models = body.get("models") if isinstance(body, dict) else None
     return [m["name"] for m in models or () if isinstance(m, dict) and isinstance(m.get("name"), str)]

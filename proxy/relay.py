@@ -14,7 +14,6 @@ from __future__ import annotations
 import asyncio
 import time
 
-import aiohttp
 import orjson
 from aiohttp import web
 
@@ -31,6 +30,7 @@ from .reply import relay_reply
 from .tickets import finish_ticket, hold, refused
 from .endpoints import Prefix
 from .ledger import CallRecord
+from .http1 import Response
 from .upstream import Unreachable, UpstreamClient, UpstreamTimeout, request_headers
 
 
@@ -163,7 +163,7 @@ async def _metered(request: web.Request, prefix: Prefix, rest: str, call: Call) 
 
 
 async def _send(request: web.Request, prefix: Prefix, rest: str, call: Call, info: CallInfo, raw: bytes,
-                strip_usage: bool) -> tuple[aiohttp.ClientResponse, Plan, UpstreamClient]:
+                strip_usage: bool) -> tuple[Response, Plan, UpstreamClient]:
     """Admit the call and send it; on a refusal (ours or the upstream's) try the fallback,
     once per upstream. Returns the response to relay, with the plan and client that got it.
 
@@ -195,8 +195,8 @@ async def _send(request: web.Request, prefix: Prefix, rest: str, call: Call, inf
         client = app[UPSTREAMS][plan.upstream.name]
         headers = request_headers(request.headers, plan.upstream)
         try:
-            response = await client.send("POST", client.url(prefix, rest), headers,
-                                         _upstream_body(raw, info, plan, strip_usage), request.query_string)
+            response = await client.send("POST", client.target(prefix, rest, request.rel_url.raw_query_string),
+                                         headers, _upstream_body(raw, info, plan, strip_usage))
         except (Unreachable, UpstreamTimeout) as exc:
             nxt = routing.fallback_for(app[CONFIG], plan.upstream, tried, call.dialect)
             if nxt is None:

@@ -11,7 +11,6 @@ from __future__ import annotations
 import time
 from collections.abc import AsyncIterator, Callable
 
-import aiohttp
 import orjson
 from aiohttp import web
 from multidict import CIMultiDict
@@ -20,6 +19,7 @@ from . import dialects, framing
 from .admission import Plan
 from .call import Call
 from .dialects import StreamState
+from .http1 import Response
 from .keys import LIMITER
 from .upstream import BadResponse, UpstreamClient, UpstreamError, response_headers
 
@@ -29,7 +29,7 @@ _KEEP_BYTES = 1 << 20
 _TAIL_BYTES = 64 << 10
 
 
-async def relay_reply(request: web.Request, call: Call, response: aiohttp.ClientResponse, plan: Plan,
+async def relay_reply(request: web.Request, call: Call, response: Response, plan: Plan,
                       client: UpstreamClient, strip_usage: bool, capture_limit: int = 0) -> web.StreamResponse:
     """Pass the upstream's answer on as it arrives, learning its usage on the way."""
     call.status = response.status

@@ -1,4 +1,4 @@
-"""One aiohttp ClientSession per upstream, and the one place where client errors are mapped.
+"""One connection pool per upstream (http1.py), and the one place where client errors are mapped.
 
 Exception tree (all `errors.ProxyError`, so the error middleware renders them in the caller's
 dialect and the call's ledger row gets the outcome):
@@ -16,13 +16,14 @@ status line and headers are in, and `chunks` yields the body piece by piece as i
 
 from __future__ import annotations
 
-import asyncio
+import functools
 from collections.abc import AsyncIterator, Mapping
 from typing import Literal
 
-import aiohttp
 from multidict import CIMultiDict, CIMultiDictProxy
+from yarl import URL
 
+from . import http1
 from .config import Upstream
 from .errors import ProxyError
 
@@ -80,6 +81,13 @@ def request_headers(incoming: Mapping[str, str], upstream: Upstream) -> CIMultiD
     return out
 
 
+@functools.lru_cache(maxsize=1024)
+def _quoted(path: str) -> str:
+    """A path as it goes on the wire: percent-encoded where it must be, as aiohttp's client did
+    (the server hands routes their decoded path). Calls name a handful of paths: kept."""
+    return URL.build(path=path).raw_path
+
+
 def response_headers(incoming: CIMultiDictProxy[str]) -> CIMultiDict[str]:
     out: CIMultiDict[str] = CIMultiDict()
     for name, value in incoming.items():
@@ -93,63 +101,55 @@ class UpstreamClient:
 
     def __init__(self, upstream: Upstream) -> None:
         self.upstream = upstream
-        self._session: aiohttp.ClientSession | None = None
+        self._pool: http1.Pool | None = None
 
     async def start(self) -> None:
-        timeout = aiohttp.ClientTimeout(total=None, connect=self.upstream.connect_timeout_s,
-                                        sock_read=self.upstream.read_timeout_s)
-        connector = aiohttp.TCPConnector(limit=512, enable_cleanup_closed=True)
-        # Cookies from an upstream are never the client's business, nor shared across clients.
-        self._session = aiohttp.ClientSession(timeout=timeout, connector=connector,
-                                              cookie_jar=aiohttp.DummyCookieJar(),
-                                              auto_decompress=True)
+        self._pool = http1.Pool(self.upstream.base_url, self.upstream.connect_timeout_s,
+                                self.upstream.read_timeout_s, limit=512)
 
     async def close(self) -> None:
-        if self._session is not None:
-            await self._session.close()
-            self._session = None
+        if self._pool is not None:
+            self._pool.close()
+            self._pool = None
 
-    def url(self, prefix: Literal["v1", "api"], rest: str) -> str:
-        """Where `/<prefix>/<rest>` goes: an OpenAI base URL already ends in its version."""
-        base = self.upstream.base_url
-        if prefix == "v1" and self.upstream.kind == "openai":
-            return f"{base}/{rest}"
-        return f"{base}/{prefix}/{rest}"
+    def target(self, prefix: Literal["v1", "api"], rest: str, query: str = "") -> str:
+        """The request target for `/<prefix>/<rest>`: an OpenAI base URL already ends in its
+        version. `query` is the client's, still percent-encoded."""
+        assert self._pool is not None, "UpstreamClient.start() was not awaited"
+        path = _quoted(f"{self._pool.base_path}/{rest}" if prefix == "v1" and self.upstream.kind == "openai"
+                       else f"{self._pool.base_path}/{prefix}/{rest}")
+        return f"{path}?{query}" if query else path
 
-    async def send(self, method: str, url: str, headers: CIMultiDict[str],
-                   body: bytes | None, query: str = "") -> aiohttp.ClientResponse:
-        assert self._session is not None, "UpstreamClient.start() was not awaited"
+    async def send(self, method: str, target: str, headers: CIMultiDict[str], body: bytes | None) -> http1.Response:
+        assert self._pool is not None, "UpstreamClient.start() was not awaited"
         name = self.upstream.name
-        if query:
-            url = f"{url}?{query}"
         try:
-            return await self._session.request(method, url, headers=headers, data=body,
-                                               allow_redirects=False)
-        except asyncio.TimeoutError:
+            return await self._pool.request(method, target, headers.items(), body)
+        except TimeoutError:
             raise UpstreamTimeout(f"Upstream '{name}' did not answer within its timeout.") from None
-        except aiohttp.ClientConnectorError as exc:
-            raise Unreachable(f"Upstream '{name}' is unreachable ({exc.os_error.strerror or 'connection failed'}).") from None
-        except aiohttp.ClientError as exc:
-            raise Unreachable(f"Upstream '{name}' failed before answering ({type(exc).__name__}).") from None
+        except http1.ConnectFailure as exc:
+            raise Unreachable(f"Upstream '{name}' is unreachable ({exc}).") from None
+        except http1.Failure as exc:
+            raise Unreachable(f"Upstream '{name}' failed before answering: it {exc}.") from None
 
-    async def chunks(self, response: aiohttp.ClientResponse) -> AsyncIterator[bytes]:
+    async def chunks(self, response: http1.Response) -> AsyncIterator[bytes]:
         """The body as it arrives; failures mid-way become UpstreamTimeout, BrokenStream or
         ResponseTooLarge (a runaway upstream must not fill the proxy or the client)."""
         name, limit, size = self.upstream.name, self.upstream.max_response_bytes, 0
         try:
-            async for chunk in response.content.iter_any():
+            async for chunk in response.chunks():
                 size += len(chunk)
                 if size > limit:
                     raise ResponseTooLarge(f"Upstream '{name}' sent more than {limit:,} bytes "
                                            f"(max_response_bytes); the reply was cut off.")
                 yield chunk
-        except asyncio.TimeoutError:
+        except TimeoutError:
             raise UpstreamTimeout(f"Upstream '{name}' stalled: no data for "
                                   f"{self.upstream.read_timeout_s:g} s.") from None
-        except aiohttp.ClientError as exc:
-            raise BrokenStream(f"Upstream '{name}' broke the response off ({type(exc).__name__}).") from None
+        except http1.Failure as exc:
+            raise BrokenStream(f"Upstream '{name}' broke the response off: it {exc}.") from None
 
-    async def read(self, response: aiohttp.ClientResponse) -> bytes:
+    async def read(self, response: http1.Response) -> bytes:
         """The whole body of a reply known to be small, with the same error mapping."""
         return b"".join([chunk async for chunk in self.chunks(response)])
 
@@ -166,8 +166,8 @@ class UpstreamClient:
 
     async def probe(self) -> str:
         """One cheap authenticated GET, for `tollgate check`; raises UpstreamError."""
-        url = self.url("v1", "models") if self.upstream.kind == "openai" else self.url("api", "version")
-        response = await self.send("GET", url, request_headers({}, self.upstream), None)
+        target = self.target("v1", "models") if self.upstream.kind == "openai" else self.target("api", "version")
+        response = await self.send("GET", target, request_headers({}, self.upstream), None)
         async with response:
-            await response.read()
+            await self.read(response)
             return f"HTTP {response.status}"
