@@ -437,6 +437,11 @@ class Pool:
                 waiter.set_result(None)
                 return
 
+    @property
+    def idle(self) -> int:
+        """Connections waiting for a request that the upstream has not closed."""
+        return sum(not conn.closed for conn in self._idle)
+
     def close(self) -> None:
         while self._idle:
             self._idle.pop().close()

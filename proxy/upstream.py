@@ -112,6 +112,10 @@ class UpstreamClient:
             self._pool.close()
             self._pool = None
 
+    @property
+    def idle_connections(self) -> int:
+        return self._pool.idle if self._pool is not None else 0
+
     def target(self, prefix: Literal["v1", "api"], rest: str, query: str = "") -> str:
         """The request target for `/<prefix>/<rest>`: an OpenAI base URL already ends in its
         version. `query` is the client's, still percent-encoded."""
