@@ -11,12 +11,13 @@ oldest entries that stand in the way leave the window.
 from __future__ import annotations
 
 import math
+import os
 import secrets
 from collections import deque
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
-from itertools import repeat
+from itertools import count, repeat
 from zoneinfo import ZoneInfo
 
 from ..config import Limits
@@ -164,6 +165,21 @@ class Denial:
                 f"try again in {format_duration(self.retry_after)}.")
 
 
+# A ticket's key names its admission in the ledger and in Redis, shared by every process: random
+# per process, then a counter. One random draw per call (a getrandom system call) cost more
+# than the rest of making a ticket.
+_PROCESS = secrets.token_hex(6) + "-"
+_SERIAL = count(1)
+
+
+def _renew_process_part() -> None:
+    global _PROCESS
+    _PROCESS = secrets.token_hex(6) + "-"
+
+
+os.register_at_fork(after_in_child=_renew_process_part)  # a forked child must not reuse its parent's
+
+
 @dataclass
 class Ticket:
     """An admitted call's places, given back (and its tokens reconciled) by `finish`."""
@@ -171,7 +187,7 @@ class Ticket:
     scopes: list[Scope]
     admitted: float
     tokens: int
-    key: str = field(default_factory=lambda: secrets.token_hex(8))
+    key: str = field(default_factory=lambda: f"{_PROCESS}{next(_SERIAL):x}")
     token_entries: list[tuple[Window, int]] = field(default_factory=list)
     done: bool = False
 
