@@ -36,7 +36,7 @@ PARTS = [
     ("tagging", r"\(tagging\.py\)"),
     ("parsing the request", r"parse_request|\(inbound\.py\)|\(dialects\.py\)|\(endpoints\.py\)|\(auth\.py\)"),
     ("relaying the reply", r"\(reply\.py\)|\(framing\.py\)"),
-    ("upstream client (aiohttp)", r"aiohttp/client|aiohttp/connector|UpstreamClient|\(upstream\.py\)"),
+    ("upstream client", r"\(http1\.py\)|httptools|UpstreamClient|\(upstream\.py\)"),
     ("Tollgate's handler (rest)", r"\(relay\.py\)|\(guard\.py\)|\(app\.py\)|\(caching\.py\)"),
     ("server (aiohttp web)", r"aiohttp/web_|aiohttp/http_|aiohttp/streams"),
 ]
