@@ -108,7 +108,7 @@ class Response:
 
     # --- fed by the connection ------------------------------------------------------------
 
-    def _headers_done(self, status: int, keep_alive: bool) -> None:
+    def _headers_done(self, status: int) -> None:
         headers: CIMultiDict[str] = CIMultiDict()
         for name, value in self._raw:
             headers.add(name.decode("latin-1"), value.decode("utf-8", "replace"))
@@ -264,7 +264,7 @@ class _Connection(asyncio.Protocol):
         if status < 200:  # 100 Continue and its like: the answer is still to come
             response._raw = []
             return
-        response._headers_done(status, self.parser.should_keep_alive())
+        response._headers_done(status)
 
     def on_body(self, body: bytes) -> None:
         if self.response is not None:
