@@ -160,6 +160,9 @@ class Metrics:
         # whichever answers a scrape sums them all, as prometheus_client's multiprocess mode does.
         # Figures that live in a process's memory are then published there every second.
         self.shared_dir = os.environ.get("PROMETHEUS_MULTIPROC_DIR")
+        # A scrape answered by one worker reads the others' series from their files: each call
+        # goes there at once, as a scrape must count every call booked by then.
+        self._flush_every = FLUSH_EVERY if self.shared_dir is None else 1
         if self.shared_dir is None:
             waiting = Gauge(*_WAITING, registry=r)
             waiting.set_function(lambda: float(lines.waiting))
@@ -219,7 +222,8 @@ class Metrics:
     def observe(self, rec: CallRecord) -> None:
         """Count a finished call. Calls are summed here by label set and handed to the
         prometheus_client series in `flush`, before each scrape: a labelled increment takes a
-        lookup and a lock, and a call made seven of them (a twentieth of its CPU)."""
+        lookup and a lock, and a call made seven of them (a twentieth of its CPU). Workers
+        sharing a directory hand each call over at once (see `_flush_every`)."""
         upstream = rec.upstream or "none"
         if not rec.final:
             attempt = (upstream, rec.outcome)
@@ -237,7 +241,7 @@ class Metrics:
             sums[5] += rec.saved_usd
             self._latencies.append((upstream, rec.latency_s, rec.ttft_s))
         self._held += 1
-        if self._held >= FLUSH_EVERY:
+        if self._held >= self._flush_every:
             self.flush()
 
     def flush(self) -> None:
