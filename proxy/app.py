@@ -6,7 +6,6 @@ import asyncio
 import logging
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
-from datetime import datetime, timezone
 
 import orjson
 from aiohttp import web
@@ -24,20 +23,20 @@ from .books import Books
 from .cache import AnswerCache
 from .cache import store_for as cache_store_for
 from .budgets import Budgets
-from .keys import (ACCOUNTING, ADMISSION, ALERTS, BOOKS, BUDGETS, CACHE, CONFIG, ESTIMATOR, LEDGER, LIMITER,
+from .access import AccessLog
+from .keys import (ACCESS_LOG, ACCOUNTING, ADMISSION, ALERTS, BOOKS, BUDGETS, CACHE, CONFIG, ESTIMATOR, LEDGER, LIMITER,
                    METRICS, SESSIONS, UPSTREAMS)
 from .limits import WindowStore
 from .metrics import Metrics
 from .routes import setup_routes
 from .sessions import Sessions
 from . import ledger as ledger_mod
-from .ledger import CallRecord, LedgerStore
+from .ledger import LedgerStore
 from .tasks import running
 from .tokens import Estimator
 from .upstream import UpstreamClient
 
 log = logging.getLogger("tollgate")
-access = logging.getLogger("tollgate.access")
 
 
 def create_app(config: Config, clock: Callable[[], float] = time.time) -> web.Application:
@@ -64,7 +63,8 @@ def create_app(config: Config, clock: Callable[[], float] = time.time) -> web.Ap
     app[METRICS] = Metrics(app[LIMITER], app[ADMISSION].lines, ledger, app[ALERTS], app[BUDGETS])
     app[CACHE] = AnswerCache(config.cache, cache_store_for(config, clock), clock)
     # Every finished call, after the ledger has it: counters, alert rules, the access log.
-    app[ACCOUNTING].listeners += [app[METRICS].observe, app[BUDGETS].on_call, app[ALERTS].on_call, access_log]
+    app[ACCESS_LOG] = AccessLog()
+    app[ACCOUNTING].listeners += [app[METRICS].observe, app[BUDGETS].on_call, app[ALERTS].on_call, app[ACCESS_LOG]]
 
     app.cleanup_ctx.append(encodings_ctx)
     app.cleanup_ctx.append(ledger_ctx)
@@ -74,7 +74,7 @@ def create_app(config: Config, clock: Callable[[], float] = time.time) -> web.Ap
     app.cleanup_ctx.append(snapshot_ctx)
     app.cleanup_ctx.append(app[ALERTS].lifecycle)
     app.cleanup_ctx.append(app[METRICS].lifecycle)
-    app.cleanup_ctx.append(access_log_flush_ctx)
+    app.cleanup_ctx.append(app[ACCESS_LOG].lifecycle)
     app.cleanup_ctx.append(cache_ctx)
 
     setup_routes(app)
@@ -205,36 +205,6 @@ async def snapshot_ctx(app: web.Application) -> AsyncIterator[None]:
     async with running(every_interval()):
         yield
     await write()
-
-
-async def access_log_flush_ctx(app: web.Application) -> AsyncIterator[None]:
-    """Buffered access-log handlers (`tollgate serve` uses one) are flushed twice a second,
-    so a quiet proxy's lines are never held back for long; and at the end."""
-    async def flush_forever() -> None:
-        while True:
-            await asyncio.sleep(0.5)
-            for handler in access.handlers:
-                handler.flush()
-
-    async with running(flush_forever()):
-        yield
-    for handler in access.handlers:
-        handler.flush()
-
-
-def access_log(rec: CallRecord) -> None:
-    """One JSON line per call: who, what, how it went. Never message text, never a key."""
-    if not access.isEnabledFor(logging.INFO):
-        return
-    access.info("%s", orjson.dumps({
-        "time": datetime.fromtimestamp(rec.ts, timezone.utc).isoformat(timespec="milliseconds"),
-        "upstream": rec.upstream or None, "model": rec.model or None, "type": rec.type, "user": rec.user,
-        "key": rec.key_id, "endpoint": rec.endpoint, "stream": rec.stream, "status": rec.status,
-        "outcome": rec.outcome, "prompt_tokens": rec.prompt_tokens, "completion_tokens": rec.completion_tokens,
-        "estimated": rec.estimated, "latency_ms": round(rec.latency_s * 1000, 1),
-        "ttft_ms": round(rec.ttft_s * 1000, 1) if rec.ttft_s is not None else None,
-        "fallback_from": rec.fallback_from, "final": rec.final,
-    }).decode())
 
 
 # --- errors ------------------------------------------------------------------------------

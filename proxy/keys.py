@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from aiohttp import web
 
+from .access import AccessLog
 from .accounting import Accounting
 from .admission import Admission
 from .alerts import Alerts
@@ -31,3 +32,4 @@ SESSIONS = web.AppKey("sessions", Sessions)
 BOOKS = web.AppKey("books", Books)
 CACHE = web.AppKey("cache", AnswerCache)
 BUDGETS = web.AppKey("budgets", Budgets)
+ACCESS_LOG = web.AppKey("access_log", AccessLog)

@@ -5,7 +5,10 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import signal
 from collections.abc import AsyncIterator
+from datetime import datetime, timezone
+from pathlib import Path
 from typing import Any
 
 import aiohttp
@@ -15,10 +18,15 @@ import pytest
 from aiohttp import web
 from aiohttp.test_utils import TestServer
 
+from hypothesis import given
+from hypothesis import strategies as st
 from prometheus_client.parser import text_string_to_metric_families
 
+from proxy.access import AccessLog
+from proxy.keys import ACCESS_LOG
 
-from .conftest import CLOUD_KEY, Proxy, logged, settled
+
+from .conftest import CLOUD_KEY, Proxy, Serve, logged, settled, write_config
 from .fake_upstream import Behavior, FakeUpstream
 
 
@@ -205,7 +213,9 @@ async def test_access_log_one_line_per_call_without_text_or_keys(proxy: Proxy, f
             async with s.post(proxy.url + path, json=body, headers={"Authorization": "Bearer bot-key-xyz"}) as r:
                 await r.read()
     await settled(proxy)
-    lines = [r.getMessage() for r in caplog.records if r.name == "tollgate.access"]
+    assert proxy.server is not None
+    proxy.server.app[ACCESS_LOG].flush()  # what the app does twice a second
+    lines = [line for r in caplog.records if r.name == "tollgate.access" for line in r.getMessage().splitlines()]
     assert len(lines) == 2
     first = json.loads(lines[0])
     assert {k: first[k] for k in ("upstream", "model", "type", "user", "status", "outcome", "estimated")} == {
@@ -215,6 +225,28 @@ async def test_access_log_one_line_per_call_without_text_or_keys(proxy: Proxy, f
     everything = "\n".join(r.getMessage() for r in caplog.records)
     for secret in (secret_text, "bot-key-xyz", CLOUD_KEY):
         assert secret not in everything
+
+
+async def test_tollgate_serve_writes_one_access_line_per_call_to_stderr(raw_config: dict[str, Any], tmp_path: Path,
+                                                                        fake: FakeUpstream) -> None:
+    """The lines are gathered and written in batches; the operator still reads one JSON object
+    per line, one line per call, within half a second."""
+    async with Serve(write_config(raw_config, tmp_path)) as serve:
+        async with aiohttp.ClientSession() as s:
+            for n in range(3):
+                body = {"model": "gpt-4o", "user": f"u{n}", "messages": [{"role": "user", "content": "hola"}]}
+                async with s.post(serve.url + "/v1/chat/completions", json=body) as r:
+                    assert r.status == 200
+        await serve.logged('"outcome":"ok"', times=3)
+        assert await serve.signal(signal.SIGTERM) == 0
+    calls = [json.loads(line) for line in serve.log if line.startswith("{")]
+    assert [(c["user"], c["outcome"], c["status"]) for c in calls] == [("u0", "ok", 200), ("u1", "ok", 200),
+                                                                       ("u2", "ok", 200)]
+
+
+@given(st.floats(min_value=0, max_value=4_102_444_800, allow_nan=False))
+def test_the_access_logs_time_is_isoformat_to_the_millisecond(ts: float) -> None:
+    assert AccessLog()._time(ts) == datetime.fromtimestamp(ts, timezone.utc).isoformat(timespec="milliseconds")
 
 
 async def test_error_rate_and_tpm_rules(raw_config: dict[str, Any], fake: FakeUpstream, receiver: Receiver,
