@@ -33,6 +33,8 @@ _FALLBACK = "cl100k_base"
 _PER_MESSAGE = 3
 _PER_NAME = 1
 _REPLY_PRIMING = 3
+# Characters of texts whose token counts are remembered (a few MB at most).
+REMEMBER_CHARS = 1_000_000
 
 
 @lru_cache(maxsize=None)
@@ -85,9 +87,17 @@ class Estimator:
     A 10 MB body of 330,000 one-character messages costs what its first thousand do.
     """
 
-    def __init__(self, max_chars: int = 200_000, max_messages: int = 1_000) -> None:
+    def __init__(self, max_chars: int = 200_000, max_messages: int = 1_000,
+                 remember_chars: int = REMEMBER_CHARS) -> None:
         self.max_chars = max_chars
         self.max_messages = max_messages
+        # Counts of texts seen before, by encoding. A bot sends its system prompt with every
+        # call and a conversation's history again with each turn: their counts are looked up,
+        # not encoded again. Bounded by the characters held; past it, forgotten all at once (the
+        # texts still in use come back with their next call).
+        self.remember_chars = remember_chars
+        self._known: dict[tuple[str, str], int] = {}
+        self._held = 0
 
     def text(self, text: str, model: str) -> int:
         return self.texts([text], model)
@@ -101,7 +111,7 @@ class Estimator:
                 unread += len(text)
                 continue
             head = text[:budget]
-            count += len(encoding.encode(head, disallowed_special=()))
+            count += self._count(encoding, head)
             budget -= len(head)
             read += len(head)
             unread += len(text) - len(head)
@@ -109,6 +119,20 @@ class Estimator:
             # Past the bound, scale by the density of what was read instead of encoding it all.
             count += round(count * unread / read)
         return count
+
+    def _count(self, encoding: tiktoken.Encoding, text: str) -> int:
+        key = (encoding.name, text)
+        known = self._known.get(key)
+        if known is not None:
+            return known
+        counted = len(encoding.encode(text, disallowed_special=()))
+        if self._held + len(text) > self.remember_chars:
+            self._known.clear()
+            self._held = 0
+        if len(text) <= self.remember_chars:
+            self._known[key] = counted
+            self._held += len(text)
+        return counted
 
     def chat_prompt(self, messages: list[Any], model: str) -> int:
         """Prompt tokens of a chat call, with the per-message framing the upstream adds."""

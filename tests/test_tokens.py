@@ -76,3 +76,16 @@ def test_corrupt_data_is_refused(tmp_path: Path) -> None:
         tokens.load_encoding("cl100k_base", tmp_path)
     # The shipped data itself passes the same check.
     assert tokens.load_encoding("cl100k_base", real).n_vocab == tokens.encoding("cl100k_base").n_vocab
+
+
+def test_remembered_counts_are_the_counts_under_every_encoding_and_the_memory_stays_bounded() -> None:
+    """A text's count is remembered per encoding (the same words are fewer o200k tokens than
+    cl100k ones), and a full memory starts again rather than growing."""
+    fresh = tokens.Estimator(remember_chars=0)
+    remembering = tokens.Estimator(remember_chars=150)
+    for _ in range(3):
+        for model in MODELS:
+            for text in TEXTS:
+                assert remembering.text(text, model) == fresh.text(text, model), (model, text)
+                assert remembering._held <= 150
+    assert fresh.text(TEXTS[3], "gpt-4o") != fresh.text(TEXTS[3], "gpt-4")
