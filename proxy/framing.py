@@ -70,6 +70,10 @@ class SseFramer:
 
     def feed(self, data: bytes) -> list[bytes]:
         buffer = self._buffer
+        if (not buffer and data.endswith(b"\n\n") and data.find(b"\n\n") == len(data) - 2
+                and not data.startswith(b"\n") and b"\r" not in data):
+            # Most upstreams write one whole event at a time: it is its own frame, uncopied.
+            return [data]
         buffer += data
         if b"\r" not in buffer:
             return self._feed_lf()
@@ -124,6 +128,8 @@ def ndjson_framer() -> Framer:
 
 def sse_data(frame: bytes) -> tuple[str | None, bytes | None]:
     """The event name and the data of one SSE frame (None when it carries no data)."""
+    if frame.startswith(b"data: ") and frame.endswith(b"\n\n") and frame.count(b"\n") == 2 and b"\r" not in frame:
+        return None, frame[6:-2]  # the common frame, one data line: what the loop below would find
     event: str | None = None
     data: list[bytes] = []
     for line in frame.splitlines():

@@ -163,3 +163,17 @@ def test_sse_framer_lf_only_streams_frame_as_the_line_rule_says(events: list[lis
     stream = b"".join(b"".join(line + b"\n" for line in lines) + b"\n" for lines in events)
     expected = framing.sse_framer().feed(stream.replace(b"\n", b"\r\n"))  # the line-by-line path
     assert fed_in_pieces(stream, cuts) == [f.replace(b"\r\n", b"\n") for f in expected]
+
+
+@given(st.lists(st.lists(st.sampled_from([b"data: {\"a\":1}", b": ping", b"id: 7", b"", b"data: [DONE]", b"data:x"]),
+                         min_size=1, max_size=4), min_size=1, max_size=6))
+def test_whole_events_fed_one_at_a_time_are_framed_and_read_as_the_general_rule_says(events: list[list[bytes]]) -> None:
+    """An upstream that writes one whole event per chunk takes the quickest path of all; its
+    frames, and the data read from them, are the line-by-line path's."""
+    pieces = [b"".join(line + b"\n" for line in lines) + b"\n" for lines in events]
+    framer, frames = framing.sse_framer(), []
+    for piece in pieces:
+        frames += framer.feed(piece)
+    expected = framing.sse_framer().feed(b"".join(pieces).replace(b"\n", b"\r\n"))
+    assert frames == [f.replace(b"\r\n", b"\n") for f in expected]
+    assert [framing.sse_data(f) for f in frames] == [framing.sse_data(f) for f in expected]
