@@ -28,10 +28,11 @@ def request_type(config: Config, info: CallInfo, header: str | None, path_type: 
                 return name
     if info.has_images:
         return "vision"
+    system, last_user = info.system_text, info.last_user_text
     for rule in config.tagging.rules:
-        texts = {"system": (info.system_text,), "last_user": (info.last_user_text,),
-                 "any": (info.system_text, info.last_user_text)}[rule.on]
-        if any(text and rule.pattern.search(text) for text in texts):
+        if rule.on != "last_user" and system and rule.pattern.search(system):
+            return rule.type
+        if rule.on != "system" and last_user and rule.pattern.search(last_user):
             return rule.type
     return config.routing.default_type
 
