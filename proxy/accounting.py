@@ -41,15 +41,14 @@ class Tally:
     cost_usd: float = 0.0
 
     def add(self, rec: CallRecord) -> None:
-        self.requests += 1
-        self.errors += not rec.ok
-        self.prompt_tokens += rec.prompt_tokens
-        self.completion_tokens += rec.completion_tokens
-        self.cached_tokens += rec.cached_tokens
-        if rec.estimated:
-            self.estimated_calls += 1
-            self.estimated_tokens += rec.total_tokens
-        self.cost_usd += rec.cost_usd
+        self.merge(Tally.of(rec))
+
+    @staticmethod
+    def of(rec: CallRecord) -> Tally:
+        """One call's counts (made once per call, then merged into each slice it belongs to)."""
+        return Tally(1, int(rec.outcome not in SUCCESSES), rec.prompt_tokens, rec.completion_tokens, rec.cached_tokens,
+                     1 if rec.estimated else 0, rec.prompt_tokens + rec.completion_tokens if rec.estimated else 0,
+                     rec.cost_usd)
 
     def merge(self, other: Tally) -> None:
         self.requests += other.requests
@@ -92,11 +91,12 @@ class CostTrend:
 
     def add(self, ts: float, cost: float) -> None:
         day = int(ts // DAY)
+        if day not in self.days:  # a new day: the oldest ones go (a call's pass over the week, once a day)
+            for old in [d for d in self.days if d <= day - self.WEEK_DAYS - 1]:
+                del self.days[old]
         self.days[day] = self.days.get(day, 0.0) + cost
         if self.first_ts is None:
             self.first_ts = ts
-        for old in [d for d in self.days if d <= day - self.WEEK_DAYS - 1]:
-            del self.days[old]
 
     def last_week(self, now: float) -> float:
         today = int(now // DAY)
@@ -115,6 +115,13 @@ class CostTrend:
 # Clients name models and users, so their tables are bounded: past this many distinct names in
 # an epoch, newcomers are counted together under OTHERS. Reports show the top of each anyway.
 MAX_DISTINCT = 10_000
+
+
+def _slice(table: dict[str, Tally], key: str) -> Tally:
+    tally = table.get(key)
+    if tally is None:
+        tally = table[key] = Tally()
+    return tally
 
 
 def _bounded(table: dict[str, Tally], key: str) -> str:
@@ -200,14 +207,15 @@ class Aggregates:
             key = f"{rec.upstream}:{rec.outcome}"
             self.attempts[key] = self.attempts.get(key, 0) + 1
             return
-        self.totals.add(rec)
+        one = Tally.of(rec)
+        self.totals.merge(one)
         for table, key in ((self.by_upstream, rec.upstream), (self.by_model, _bounded(self.by_model, rec.model)),
                            (self.by_type, rec.type)):
             if key:
-                table.setdefault(key, Tally()).add(rec)
+                _slice(table, key).merge(one)
         if rec.user:
             user = _bounded(self.by_user, rec.user)
-            self.by_user.setdefault(user, Tally()).add(rec)
+            _slice(self.by_user, user).merge(one)
             self.user_last_seen[user] = max(rec.ts, self.user_last_seen.get(user, 0.0))
         self.outcomes[rec.outcome] = self.outcomes.get(rec.outcome, 0) + 1
         self.latency.add(rec.latency_s)
