@@ -29,7 +29,7 @@ RATE = 250  # samples per second
 # Innermost match wins: (part, pattern over "function (file)").
 PARTS = [
     ("ledger writer (its thread)", r"Ledger\._writer|Ledger\._write|add_range|_insert_many"),
-    ("access log", r"access_log \(app\.py\)|logging/__init__"),
+    ("access log", r"\(access\.py\)|logging/__init__"),
     ("metrics", r"\(metrics\.py\)|prometheus_client"),
     ("accounting", r"\(accounting\.py\)|Call\.record|\(call\.py\)|\(books\.py\)"),
     ("admission and limits", r"\(admission\.py\)|limits/|\(tickets\.py\)"),
