@@ -122,7 +122,7 @@ class Response:
             if coding not in ("gzip", "x-gzip", "deflate"):
                 self._fail(Failure(f"answered in an encoding it was not offered ({coding[:20]})"))
                 return
-            self._decoder = _Decoder(coding)
+            self._decoder = _Decoder(coding, self._conn.pool.max_body_bytes + 1 if self._conn else 1)
         self._until_close = ("Content-Length" not in headers and "chunked" not in
                              headers.get("Transfer-Encoding", "").lower() and status not in (204, 304))
         self._head.set_result(None)
@@ -173,24 +173,36 @@ _NO_HEADERS: CIMultiDictProxy[str] = CIMultiDictProxy(CIMultiDict())
 
 
 class _Decoder:
-    """gzip or deflate, as it arrives (deflate: zlib-wrapped as the RFC says, or raw as some send)."""
+    """gzip or deflate, as it arrives (deflate: zlib-wrapped as the RFC says, or raw as some send).
 
-    def __init__(self, coding: str) -> None:
-        self.coding = coding
+    A few compressed bytes can stand for a thousand times as many: no piece decodes to more than
+    `cap` (one byte past the upstream's `max_response_bytes`, which the reader then refuses),
+    whatever it holds."""
+
+    def __init__(self, coding: str, cap: int) -> None:
+        self.coding, self.cap = coding, cap
         self._z = zlib.decompressobj(16 + zlib.MAX_WBITS if coding != "deflate" else zlib.MAX_WBITS)
         self._started = False
+        self._over = False  # a piece reached the cap: the body is refused, the rest never decoded
 
     def feed(self, data: bytes) -> bytes:
+        if self._over:
+            return b""
         if not self._started and self.coding == "deflate":
             self._started = True
             try:
-                return self._z.decompress(data)
+                return self._decode(data)
             except zlib.error:
                 self._z = zlib.decompressobj(-zlib.MAX_WBITS)
-        return self._z.decompress(data)
+        return self._decode(data)
+
+    def _decode(self, data: bytes) -> bytes:
+        out = self._z.decompress(data, self.cap)
+        self._over = bool(self._z.unconsumed_tail)
+        return out
 
     def flush(self) -> bytes:
-        return self._z.flush()
+        return b"" if self._over else self._z.flush()
 
 
 class _Connection(asyncio.Protocol):
@@ -338,7 +350,8 @@ class _Connection(asyncio.Protocol):
 class Pool:
     """Keep-alive connections to one origin, at most `limit` of them open at once."""
 
-    def __init__(self, base_url: str, connect_timeout_s: float, read_timeout_s: float, limit: int = 512) -> None:
+    def __init__(self, base_url: str, connect_timeout_s: float, read_timeout_s: float, limit: int = 512,
+                 max_body_bytes: int = 64 << 20) -> None:
         url = URL(base_url)
         self.loop = asyncio.get_running_loop()
         self.host = url.raw_host or ""
@@ -349,6 +362,7 @@ class Pool:
         self.base_path = url.raw_path.rstrip("/")
         self.ssl = ssl.create_default_context() if url.scheme == "https" else None
         self.connect_timeout_s, self.read_timeout_s, self.limit = connect_timeout_s, read_timeout_s, limit
+        self.max_body_bytes = max_body_bytes
         self._idle: deque[_Connection] = deque()
         self._open = 0
         self._waiting: deque[asyncio.Future[None]] = deque()

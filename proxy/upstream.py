@@ -105,7 +105,8 @@ class UpstreamClient:
 
     async def start(self) -> None:
         self._pool = http1.Pool(self.upstream.base_url, self.upstream.connect_timeout_s,
-                                self.upstream.read_timeout_s, limit=512)
+                                self.upstream.read_timeout_s, limit=512,
+                                max_body_bytes=self.upstream.max_response_bytes)
 
     async def close(self) -> None:
         if self._pool is not None:

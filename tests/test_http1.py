@@ -10,6 +10,8 @@ booked once, and leave the connection pool usable.
 from __future__ import annotations
 
 import asyncio
+import gzip
+import tracemalloc
 import zlib
 from collections.abc import AsyncIterator, Callable
 from pathlib import Path
@@ -76,9 +78,11 @@ class RawUpstream:
 async def raw_proxy(tmp_path: Path, cloud_key: str) -> AsyncIterator[Callable[..., Any]]:
     started: list[tuple[Proxy, RawUpstream]] = []
 
-    async def make(answer: Callable[[int], bytes], close_after: bool = False) -> tuple[Proxy, RawUpstream]:
+    async def make(answer: Callable[[int], bytes], close_after: bool = False,
+                   **upstream_keys: Any) -> tuple[Proxy, RawUpstream]:
         upstream = RawUpstream(answer, close_after)
         config = base_config(await upstream.start(), tmp_path / f"data{len(started)}")
+        config["upstreams"]["gpt4o_cloud"].update(upstream_keys)
         proxy = Proxy(config)
         await proxy.start()
         started.append((proxy, upstream))
@@ -186,3 +190,24 @@ async def test_a_body_cut_short_is_a_broken_stream(raw_proxy: Callable[..., Any]
     assert caught.value.status_code == 502 and "before the end of the body" in str(caught.value)
     (row,) = await recorded.wait_for(1)
     assert row.outcome == "broken_stream"
+
+
+async def test_a_compressed_answer_is_refused_at_its_size_once_decoded_without_decoding_it_all(
+        raw_proxy: Callable[..., Any]) -> None:
+    """100 MB of zeros, gzipped to 100 KB, from an upstream whose replies may be 1 MB: a 502
+    naming the limit, and the proxy never holds more than a piece of it."""
+    bomb = gzip.compress(b"0" * (100 << 20), compresslevel=9)
+    proxy, _ = await raw_proxy(lambda _: _response(bomb, "Content-Type: application/json", "Content-Encoding: gzip",
+                                                   f"Content-Length: {len(bomb)}"), max_response_bytes=1 << 20)
+    recorded = proxy.records()
+    tracemalloc.start()
+    try:
+        with pytest.raises(openai.APIStatusError) as caught:
+            await _ask(proxy)
+        _, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    assert caught.value.status_code == 502 and "max_response_bytes" in str(caught.value)
+    assert peak < 16 << 20, f"{peak:,} bytes held at the peak"
+    (row,) = await recorded.wait_for(1)
+    assert row.outcome == "response_too_large"
