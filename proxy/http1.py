@@ -464,7 +464,7 @@ class Pool:
 def _why(exc: OSError) -> str:
     """A connect failure in a few words: never the exception's repr, which can be long."""
     if isinstance(exc, ssl.SSLCertVerificationError):
-        return f"TLS: {exc.verify_message or 'certificate verify failed'}"
+        return f"TLS: its certificate is not trusted, {exc.verify_message or 'verification failed'}"
     if isinstance(exc, ssl.SSLError):
         return f"TLS: {exc.reason or 'handshake failed'}"
     return exc.strerror or type(exc).__name__

@@ -11,6 +11,8 @@ from __future__ import annotations
 
 import asyncio
 import gzip
+import ssl
+import subprocess
 import tracemalloc
 import zlib
 from collections.abc import AsyncIterator, Callable
@@ -31,22 +33,32 @@ ANSWER = orjson.dumps({"id": "c1", "object": "chat.completion", "created": 0, "m
                        "usage": {"prompt_tokens": 11, "completion_tokens": 3, "total_tokens": 14}})
 
 
+def _certificate(directory: Path) -> tuple[Path, Path]:
+    """A self-signed certificate for 127.0.0.1, made by openssl (as the mail tests make theirs)."""
+    cert, key = directory / "upstream-cert.pem", directory / "upstream-key.pem"
+    subprocess.run(["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "1", "-keyout", str(key),
+                    "-out", str(cert), "-subj", "/CN=127.0.0.1", "-addext", "subjectAltName=IP:127.0.0.1"],
+                   check=True, capture_output=True)
+    return cert, key
+
+
 class RawUpstream:
     """Reads each request whole (headers and Content-Length body), then answers with
     `answer(n)` for the n-th request of the server's life; `close_after` ends the connection
     once it is written. Counts connections, so a test sees whether they were reused."""
 
-    def __init__(self, answer: Callable[[int], bytes], close_after: bool = False) -> None:
-        self.answer, self.close_after = answer, close_after
+    def __init__(self, answer: Callable[[int], bytes], close_after: bool = False,
+                 tls: ssl.SSLContext | None = None) -> None:
+        self.answer, self.close_after, self.tls = answer, close_after, tls
         self.connections = 0
         self.requests = 0
         self.writers: list[asyncio.StreamWriter] = []
         self.server: asyncio.Server | None = None
 
     async def start(self) -> str:
-        self.server = await asyncio.start_server(self._serve, "127.0.0.1", 0)
+        self.server = await asyncio.start_server(self._serve, "127.0.0.1", 0, ssl=self.tls)
         port = self.server.sockets[0].getsockname()[1]
-        return f"http://127.0.0.1:{port}"
+        return f"{'https' if self.tls else 'http'}://127.0.0.1:{port}"
 
     async def stop(self) -> None:
         for writer in self.writers:
@@ -78,9 +90,9 @@ class RawUpstream:
 async def raw_proxy(tmp_path: Path, cloud_key: str) -> AsyncIterator[Callable[..., Any]]:
     started: list[tuple[Proxy, RawUpstream]] = []
 
-    async def make(answer: Callable[[int], bytes], close_after: bool = False,
+    async def make(answer: Callable[[int], bytes], close_after: bool = False, tls: ssl.SSLContext | None = None,
                    **upstream_keys: Any) -> tuple[Proxy, RawUpstream]:
-        upstream = RawUpstream(answer, close_after)
+        upstream = RawUpstream(answer, close_after, tls)
         config = base_config(await upstream.start(), tmp_path / f"data{len(started)}")
         config["upstreams"]["gpt4o_cloud"].update(upstream_keys)
         proxy = Proxy(config)
@@ -211,3 +223,28 @@ async def test_a_compressed_answer_is_refused_at_its_size_once_decoded_without_d
     assert peak < 16 << 20, f"{peak:,} bytes held at the peak"
     (row,) = await recorded.wait_for(1)
     assert row.outcome == "response_too_large"
+
+
+@pytest.mark.parametrize("trusted", [True, False], ids=["trusted", "untrusted"])
+async def test_an_https_upstream_is_verified(raw_proxy: Callable[..., Any], tmp_path: Path,
+                                             monkeypatch: pytest.MonkeyPatch, trusted: bool) -> None:
+    """GitHub Models is HTTPS: the certificate is checked against the system's trust store (here
+    pointed at the test's own by SSL_CERT_FILE); one it does not trust is a 502 saying so."""
+    cert, key = _certificate(tmp_path)
+    tls = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    tls.load_cert_chain(cert, key)
+    if trusted:
+        monkeypatch.setenv("SSL_CERT_FILE", str(cert))
+    proxy, upstream = await raw_proxy(lambda _: _response(ANSWER, "Content-Type: application/json",
+                                                          f"Content-Length: {len(ANSWER)}"), tls=tls)
+    if trusted:
+        for _ in range(2):
+            reply = await _ask(proxy)
+            assert reply.usage is not None and reply.usage.total_tokens == 14
+        assert upstream.connections == 1  # the TLS connection is kept alive too
+        return
+    with pytest.raises(openai.APIStatusError) as caught:
+        await _ask(proxy)
+    assert caught.value.status_code == 502
+    assert "is unreachable (TLS: its certificate is not trusted, self-signed certificate)" in str(caught.value)
+    assert upstream.requests == 0
