@@ -40,9 +40,6 @@ class Tally:
     estimated_tokens: int = 0
     cost_usd: float = 0.0
 
-    def add(self, rec: CallRecord) -> None:
-        self.merge(Tally.of(rec))
-
     @staticmethod
     def of(rec: CallRecord) -> Tally:
         """One call's counts (made once per call, then merged into each slice it belongs to)."""
