@@ -252,12 +252,6 @@ class _Connection(asyncio.Protocol):
         else:
             response._fail(Failure("closed the connection before the end of the body"))
 
-    def pause_writing(self) -> None:  # the request body waits in the transport's buffer
-        pass
-
-    def resume_writing(self) -> None:
-        pass
-
     # --- httptools callbacks (raising in them would be lost: they only record) -----------------
 
     def on_status(self, reason: bytes) -> None:
