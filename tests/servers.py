@@ -108,6 +108,15 @@ class RedisServer:
             self.proc = None
 
 
+def self_signed_certificate(directory: Path, stem: str) -> tuple[Path, Path]:
+    """A certificate and key for 127.0.0.1 that `openssl` makes: `<stem>-cert.pem`, `<stem>-key.pem`."""
+    cert, key = directory / f"{stem}-cert.pem", directory / f"{stem}-key.pem"
+    subprocess.run(["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "1", "-keyout", str(key),
+                    "-out", str(cert), "-subj", "/CN=127.0.0.1", "-addext", "subjectAltName=IP:127.0.0.1"],
+                   check=True, capture_output=True)
+    return cert, key
+
+
 class MailServer:
     """A real SMTP server (aiosmtpd) on a loopback port of the test's own event loop: plain,
     STARTTLS or TLS from the start, with a certificate `openssl` makes for 127.0.0.1. It keeps
@@ -123,14 +132,11 @@ class MailServer:
         self.refuse = refuse
         self.messages: list[Any] = []
         self.arrived = asyncio.Event()
-        self.cert = directory / "smtp-cert.pem"
+        self.cert, self.key = directory / "smtp-cert.pem", directory / "smtp-key.pem"
         self.port = 0
         self._server: Any = None
         if security != "none":
-            subprocess.run(["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "1",
-                            "-keyout", str(directory / "smtp-key.pem"), "-out", str(self.cert),
-                            "-subj", "/CN=127.0.0.1", "-addext", "subjectAltName=IP:127.0.0.1"],
-                           check=True, capture_output=True)
+            self.cert, self.key = self_signed_certificate(directory, "smtp")
 
     async def start(self) -> None:
         import asyncio
@@ -158,7 +164,7 @@ class MailServer:
         context = None
         if self.security != "none":
             context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
-            context.load_cert_chain(self.cert, self.cert.parent / "smtp-key.pem")
+            context.load_cert_chain(self.cert, self.key)
         starttls = self.security == "starttls"
         loop = asyncio.get_running_loop()
         self._server = await loop.create_server(

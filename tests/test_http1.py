@@ -12,7 +12,6 @@ from __future__ import annotations
 import asyncio
 import gzip
 import ssl
-import subprocess
 import tracemalloc
 import zlib
 from collections.abc import AsyncIterator, Callable
@@ -26,20 +25,12 @@ import pytest
 from proxy.keys import UPSTREAMS
 
 from .conftest import Proxy, base_config
+from .servers import self_signed_certificate
 
 ANSWER = orjson.dumps({"id": "c1", "object": "chat.completion", "created": 0, "model": "gpt-4o",
                        "choices": [{"index": 0, "message": {"role": "assistant", "content": "hola"},
                                     "finish_reason": "stop"}],
                        "usage": {"prompt_tokens": 11, "completion_tokens": 3, "total_tokens": 14}})
-
-
-def _certificate(directory: Path) -> tuple[Path, Path]:
-    """A self-signed certificate for 127.0.0.1, made by openssl (as the mail tests make theirs)."""
-    cert, key = directory / "upstream-cert.pem", directory / "upstream-key.pem"
-    subprocess.run(["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "1", "-keyout", str(key),
-                    "-out", str(cert), "-subj", "/CN=127.0.0.1", "-addext", "subjectAltName=IP:127.0.0.1"],
-                   check=True, capture_output=True)
-    return cert, key
 
 
 class RawUpstream:
@@ -230,7 +221,7 @@ async def test_an_https_upstream_is_verified(raw_proxy: Callable[..., Any], tmp_
                                              monkeypatch: pytest.MonkeyPatch, trusted: bool) -> None:
     """GitHub Models is HTTPS: the certificate is checked against the system's trust store (here
     pointed at the test's own by SSL_CERT_FILE); one it does not trust is a 502 saying so."""
-    cert, key = _certificate(tmp_path)
+    cert, key = self_signed_certificate(tmp_path, "upstream")
     tls = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
     tls.load_cert_chain(cert, key)
     if trusted:
