@@ -103,9 +103,6 @@ class Response:
                 finally:
                     self._waiter = None
 
-    async def read(self) -> bytes:
-        return b"".join([chunk async for chunk in self.chunks()])
-
     # --- fed by the connection ------------------------------------------------------------
 
     def _headers_done(self, status: int) -> None:
