@@ -10,6 +10,7 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
+from collections.abc import Callable
 from typing import Any, Literal
 
 import orjson
@@ -346,6 +347,12 @@ def tail_usage(dialect: Dialect, tail: bytes) -> Usage | None:
     return None
 
 
+# A stream's frames whose only news is their text are parsed for it only when it is needed (the
+# upstream reported no usage) or once this many bytes of them are waiting: a metered stream
+# with usage (nearly all) never parses its text frames, and one without holds no more than this.
+DEFER_BYTES = 64 << 10
+
+
 @dataclass
 class StreamState:
     """What a stream has told us so far: usage, generated text, an error."""
@@ -355,9 +362,32 @@ class StreamState:
     text_parts: list[str] = field(default_factory=list)
     error: str | None = None
     done: bool = False
+    # Frames not parsed yet, in order, each with the function that reads its text.
+    _unread: list[tuple[bytes, Callable[[bytes, StreamState], None]]] = field(default_factory=list, repr=False)
+    _unread_bytes: int = field(default=0, repr=False)
+
+    def defer(self, frame: bytes, read: Callable[[bytes, StreamState], None]) -> None:
+        """Keep a text-only frame to read later (`read` appends its text to text_parts)."""
+        self._unread.append((frame, read))
+        self._unread_bytes += len(frame)
+        if self._unread_bytes > DEFER_BYTES:
+            self.catch_up()
+
+    def catch_up(self) -> None:
+        """Read the frames kept so far: called before any later text is appended, so the
+        parts stay in the order they came."""
+        if self._unread:
+            unread, self._unread, self._unread_bytes = self._unread, [], 0
+            for frame, read in unread:
+                read(frame, self)
+
+    @property
+    def unread_bytes(self) -> int:
+        return self._unread_bytes
 
     @property
     def text(self) -> str:
+        self.catch_up()
         return "".join(self.text_parts)
 
 
@@ -368,6 +398,19 @@ def scan_openai_frame(frame: bytes, state: StreamState, strip_usage: bool) -> by
     dropped and the `usage: null` the upstream adds to every other chunk is removed, so the
     client receives the stream it asked for.
     """
+    if (frame.startswith(b"data: {") and frame.endswith(b"}\n\n") and frame.count(b"\n") == 2
+            and b"\r" not in frame and b'"error"' not in frame and b'"type"' not in frame):
+        # The common chunk, one compact data line with neither an error nor an event type:
+        # judged by its bytes, its text read only if ever needed (DEFER_BYTES).
+        uses = frame.count(b'"usage"')
+        if uses == 0 or (uses == 1 and not strip_usage and b'"usage":null' in frame):
+            state.defer(frame, _read_openai_text)
+            return frame
+        if uses == 1 and strip_usage and frame.endswith(_LAST_NULL_USAGE):
+            # The member just before the object's final brace belongs to the outermost object:
+            # this is the `usage: null` the proxy caused, and only it is cut.
+            state.defer(frame, _read_openai_text)
+            return frame[:-len(_LAST_NULL_USAGE)] + b"}\n\n"
     event, data = sse_data(frame)
     if data is None:
         return frame
@@ -388,13 +431,10 @@ def scan_openai_frame(frame: bytes, state: StreamState, strip_usage: bool) -> by
     if kind and kind.startswith("response."):
         _scan_responses_event(kind, obj, state)
         return frame
-    for choice in obj.get("choices") or ():
-        if isinstance(choice, dict):
-            delta = choice.get("delta")
-            if isinstance(delta, dict):
-                state.text_parts.append(message_text(delta))
-            elif isinstance(choice.get("text"), str):
-                state.text_parts.append(choice["text"])
+    choices = obj.get("choices")
+    if choices:
+        state.catch_up()
+        _learn_choices(choices, state)
     usage = openai_usage(obj.get("usage"))
     if usage is not None:
         state.usage = usage
@@ -403,6 +443,29 @@ def scan_openai_frame(frame: bytes, state: StreamState, strip_usage: bool) -> by
     if not obj.get("choices") and usage is not None:
         return None
     return _without_usage(frame, obj)
+
+
+_LAST_NULL_USAGE = b',"usage":null}\n\n'
+
+
+def _learn_choices(choices: Any, state: StreamState) -> None:
+    for choice in choices if isinstance(choices, list) else ():
+        if isinstance(choice, dict):
+            delta = choice.get("delta")
+            if isinstance(delta, dict):
+                state.text_parts.append(message_text(delta))
+            elif isinstance(choice.get("text"), str):
+                state.text_parts.append(choice["text"])
+
+
+def _read_openai_text(frame: bytes, state: StreamState) -> None:
+    """The text of a deferred chunk (one data line of a JSON object, checked when kept)."""
+    try:
+        obj = orjson.loads(frame[6:-2])
+    except orjson.JSONDecodeError:
+        return
+    if isinstance(obj, dict):
+        _learn_choices(obj.get("choices"), state)
 
 
 # `"usage": null` as a member of an object, with the comma that joins it to its neighbours.
@@ -440,6 +503,7 @@ def _without_usage(frame: bytes, obj: dict[str, Any]) -> bytes:
 
 def _scan_responses_event(kind: str, obj: dict[str, Any], state: StreamState) -> None:
     if kind == "response.output_text.delta" and isinstance(obj.get("delta"), str):
+        state.catch_up()
         state.text_parts.append(obj["delta"])
     elif kind in ("response.completed", "response.incomplete", "response.failed"):
         response = obj.get("response")
@@ -455,6 +519,11 @@ def _scan_responses_event(kind: str, obj: dict[str, Any], state: StreamState) ->
 
 def scan_ollama_line(line: bytes, state: StreamState) -> None:
     """Learn from one NDJSON line of an Ollama stream (always forwarded as is)."""
+    if (line.startswith(b"{") and line.endswith(b',"done":false}\n') and line.count(b'"done"') == 1
+            and b'"error"' not in line):
+        # A line before the last, compact as Ollama writes it: only its text is news.
+        state.defer(line, _read_ollama_text)
+        return
     if not line.strip():
         return
     try:
@@ -466,6 +535,25 @@ def scan_ollama_line(line: bytes, state: StreamState) -> None:
     if obj.get("error"):
         state.error = str(obj["error"])
         return
+    state.catch_up()
+    _learn_ollama_text(obj, state)
+    if obj.get("done") is True:
+        state.done = True
+        found = ollama_usage(obj)
+        if found is not None:
+            state.usage, state.prompt_missing = found
+
+
+def _read_ollama_text(line: bytes, state: StreamState) -> None:
+    try:
+        obj = orjson.loads(line)
+    except orjson.JSONDecodeError:
+        return
+    if isinstance(obj, dict):
+        _learn_ollama_text(obj, state)
+
+
+def _learn_ollama_text(obj: dict[str, Any], state: StreamState) -> None:
     message = obj.get("message")
     if isinstance(message, dict):
         state.text_parts.append(message_text(message))
@@ -474,11 +562,6 @@ def scan_ollama_line(line: bytes, state: StreamState) -> None:
     for key in ("response", "thinking"):
         if isinstance(obj.get(key), str):
             state.text_parts.append(obj[key])
-    if obj.get("done") is True:
-        state.done = True
-        found = ollama_usage(obj)
-        if found is not None:
-            state.usage, state.prompt_missing = found
 
 
 # --- replies the proxy writes itself ------------------------------------------------------

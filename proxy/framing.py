@@ -27,6 +27,9 @@ class SeparatorFramer:
         self._scan_from = 0
 
     def feed(self, data: bytes) -> list[bytes]:
+        if not self._buffer and self._separators == (b"\n",) and data.endswith(b"\n"):
+            # Whole lines, as Ollama writes them: split at once, nothing left over.
+            return [line + b"\n" for line in data[:-1].split(b"\n")]
         self._buffer += data
         frames: list[bytes] = []
         start = 0
@@ -70,10 +73,14 @@ class SseFramer:
 
     def feed(self, data: bytes) -> list[bytes]:
         buffer = self._buffer
-        if (not buffer and data.endswith(b"\n\n") and data.find(b"\n\n") == len(data) - 2
-                and not data.startswith(b"\n") and b"\r" not in data):
-            # Most upstreams write one whole event at a time: it is its own frame, uncopied.
-            return [data]
+        if (not buffer and data.endswith(b"\n\n") and not data.startswith(b"\n") and b"\r" not in data
+                and b"\n\n\n" not in data):
+            # Most upstreams write whole events, one or several at a time: LF endings, no empty
+            # line but the ones ending them, so each "\n\n" ends an event and nothing is left.
+            end = data.find(b"\n\n")
+            if end == len(data) - 2:
+                return [data]  # one event: its own frame, uncopied
+            return [event + b"\n\n" for event in data[:-2].split(b"\n\n")]
         buffer += data
         if b"\r" not in buffer:
             return self._feed_lf()

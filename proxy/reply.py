@@ -145,7 +145,10 @@ async def _relay_frames(request: web.Request, call: Call, body: AsyncIterator[by
                 await out.write(last)
                 call.completed = state.done and state.error is None
     finally:
-        call.usage, call.prompt_missing, call.text = state.usage, state.prompt_missing, state.text
+        call.usage, call.prompt_missing = state.usage, state.prompt_missing
+        if state.usage is None:
+            # Only a stream without usage is estimated from its text: the others never parse it.
+            call.text = state.text
     if state.error is not None and call.outcome == "ok":
         call.outcome = "stream_error"
     elif not state.done and state.usage is None and call.outcome == "ok":

@@ -177,3 +177,97 @@ def test_whole_events_fed_one_at_a_time_are_framed_and_read_as_the_general_rule_
     expected = framing.sse_framer().feed(b"".join(pieces).replace(b"\n", b"\r\n"))
     assert frames == [f.replace(b"\r\n", b"\n") for f in expected]
     assert [framing.sse_data(f) for f in frames] == [framing.sse_data(f) for f in expected]
+
+
+# Chunk payloads as upstreams write them, the plain and the less plain: usage null first or
+# last, a nested "usage" that is not the proxy's, text that spells "usage", a tool call (its
+# "type"), real usage, an error, the end.
+_CHUNKS = [
+    b'{"choices":[{"index":0,"delta":{"content":"Ho"}}],"usage":null}',
+    b'{"choices":[{"index":0,"delta":{"content":"la \\"usage\\":null"}}],"usage":null}',
+    b'{"usage":null,"choices":[{"delta":{"content":"!"}}]}',
+    b'{"choices":[{"delta":{"content":"x","usage":null}}]}',
+    b'{"choices":[{"delta":{"content":"y"}}]}',
+    b'{"choices":[{"delta":{"tool_calls":[{"type":"function","function":{"name":"f","arguments":"{}"}}]}}],'
+    b'"usage":null}',
+    b'{"choices":[{"text":"z","finish_reason":null}],"usage":null}',
+    b'{"choices":[],"usage":{"prompt_tokens":5,"completion_tokens":2,"total_tokens":7}}',
+    b'{"error":{"message":"boom"}}',
+    b'{"choices":[{"delta":{"content":"broken"}}],"usage":null',
+    b"[DONE]",
+]
+
+
+@given(st.lists(st.sampled_from(_CHUNKS), max_size=12), st.booleans())
+def test_chunks_judged_by_their_bytes_are_forwarded_and_read_as_parsed_ones_are(chunks: list[bytes],
+                                                                                strip: bool) -> None:
+    """The common chunk is judged by its bytes and its text read later; the same chunk with CRLF
+    endings is parsed at once. Both must forward the same bytes and learn the same things."""
+    judged, parsed = StreamState(), StreamState()
+    for data in chunks:
+        frame = b"data: " + data + b"\n\n"
+        out = dialects.scan_openai_frame(frame, judged, strip)
+        reference = dialects.scan_openai_frame(frame.replace(b"\n", b"\r\n"), parsed, strip)
+        assert out == (reference.replace(b"\r\n", b"\n") if reference is not None else None)
+    assert (judged.text, judged.usage, judged.error, judged.done) == (parsed.text, parsed.usage, parsed.error,
+                                                                      parsed.done)
+
+
+_LINES = [
+    b'{"model":"m","message":{"role":"assistant","content":"ho"},"done":false}',
+    b'{"model":"m","response":"la","done":false}',
+    b'{"model":"m","message":{"role":"assistant","content":"","thinking":"hm"},"done":false}',
+    b'{"model":"m","message":{"role":"assistant","content":"\\"done\\":false"},"done":false}',
+    b'{"error":"model crashed","done":false}',
+    b'{"model":"m","done":true,"prompt_eval_count":9,"eval_count":3}',
+]
+
+
+@given(st.lists(st.sampled_from(_LINES), max_size=10))
+def test_ollama_lines_judged_by_their_bytes_are_read_as_parsed_ones_are(lines: list[bytes]) -> None:
+    judged, parsed = StreamState(), StreamState()
+    for line in lines:
+        dialects.scan_ollama_line(line + b"\n", judged)
+        dialects.scan_ollama_line(line.replace(b'"done":', b'"done": ') + b"\n", parsed)
+    assert (judged.text, judged.usage, judged.error, judged.done) == (parsed.text, parsed.usage, parsed.error,
+                                                                      parsed.done)
+
+
+def test_a_long_stream_keeps_a_bounded_amount_unread() -> None:
+    """Text frames wait unparsed only up to DEFER_BYTES: a long stream holds its text, not its frames."""
+    state = StreamState()
+    frame = b'data: {"choices":[{"index":0,"delta":{"content":"palabra "}}],"usage":null}\n\n'
+    most = 0
+    for _ in range(20_000):  # 1.6 MB of frames
+        assert dialects.scan_openai_frame(frame, state, strip_usage=True) == frame.replace(b',"usage":null', b"")
+        most = max(most, state.unread_bytes)
+    assert 0 < most <= dialects.DEFER_BYTES
+    assert state.text == "palabra " * 20_000 and state.unread_bytes == 0
+
+
+@given(st.lists(st.lists(st.sampled_from([b"data: {\"a\":1}", b": ping", b"id: 7", b"", b"data: [DONE]"]),
+                         min_size=1, max_size=4), min_size=1, max_size=6),
+       st.lists(st.integers(min_value=1, max_value=6), min_size=1, max_size=6))
+def test_several_whole_events_in_one_chunk_are_framed_as_the_general_rule_says(
+        events: list[list[bytes]], groups: list[int]) -> None:
+    """Upstreams often deliver several whole events in one read: the split at once must give
+    the frames the line-by-line path gives."""
+    pieces = [b"".join(line + b"\n" for line in lines) + b"\n" for lines in events]
+    framer, frames, at, i = framing.sse_framer(), [], 0, 0
+    while at < len(pieces):
+        frames += framer.feed(b"".join(pieces[at:at + groups[i % len(groups)]]))
+        at, i = at + groups[i % len(groups)], i + 1
+    frames.append(framer.rest())
+    expected = framing.sse_framer().feed(b"".join(pieces).replace(b"\n", b"\r\n"))
+    assert [f for f in frames if f] == [f.replace(b"\r\n", b"\n") for f in expected]
+
+
+@given(st.lists(st.sampled_from([b'{"a":1}', b"", b'{"b":"x y"}', b"not json"]), min_size=1, max_size=8),
+       st.lists(st.integers(min_value=1, max_value=12), min_size=1, max_size=8))
+def test_ndjson_lines_are_the_same_however_they_arrive(lines: list[bytes], cuts: list[int]) -> None:
+    stream = b"".join(line + b"\n" for line in lines)
+    framer, frames, at, i = framing.ndjson_framer(), [], 0, 0
+    while at < len(stream):
+        frames += framer.feed(stream[at:at + cuts[i % len(cuts)]])
+        at, i = at + cuts[i % len(cuts)], i + 1
+    assert frames == [line + b"\n" for line in lines] and framer.rest() == b""
