@@ -4,8 +4,9 @@ The ledger is the single source of truth. Aggregates and rate windows are rebuil
 start, so a restart neither forgets usage nor hands out a fresh daily quota.
 
 Durability window: `append` only queues the row; the writer thread commits whatever has
-queued as one transaction, straight away, so a row is on disk within one commit (typically a
-few milliseconds) of the call finishing. With WAL and synchronous=NORMAL a committed row
+queued as one transaction. An idle writer commits a row straight away; a busy one starts a
+transaction at most every PACE_S, so a row is on disk within PACE_S and one commit (some tens of
+milliseconds) of the call finishing. With WAL and synchronous=NORMAL a committed row
 survives the process being killed; only a power loss can take the last commits back.
 
 Faults: the writer survives any SQLite error (a full disk, a lock another process holds past
@@ -120,6 +121,12 @@ class _Prune:
 # Rows deleted per prune transaction: each holds the writer a few milliseconds at most, and
 # whatever queued meanwhile is written before the next batch.
 PRUNE_BATCH = 100
+# A busy writer starts at most one transaction per this long. A transaction costs the same
+# dozen statements (the rollups' folds) whether it holds one row or a hundred: under load, rows
+# that wait this long are written for a third of the CPU each (bench/profile.py, the writer's
+# thread: 55 µs a row in transactions of 7-11 rows). Whoever waits on the writer (a flush, a
+# snapshot, closing) cuts the wait short.
+PACE_S = 0.02
 
 
 class _Flush:
@@ -213,6 +220,10 @@ class Ledger:
         self._failing: str | None = None
         self._failing_since: float | None = None
         self._wake = threading.Event()
+        self._hurry = threading.Event()   # someone waits on the writer: no pacing now
+        # A backlog this long is written without pacing: rows gather to save CPU, never to
+        # bring a small `max_backlog` near its bound.
+        self._hurry_at = max(1, min(self.BATCH // 2, max_backlog // 4))
         self._abandon = False
         self._dropping = False    # an episode of dropped rows is logged once, at its start
         self.pruned = 0           # rows and admissions deleted by retention (writer thread)
@@ -281,6 +292,7 @@ class Ledger:
         if thread is not None:
             self._queue.put(_STOP)
             self._wake.set()
+            self._hurry.set()
             thread.join(timeout)
             if thread.is_alive():
                 self._abandon = True
@@ -311,6 +323,8 @@ class Ledger:
             return False
         self._queued += 1
         self._queue.put(item)
+        if self._queued - self._written >= self._hurry_at:
+            self._hurry.set()
         return True
 
     def append(self, record: CallRecord) -> bool:
@@ -330,6 +344,7 @@ class Ledger:
             return True
         marker = _Flush(asyncio.get_running_loop())
         self._queue.put(marker)
+        self._hurry.set()
         try:
             await asyncio.wait_for(asyncio.shield(marker.future), timeout)
         except asyncio.TimeoutError:
@@ -345,6 +360,7 @@ class Ledger:
                 pruning = [item for item in pending if isinstance(item, _Prune)]
                 pending = [item for item in pending if not isinstance(item, _Prune)]
                 writes = [item for item in pending if isinstance(item, (CallRecord, _Epoch, Admission))]
+                began = time.monotonic()
                 try:
                     if writes:
                         conn = conn or _connect(self.path, self.busy_timeout_s)
@@ -375,6 +391,8 @@ class Ledger:
                 pending = []
                 if stop:
                     return
+                if writes:
+                    self._pace(began)
         finally:
             if conn is not None:
                 conn.close()
@@ -388,6 +406,14 @@ class Ledger:
             elif isinstance(item, _Snapshot):
                 item.answer(self.read_snapshot)
         return any(item is _STOP for item in handled)
+
+    def _pace(self, began: float) -> None:
+        """Let rows gather for the next transaction until PACE_S after this one began, unless
+        someone waits on the writer. An idle writer's next row finds the time long past."""
+        left = began + PACE_S - time.monotonic()
+        if left > 0 and not self._hurry.is_set():
+            self._hurry.wait(left)
+        self._hurry.clear()
 
     def _wait(self, seconds: float) -> None:
         """Back off before trying again; close() cuts it short."""
@@ -495,6 +521,7 @@ class Ledger:
             return self.read_snapshot(since)
         marker = _Snapshot(asyncio.get_running_loop(), since)
         self._queue.put(marker)
+        self._hurry.set()
         try:
             return await asyncio.wait_for(asyncio.shield(marker.future), timeout)
         except asyncio.TimeoutError:
