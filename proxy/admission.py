@@ -142,6 +142,8 @@ class Admission:
     async def admit(self, info: CallInfo, upstream: Upstream, model: str, user: str | None,
                     key: str | None, tried: set[str], fallback_from: str | None) -> Plan:
         refused: list[tuple[Upstream, str, Denial]] = []
+        if self.budgets is not None and self.budgets.budgets:
+            await self.estimator.ready(info.model or "")  # a budget's estimate may need it
         upstream, model, fallback_from = self._within_budgets(info, upstream, model, user, key, tried, fallback_from,
                                                               refused)
         if not self.limiter.scopes(upstream.name, model, user, key):
@@ -158,6 +160,7 @@ class Admission:
                 if not scopes:
                     return Plan(upstream, model, None, None, fallback_from, tuple(refused), held is not None)
                 if prompt is None and self.limiter.needs_estimate(scopes):
+                    await self.estimator.ready(info.model or "")
                     prompt = info.estimate_prompt(self.estimator)
                 tokens, clamp = self._caps(info, scopes, prompt)
                 if policy.on_limit == "wait" and held is None:

@@ -10,7 +10,7 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 import orjson
 from aiohttp import web
 
-from . import caching, files, limits, logs, stats, tokens
+from . import caching, files, limits, logs, stats
 from .ledger import ledger_for
 from .accounting import DAY, Accounting, Aggregates, CostTrend
 from .config import Config
@@ -66,7 +66,6 @@ def create_app(config: Config, clock: Callable[[], float] = time.time) -> web.Ap
     app[ACCESS_LOG] = AccessLog()
     app[ACCOUNTING].listeners += [app[METRICS].observe, app[BUDGETS].on_call, app[ALERTS].on_call, app[ACCESS_LOG]]
 
-    app.cleanup_ctx.append(encodings_ctx)
     app.cleanup_ctx.append(ledger_ctx)
     app.cleanup_ctx.append(budgets_ctx)
     app.cleanup_ctx.append(app[LIMITER].lifecycle)
@@ -82,12 +81,6 @@ def create_app(config: Config, clock: Callable[[], float] = time.time) -> web.Ap
 
 
 # --- resources ---------------------------------------------------------------------------
-
-
-async def encodings_ctx(app: web.Application) -> AsyncIterator[None]:
-    """Build the tokenizers off the loop at start: the first estimate must not stall every call."""
-    await asyncio.get_running_loop().run_in_executor(None, tokens.preload)
-    yield
 
 
 async def budgets_ctx(app: web.Application) -> AsyncIterator[None]:

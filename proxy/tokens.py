@@ -9,21 +9,34 @@ models tiktoken does not know (a local Llama's tokenizer is not shipped; it is a
 Both encodings' data ship inside this package (proxy/encodings/, see SOURCE.md there): tiktoken
 itself would download them on first use, and Tollgate never loads anything from the network. Each
 file is checked against the SHA-256 tiktoken publishes for it every time it is loaded.
+
+An encoding is built the first time a call needs an estimate from it, not at start: built, it
+holds 20 MB (cl100k_base) or 42 MB (o200k_base) of the process for good, and a proxy whose
+upstreams report usage, with no token limit or budget, may never need one. Where the need is
+known before the call goes out (a token limit, a budget), the call awaits the build off the
+event loop (`Estimator.ready`); where it is only known at the end (an upstream that gave no
+usage), the build runs there, once per encoding and process (0.3-0.7 s), and is logged.
 """
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import ctypes
 import gzip
 import hashlib
 import json
+import logging
+import threading
+import time
 from functools import lru_cache
 from pathlib import Path
 from typing import Any
 
 import tiktoken
 from tiktoken.model import encoding_name_for_model
+
+log = logging.getLogger("tollgate")
 
 _DATA = Path(__file__).with_name("encodings")
 SHIPPED = ("o200k_base", "cl100k_base")
@@ -38,10 +51,34 @@ _REPLY_PRIMING = 3
 REMEMBER_CHARS = 1_000_000
 
 
-@lru_cache(maxsize=None)
+_BUILT: dict[str, tiktoken.Encoding] = {}
+_BUILDING = threading.Lock()  # one build at a time: two threads never build the same one
+
+
 def encoding(name: str) -> tiktoken.Encoding:
-    """A shipped encoding, built once per process."""
-    return load_encoding(name, _DATA)
+    """A shipped encoding, built on the calling thread the first time it is asked for."""
+    built = _BUILT.get(name)
+    if built is not None:
+        return built
+    with _BUILDING:
+        built = _BUILT.get(name)
+        if built is None:
+            began = time.perf_counter()
+            built = _BUILT[name] = load_encoding(name, _DATA)
+            _give_back_freed_memory()
+            log.info("tokenizer %s built for the first estimate that needed it (%.2f s)", name,
+                     time.perf_counter() - began)
+    return built
+
+
+def built(name: str) -> bool:
+    return name in _BUILT
+
+
+async def ready(name: str) -> None:
+    """Build `name` on a worker thread if it is not built yet, leaving the event loop free."""
+    if name not in _BUILT:
+        await asyncio.get_running_loop().run_in_executor(None, encoding, name)
 
 
 def load_encoding(name: str, directory: Path) -> tiktoken.Encoding:
@@ -74,13 +111,6 @@ def encoding_for(model: str) -> tiktoken.Encoding:
     return encoding(encoding_name(model))
 
 
-def preload() -> None:
-    """Build every shipped encoding now (a few hundred ms), so no call pays for it on the loop."""
-    for name in SHIPPED:
-        encoding(name)
-    _give_back_freed_memory()
-
-
 def _give_back_freed_memory() -> None:
     """Building the encodings frees tens of megabytes of temporaries (the ranks as Python
     objects, the Rust core's scratch); glibc keeps about 9 MB of it for the process instead of
@@ -111,6 +141,10 @@ class Estimator:
         self.remember_chars = remember_chars
         self._known: dict[tuple[str, str], int] = {}
         self._held = 0
+
+    async def ready(self, model: str) -> None:
+        """Have `model`'s encoding built before an estimate is asked of it on the event loop."""
+        await ready(encoding_name(model))
 
     def text(self, text: str, model: str) -> int:
         return self.texts([text], model)

@@ -11,10 +11,16 @@ import subprocess
 import sys
 from pathlib import Path
 
+from typing import Any, cast
+
+import aiohttp
 import pytest
 import tiktoken
 
 from proxy import tokens
+
+from .conftest import Serve, write_config
+from .fake_upstream import Behavior, FakeUpstream
 
 TEXTS = [
     "hola, ¿cómo estás? Necesito una presentación para mañana 🙂",
@@ -89,3 +95,37 @@ def test_remembered_counts_are_the_counts_under_every_encoding_and_the_memory_st
                 assert remembering.text(text, model) == fresh.text(text, model), (model, text)
                 assert remembering._held <= 150
     assert fresh.text(TEXTS[3], "gpt-4o") != fresh.text(TEXTS[3], "gpt-4")
+
+
+async def test_a_tokenizer_is_built_when_an_estimate_first_needs_it(raw_config: dict[str, Any], fake: FakeUpstream,
+                                                                     tmp_path: Path) -> None:
+    """The real process holds no tokenizer until a call needs an estimate: a call whose upstream
+    reports usage needs none; a token limit needs the model's before the call goes out; an
+    upstream that reports nothing needs one at the end. Each is built once, and the counts are
+    tiktoken's."""
+    async with Serve(write_config(raw_config, tmp_path)) as serve, aiohttp.ClientSession() as s:
+        async def stats() -> dict[str, Any]:
+            async with s.get(serve.url + "/stats") as r:
+                return cast(dict[str, Any], await r.json())
+
+        async with s.post(serve.url + "/api/chat", json={"model": "llama3.2", "stream": False,
+                                                          "messages": [{"role": "user", "content": "hola"}]}) as r:
+            assert r.status == 200
+        await serve.logged('"endpoint":"chat"')  # its access-log line, written once it is booked
+        assert (await stats())["total_requests"] == 1
+        assert not [line for line in serve.log if "built for the first estimate" in line]
+
+        # The shipped limits on gpt-4o count tokens: its estimate is made before forwarding.
+        body = {"model": "gpt-4o", "messages": [{"role": "user", "content": "hola"}]}
+        async with s.post(serve.url + "/v1/chat/completions", json=body) as r:
+            assert r.status == 200
+        await serve.logged("tokenizer o200k_base built")
+
+        fake.by_model["llama3.2"] = Behavior(report_usage=False)
+        async with s.post(serve.url + "/api/generate", json={"model": "llama3.2", "prompt": "hola mundo",
+                                                              "stream": False}) as r:
+            assert r.status == 200
+        await serve.logged("tokenizer cl100k_base built")
+        await serve.logged('"endpoint":"generate"')
+        assert (await stats())["detail"]["tokens"]["estimated_calls"] == 1
+    assert sum("built for the first estimate" in line for line in serve.log) == 2
