@@ -144,6 +144,7 @@ class Metrics:
                                  multiprocess_mode="livemax")
         self.in_flight = Gauge("tollgate_in_flight_calls", "LLM calls being served now.", registry=r,
                                multiprocess_mode="livesum")
+        self.in_flight_calls = 0  # this process's; the gauge reads it at a scrape (see call_started)
         self._limits = _LimitCollector(limiter)
         # Each process holds the deployment's spend (read back from the ledger): one value, not a sum.
         self._budgets = _BudgetCollector(budgets) if budgets is not None and budgets.budgets else None
@@ -164,6 +165,7 @@ class Metrics:
         # goes there at once, as a scrape must count every call booked by then.
         self._flush_every = FLUSH_EVERY if self.shared_dir is None else 1
         if self.shared_dir is None:
+            self.in_flight.set_function(lambda: float(self.in_flight_calls))
             waiting = Gauge(*_WAITING, registry=r)
             waiting.set_function(lambda: float(lines.waiting))
             for collector in (self._limits, _LedgerCollector(ledger), _AlertCollector(alerts)):
@@ -218,6 +220,18 @@ class Metrics:
             self._models.add(model)
             return model
         return "other"
+
+    def call_started(self) -> None:
+        """A metered call begins. A plain count, read when scraped: the gauge's inc and dec take
+        a lock each, twice a call. Workers sharing a directory must write their gauge's file."""
+        self.in_flight_calls += 1
+        if self.shared_dir is not None:
+            self.in_flight.inc()
+
+    def call_ended(self) -> None:
+        self.in_flight_calls -= 1
+        if self.shared_dir is not None:
+            self.in_flight.dec()
 
     def observe(self, rec: CallRecord) -> None:
         """Count a finished call. Calls are summed here by label set and handed to the

@@ -81,7 +81,7 @@ async def metered(request: web.Request, prefix: Prefix, rest: str, endpoint: str
                                 f"{health.unwritten:,} rows waiting), so it is not forwarding any; try again later.",
                                 {"Retry-After": "5"})
     call = Call(dialect=_dialect(prefix), endpoint=endpoint)
-    app[METRICS].in_flight.inc()
+    app[METRICS].call_started()
     try:
         return await _metered(request, prefix, rest, call)
     except ProxyError as exc:
@@ -99,7 +99,7 @@ async def metered(request: web.Request, prefix: Prefix, rest: str, endpoint: str
         call.outcome, call.status = "internal", 500
         raise
     finally:
-        app[METRICS].in_flight.dec()
+        app[METRICS].call_ended()
         if call.outcome in REFUSED_OUTCOMES:
             finish_ticket(app, call, 0)
             refused(app, call.outcome)

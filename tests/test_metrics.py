@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
 import re
 from pathlib import Path
@@ -76,3 +77,19 @@ async def test_grafana_dashboard_only_queries_exposed_metrics(proxy: Proxy) -> N
     assert len(exprs) >= 10
     queried = {name for e in exprs for name in re.findall(r"\btollgate_[a-z_]+", e)}
     assert queried and queried <= exposed, queried - exposed
+
+
+async def test_in_flight_calls_are_counted_while_they_last(proxy: Proxy, fake: FakeUpstream) -> None:
+    fake.behavior = Behavior(stall_before_headers=True)
+    async with aiohttp.ClientSession() as s:
+        calls = [asyncio.create_task(s.post(proxy.url + "/v1/chat/completions",
+                                            json={"model": "gpt-4o", "messages": []})) for _ in range(2)]
+        while fake.requests < 2:
+            fake.arrived.clear()
+            await fake.arrived.wait()
+        assert total(await scrape(proxy), "tollgate_in_flight_calls") == 2
+        fake.stall.set()
+        for call in calls:
+            (await call).release()
+    await settled(proxy)
+    assert total(await scrape(proxy), "tollgate_in_flight_calls") == 0
