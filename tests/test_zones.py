@@ -12,6 +12,10 @@ from zoneinfo import ZoneInfo
 
 import aiohttp
 import pytest
+from hypothesis import given
+from hypothesis import strategies as st
+
+from proxy.limits.windows import DAY, Window, _midnight
 
 from .conftest import Clock, Proxy
 from .fake_upstream import FakeUpstream
@@ -110,3 +114,37 @@ async def test_a_calendar_day_limit_follows_the_stats_zone(raw_config: dict[str,
                 assert (await r.json())["rate_limits"]["requests_dia"] == "1 / 2 RPD"
     finally:
         await proxy.stop()
+
+
+@given(st.sampled_from(["America/New_York", "America/Santiago", "America/Havana", "Asia/Beirut",
+                        "America/Sao_Paulo", "Australia/Lord_Howe", "Pacific/Apia", "UTC"]),
+       st.floats(min_value=1.2e9, max_value=2.1e9),
+       st.lists(st.floats(min_value=0, max_value=3 * 86400), min_size=1, max_size=30))
+def test_a_calendar_day_window_remembers_its_day_without_changing_it(zone: str, first: float,
+                                                                     steps: list[float]) -> None:
+    """A day window remembers the local day it last worked out; whatever the zone's DST rules
+    (changes at midnight, half-hour shifts, a skipped day), its start and end are the ones
+    worked out afresh, as the clock moves on and back."""
+    tz = ZoneInfo(zone)
+    window = Window(5, DAY, tz)
+    for ts in [first + step for step in steps] + [first + step for step in reversed(steps)]:
+        assert window.start(ts) == _midnight(ts, tz)
+        assert window.end_of(ts) == _midnight(ts, tz, days_later=1)
+
+
+@pytest.mark.parametrize("zone", ["America/New_York", "America/Santiago", "America/Havana", "Asia/Beirut",
+                                  "Australia/Lord_Howe", "Europe/London"])
+def test_a_calendar_day_window_is_right_through_every_dst_change(zone: str) -> None:
+    """Every ten minutes across each of the zone's DST changes from 2019 to 2026 (Santiago, Havana
+    and Beirut change at midnight), forwards then backwards."""
+    tz = ZoneInfo(zone)
+    window = Window(5, DAY, tz)
+    start = datetime(2019, 1, 1, tzinfo=tz).timestamp()
+    changes = [start + d * DAY for d in range(8 * 365)
+               if datetime.fromtimestamp(start + d * DAY, tz).utcoffset() !=
+               datetime.fromtimestamp(start + (d + 1) * DAY, tz).utcoffset()]
+    assert changes
+    for day in changes:
+        moments = [day - DAY + i * 600 for i in range(3 * 144)]
+        for ts in moments + moments[::-1]:
+            assert (window.start(ts), window.end_of(ts)) == (_midnight(ts, tz), _midnight(ts, tz, days_later=1)), ts
