@@ -92,16 +92,24 @@ async def _captured(call: Call, body: AsyncIterator[bytes], limit: int) -> Async
         yield chunk
 
 
+# For requests, then tokens: the header compared, and the three given together.
+_LIMIT_HEADERS = [(f"x-ratelimit-remaining-{kind}",
+                   [f"x-ratelimit-{part}-{kind}" for part in ("limit", "remaining", "reset")])
+                  for kind in ("requests", "tokens")]
+
+
 def _add_limit_headers(out: CIMultiDict[str], ours: dict[str, str]) -> None:
     """Our x-ratelimit-* figures for requests and for tokens, unless the upstream sent its own
     and they leave less: a client must see the tighter of the two, never the looser."""
-    for kind in ("requests", "tokens"):
-        theirs = out.get(f"x-ratelimit-remaining-{kind}")
-        mine = ours.get(f"x-ratelimit-remaining-{kind}")
-        if mine is None or (theirs is not None and _as_int(theirs) <= int(mine)):
+    for remaining, names in _LIMIT_HEADERS:
+        mine = ours.get(remaining)
+        if mine is None:
             continue
-        for part in ("limit", "remaining", "reset"):
-            out[f"x-ratelimit-{part}-{kind}"] = ours[f"x-ratelimit-{part}-{kind}"]
+        theirs = out.get(remaining)
+        if theirs is not None and _as_int(theirs) <= int(mine):
+            continue
+        for name in names:
+            out[name] = ours[name]
 
 
 def _as_int(value: str) -> float:

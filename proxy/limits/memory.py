@@ -195,8 +195,7 @@ class Limiter:
 
     def _figure(self, scope: Scope, window: Window, now: float) -> tuple[float, float]:
         """(used, seconds until it is empty) of one of a scope's windows."""
-        window.prune(now)
-        return window.used, window.reset_in(now)
+        return window.figure(now)
 
     def _in_flight(self, scope: Scope) -> int:
         return scope.in_flight
@@ -214,9 +213,12 @@ class Limiter:
         the window with the least left, whichever scope (upstream, model, user, key) holds it."""
         now = self.clock()
         out: dict[str, str] = {}
-        for kind, tokens in (("requests", False), ("tokens", True)):
-            tightest = self._tightest([(s, w) for s in scopes for w, k in s.windows()
-                                       if (k == "tokens_per_minute") is tokens], now)
+        by_kind: tuple[list[tuple[Scope, Window]], list[tuple[Scope, Window]]] = ([], [])
+        for s in scopes:
+            for w, k in s.windows():
+                by_kind[k == "tokens_per_minute"].append((s, w))
+        for kind, pairs in zip(("requests", "tokens"), by_kind):
+            tightest = self._tightest(pairs, now)
             if tightest is None:
                 continue
             limit, used, reset = tightest

@@ -111,6 +111,12 @@ class Window:
             self.used += amount - self.amounts[index]
             self.amounts[index] = amount
 
+    def figure(self, now: float) -> tuple[float, float]:
+        """(used, seconds until it is empty), pruned once."""
+        self.prune(now)
+        times = self.times
+        return self.used, (max(0.0, self.end_of(times[-1]) - now) if times else 0.0)
+
     def reset_in(self, now: float) -> float:
         """Seconds until the window is empty again (what x-ratelimit-reset-* means)."""
         self.prune(now)
