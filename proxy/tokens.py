@@ -15,7 +15,8 @@ holds 20 MB (cl100k_base) or 42 MB (o200k_base) of the process for good, and a p
 upstreams report usage, with no token limit or budget, may never need one. Where the need is
 known before the call goes out (a token limit, a budget), the call awaits the build off the
 event loop (`Estimator.ready`); where it is only known at the end (an upstream that gave no
-usage), the build runs there, once per encoding and process (0.3-0.7 s), and is logged.
+usage, a client that hung up), the build runs there, on the loop, once per encoding and process
+(0.3-0.7 s), and is logged.
 """
 
 from __future__ import annotations
