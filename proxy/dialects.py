@@ -362,13 +362,15 @@ class StreamState:
     text_parts: list[str] = field(default_factory=list)
     error: str | None = None
     done: bool = False
-    # Frames not parsed yet, in order, each with the function that reads its text.
-    _unread: list[tuple[bytes, Callable[[bytes, StreamState], None]]] = field(default_factory=list, repr=False)
+    # Frames not parsed yet, in order, and what reads their text (a stream is of one dialect).
+    _unread: list[bytes] = field(default_factory=list, repr=False)
     _unread_bytes: int = field(default=0, repr=False)
+    _read: Callable[[bytes, StreamState], None] | None = field(default=None, repr=False)
 
     def defer(self, frame: bytes, read: Callable[[bytes, StreamState], None]) -> None:
         """Keep a text-only frame to read later (`read` appends its text to text_parts)."""
-        self._unread.append((frame, read))
+        self._read = read
+        self._unread.append(frame)
         self._unread_bytes += len(frame)
         if self._unread_bytes > DEFER_BYTES:
             self.catch_up()
@@ -376,10 +378,10 @@ class StreamState:
     def catch_up(self) -> None:
         """Read the frames kept so far: called before any later text is appended, so the
         parts stay in the order they came."""
-        if self._unread:
+        if self._unread and self._read is not None:
             unread, self._unread, self._unread_bytes = self._unread, [], 0
-            for frame, read in unread:
-                read(frame, self)
+            for frame in unread:
+                self._read(frame, self)
 
     @property
     def unread_bytes(self) -> int:

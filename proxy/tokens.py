@@ -73,10 +73,6 @@ def encoding(name: str) -> tiktoken.Encoding:
     return built
 
 
-def built(name: str) -> bool:
-    return name in _BUILT
-
-
 async def ready(name: str) -> None:
     """Build `name` on a worker thread if it is not built yet, leaving the event loop free."""
     if name not in _BUILT:

@@ -112,15 +112,10 @@ class Window:
             self.amounts[index] = amount
 
     def figure(self, now: float) -> tuple[float, float]:
-        """(used, seconds until it is empty), pruned once."""
+        """(used, seconds until it is empty again: what x-ratelimit-reset-* means), pruned once."""
         self.prune(now)
         times = self.times
         return self.used, (max(0.0, self.end_of(times[-1]) - now) if times else 0.0)
-
-    def reset_in(self, now: float) -> float:
-        """Seconds until the window is empty again (what x-ratelimit-reset-* means)."""
-        self.prune(now)
-        return max(0.0, self.end_of(self.times[-1]) - now) if self.times else 0.0
 
 
 @dataclass
