@@ -1,8 +1,9 @@
 """Latency distributions in log-spaced buckets, shared by live aggregates and the ledger's rollups.
 
 The bucket of a value is computed by one function, here, wherever it is counted: in memory as
-calls finish, in the writer's hourly and daily rollups, and in the one-time back-fill (SQLite
-calls it), so percentiles read from rollups equal those counted live.
+calls finish, in the SQLite writer's hourly and daily rollups and its one-time back-fill, so
+percentiles read from rollups equal those counted live. (PostgreSQL's rollups compute the same
+formula in SQL, from _BASE and _FLOOR.)
 """
 
 from __future__ import annotations

@@ -107,6 +107,64 @@ async def test_the_epoch_from_rollups_is_the_epoch_from_rows(tmp_path: Path, see
     same(Aggregates.from_summary(started, summary), replayed(START - 10, rows[:cut]))
 
 
+def rollup_tables(path: Path) -> dict[str, dict[tuple[object, ...], list[object]]]:
+    """Every rollup table's rows, by their values other than floats; float sums beside them,
+    compared to the last few bits (added in another grouping)."""
+    conn = sqlite3.connect(path)
+    try:
+        tables: dict[str, dict[tuple[object, ...], list[object]]] = {}
+        for span in rollups.SPANS:
+            for table in ("rollup", "users", "latency"):
+                rows = tables[f"{table}_{span}"] = {}
+                for row in conn.execute(f"SELECT * FROM {table}_{span}"):
+                    key = tuple(v for v in row if not isinstance(v, float))
+                    assert key not in rows
+                    rows[key] = [pytest.approx(v, rel=1e-12) for v in row if isinstance(v, float)]
+        return tables
+    finally:
+        conn.close()
+
+
+@pytest.mark.parametrize("seed", [4, 5])
+async def test_the_writer_and_the_back_fill_sum_alike(tmp_path: Path, seed: int) -> None:
+    """The writer sums its rows in Python (`Fold`), the back-fill of an older ledger in SQL
+    (`add_range`): the same rows give the same tables, to the row, whatever the batches, with
+    times on and a hair either side of hour and day boundaries."""
+    rng = random.Random(seed)
+    rows = random_rows(rng, 1500, 3 * 86400)
+    edges = [day * 86400 + delta for day in (19675, 19676) for delta in (-1e-6, 0.0, 1e-6, -3600.0, 3600.0 - 1e-9)]
+    rows += [replace(row, ts=ts) for row, ts in zip(rng.sample(rows, len(edges)), edges)]
+    rows.sort(key=lambda row: row.ts)
+    cut = 700
+    written = Ledger(tmp_path / "written.sqlite3")
+    written.open(START - 10)
+    for i, rec in enumerate(rows):
+        if i == cut:
+            written.new_epoch(rec.ts)
+        written.append(rec)
+        if rng.random() < 0.02:                     # batches of many sizes, some across hours
+            await written.flush()
+    await written.flush()
+    written.close()
+
+    filled = tmp_path / "filled.sqlite3"
+    empty = Ledger(filled)
+    empty.open(START - 10)
+    empty.close()
+    conn = sqlite3.connect(filled, isolation_level=None)
+    columns = tuple(f.name for f in fields(CallRecord))
+    conn.executemany(f"INSERT INTO calls ({', '.join(columns)}) VALUES ({', '.join('?' * len(columns))})",
+                     [tuple(getattr(rec, c) for c in columns) for rec in rows])
+    conn.execute("INSERT INTO epochs (started, after_call) VALUES (?, ?)", (rows[cut].ts, cut))
+    conn.execute("PRAGMA user_version = 0")
+    rollups.backfill(conn)
+    conn.close()
+
+    written_tables, filled_tables = rollup_tables(tmp_path / "written.sqlite3"), rollup_tables(filled)
+    assert written_tables == filled_tables
+    assert all(filled_tables.values()) and sum(len(t) for t in filled_tables.values()) > 3000
+
+
 async def test_an_older_ledger_is_back_filled_once_even_if_killed(tmp_path: Path, raw_config: dict[str, Any]) -> None:
     """`tollgate serve` on a ledger an older version left (no rollups), killed in the middle of
     its back-fill, then started again: it carries on from where it stopped, and no row counts twice."""

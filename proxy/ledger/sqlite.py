@@ -479,11 +479,14 @@ class Ledger:
 
         def write_rows() -> None:
             # New rows take the ids after the last (no AUTOINCREMENT gaps inside a transaction),
-            # so the rollups fold exactly the id range just written.
+            # so `last` is the row an epoch started now comes after. The rollups fold the rows
+            # from the writer's hands, not read back.
             nonlocal last, rows
             if rows:
                 _insert_many(conn, "calls", _COLUMNS, rows)
-                rollups.add_range(conn, last, last + len(rows), epoch)
+                fold = rollups.Fold()
+                fold.add(rows)
+                fold.write(conn, epoch)
                 last += len(rows)
                 rows = []
 
