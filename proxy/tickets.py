@@ -10,7 +10,7 @@ from aiohttp import web
 from .admission import Plan
 from .call import Call
 from .keys import ACCOUNTING, ADMISSION, LEDGER, LIMITER, METRICS
-from .ledger import Admission
+from .ledger import COUNTED_BY_ROW, Admission
 
 
 def refused(app: web.Application, reason: str) -> None:
@@ -21,12 +21,17 @@ def refused(app: web.Application, reason: str) -> None:
 
 def hold(app: web.Application, call: Call, plan: Plan) -> None:
     """The call's admission, on the ledger's queue before the call leaves: a crash mid-call must
-    not give the place back."""
+    not give the place back. Where no scope limits the call (they only count it), its own row
+    will stand for the admission (ledger.COUNTED_BY_ROW)."""
     call.ticket = plan.ticket
-    if plan.ticket is not None:
-        call.admission = plan.ticket.key
-        app[LEDGER].admit(Admission(plan.ticket.key, plan.ticket.admitted, plan.upstream.name, plan.model,
-                                    call.user, call.key_id, plan.ticket.tokens))
+    if plan.ticket is None:
+        return
+    if not any(scope.limits.any for scope in plan.ticket.scopes):
+        call.admission = COUNTED_BY_ROW
+        return
+    call.admission = plan.ticket.key
+    app[LEDGER].admit(Admission(plan.ticket.key, plan.ticket.admitted, plan.upstream.name, plan.model,
+                                call.user, call.key_id, plan.ticket.tokens))
 
 
 def finish_ticket(app: web.Application, call: Call, tokens: int) -> None:

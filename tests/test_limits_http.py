@@ -612,3 +612,31 @@ async def test_waiting_callers_who_leave_are_never_forwarded(raw_config: dict[st
         assert await call(s, "D") == 200          # D gets the place no leaver took
     contents = [seen.body["messages"][0]["content"] for seen in fake.seen]
     assert contents == ["A", "D"]
+
+
+async def test_a_tracked_upstream_without_limits_counts_each_call_from_its_own_row(
+        raw_config: dict[str, Any], fake: FakeUpstream, make_proxy: Any, backend: str) -> None:
+    """The upstream /stats shows, with no limit of its own, counts every call let through to it
+    (the local model's are not): no admission row each, the call's row stands for it, and the
+    counts come back after a restart, from the ledger, for Redis too once it has forgotten them."""
+    raw_config["upstreams"]["gpt4o_cloud"].pop("limits")
+    proxy = await make_proxy()
+    fake.behavior = Behavior(prompt_tokens=100, chunks=4, completion_per_chunk=10)
+    async with aiohttp.ClientSession() as s:
+        for body in (CHAT, {**CHAT, "stream": True}, CHAT, {**CHAT, "model": "llama3.2"}):
+            async with s.post(proxy.url + "/v1/chat/completions", json=body) as r:
+                assert r.status == 200
+                await r.read()
+    before = (await settled(proxy))["rate_limits"]
+    assert before["requests_dia"].startswith("3 ") and before["tokens_pm"].startswith("420 ")
+    await proxy.ledger.flush()
+    conn = sqlite3.connect(proxy.config.db_path)
+    try:
+        assert conn.execute("SELECT COUNT(*) FROM admissions").fetchone() == (0,)
+        assert conn.execute("SELECT COUNT(*) FROM calls WHERE admission = ''").fetchone() == (3,)
+    finally:
+        conn.close()
+    if backend == "redis":
+        raw_config["redis"]["prefix"] = f"t{uuid.uuid4().hex}"   # a Redis that has forgotten them
+    await proxy.restart()
+    assert (await settled(proxy))["rate_limits"] == before

@@ -39,7 +39,8 @@ class CallRecord:
     cost_usd: float
     fallback_from: str | None = None  # the upstream that could not take the call
     key_id: str | None = None         # the proxy key's name (never the key itself)
-    admission: str | None = None      # the key of its row in `admissions`, if a limit admitted it
+    admission: str | None = None      # the key of its row in `admissions`, if a limit admitted it;
+                                      # COUNTED_BY_ROW if only counted (see there)
     # False for an attempt that did not answer the client: refused by a limit or failed at its
     # upstream, after which a fallback took the call (whose row is final, with fallback_from).
     final: bool = True
@@ -72,6 +73,13 @@ class Admission:
 
 
 COLUMNS = tuple(f.name for f in fields(CallRecord))
+
+# The `admission` of a call let through scopes that only count it (the upstream /stats shows,
+# with no limit of its own): no admission row was written, since nothing is held back by it,
+# and its call row stands for one in `replay_admissions`, with the key "call:<row id>". The
+# row of an admission costs the writer as much as a call's; counting every call to the tracked
+# upstream cost each a second row. Only a call in flight at a crash goes uncounted after it.
+COUNTED_BY_ROW = ""
 
 # Outcomes that answered the caller: everything else is an error in the books. A cache hit is
 # an answer too, from Tollgate's cache instead of an upstream.

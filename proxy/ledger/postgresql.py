@@ -29,7 +29,7 @@ from psycopg_pool import ConnectionPool
 
 from . import postgresql_rollups as pg_rollups
 from . import sqlite_rollups as rollups
-from . import (COLUMNS, GROUPS, IS_ERROR_SQL, Admission, Spend, CallRecord, Filters, GroupBy, LedgerError, Piece,
+from . import (COLUMNS, COUNTED_BY_ROW, GROUPS, IS_ERROR_SQL, Admission, Spend, CallRecord, Filters, GroupBy, LedgerError, Piece,
                      Summary)
 from .outbox import Item, Outbox
 from .postgresql_rollups import ADMISSION_COLUMNS, CALL_COLUMNS, CALL_TYPES, q
@@ -423,7 +423,12 @@ class PgLedger(Ledger):
                     """SELECT a.key, a.ts, a.upstream, a.model, a."user", a.key_id,
                               COALESCE(c.prompt_tokens + c.completion_tokens, a.tokens)
                        FROM admissions a LEFT JOIN calls c ON c.admission = a.key AND c.ts >= %s
-                       WHERE a.ts >= %s ORDER BY a.ts""", (since, since)).fetchall():
+                       WHERE a.ts >= %s
+                       UNION ALL
+                       SELECT 'call:' || c.id, c.ts - c.latency_s, c.upstream, c.model, c."user", c.key_id,
+                              c.prompt_tokens + c.completion_tokens
+                       FROM calls c WHERE c.ts >= %s AND c.admission = %s AND c.ts - c.latency_s >= %s
+                       ORDER BY 2""", (since, since, since, COUNTED_BY_ROW, since)).fetchall():
                 yield Admission(*row)
 
     def count(self) -> int:

@@ -36,7 +36,7 @@ from typing import Any
 
 from . import sqlite_rollups as rollups
 from ..files import make_private_dir
-from . import (COLUMNS, GROUPS, IS_ERROR_SQL, OTHERS, Spend, Admission, CallRecord, Filters, GroupBy, LedgerError,
+from . import (COLUMNS, COUNTED_BY_ROW, GROUPS, IS_ERROR_SQL, OTHERS, Spend, Admission, CallRecord, Filters, GroupBy, LedgerError,
                      LedgerHealth, Piece, Snapshot, Summary)
 
 log = logging.getLogger("tollgate.ledger")
@@ -711,14 +711,22 @@ class Ledger:
 
     def replay_admissions(self, since: float) -> Iterator[Admission]:
         """Admissions since `since`, oldest first, each with the real tokens of its call if the
-        call finished (and the tokens counted at admission if it never did)."""
+        call finished (and the tokens counted at admission if it never did); and the calls that
+        stood for their own admission (COUNTED_BY_ROW), admitted when they started."""
         conn = _reader(self.path)
         try:
+            # "+c.admission": by the time index, never by the admission one (every counted
+            # row ever written has the same admission, so that index would read them all).
             cursor = conn.execute(
                 """SELECT a.key, a.ts, a.upstream, a.model, a.user, a.key_id,
                           COALESCE(c.prompt_tokens + c.completion_tokens, a.tokens)
                    FROM admissions a LEFT JOIN calls c ON c.admission = a.key
-                   WHERE a.ts >= ? ORDER BY a.ts""", (since,))
+                   WHERE a.ts >= ?
+                   UNION ALL
+                   SELECT 'call:' || c.id, c.ts - c.latency_s, c.upstream, c.model, c.user, c.key_id,
+                          c.prompt_tokens + c.completion_tokens
+                   FROM calls c WHERE c.ts >= ? AND +c.admission = ? AND c.ts - c.latency_s >= ?
+                   ORDER BY 2""", (since, since, COUNTED_BY_ROW, since))
             for row in cursor:
                 yield Admission(*row)
         finally:
