@@ -2,8 +2,9 @@
 
     python bench/cpu.py [--rounds 3] [--seconds 10] [--connections 32]
 
-Starts the fake upstream (tests/fake_upstream.py), `bench/bare_relay.py` and two `tollgate serve`
-processes with the shipped config.toml pointed at the fake upstream: one with its tagging rules
+Starts the fake upstream (tests/fake_upstream.py), `bench/bare_relay.py`,
+`bench/metering_floor.py` (the bare relay plus usage read and one SQLite row a call) and two
+`tollgate serve` processes with the shipped config.toml pointed at the fake upstream: one with its tagging rules
 and no limits, one with every limit the shipped config checks (rpm, rpd, tpm, concurrency, the
 per-request caps; values scaled up so the load is admitted; no fallback). For non-streaming and
 streaming chat, in interleaved rounds, wrk drives each target for a fixed time; each process's
@@ -100,11 +101,15 @@ async def main(rounds: int, seconds: int, connections: int) -> None:
     bare_port = free_port()
     bare = await start([sys.executable, str(ROOT / "bench" / "bare_relay.py"), str(bare_port),
                         f"http://127.0.0.1:{up_port}"], b"bare relay ready")
+    floor_port, floor_dir = free_port(), tempfile.TemporaryDirectory()
+    floor = await start([sys.executable, str(ROOT / "bench" / "metering_floor.py"), str(floor_port),
+                         f"http://127.0.0.1:{up_port}", floor_dir.name], b"metering floor ready")
     plain_proxy, plain_port, _ = await start_proxy(shipped(up_port, limits=False))
     limited_proxy, limited_port, _ = await start_proxy(shipped(up_port, limits=True))
     targets = {
         "direct": (f"http://127.0.0.1:{up_port}/chat/completions", None),
         "bare relay": (f"http://127.0.0.1:{bare_port}/v1/chat/completions", bare.pid),
+        "metering floor": (f"http://127.0.0.1:{floor_port}/v1/chat/completions", floor.pid),
         "Tollgate": (f"http://127.0.0.1:{plain_port}/v1/chat/completions", plain_proxy.pid),
         "Tollgate, limits on": (f"http://127.0.0.1:{limited_port}/v1/chat/completions", limited_proxy.pid),
     }
@@ -125,7 +130,8 @@ async def main(rounds: int, seconds: int, connections: int) -> None:
                         loop_us = (cpu_seconds(pid, pid) - loop_before) / done * 1e6 if pid else float("nan")
                         figures.setdefault((kind, name), []).append((rate, cpu_us, p50, p99, loop_us))
     finally:
-        await stop(plain_proxy, limited_proxy, bare, upstream)
+        await stop(plain_proxy, limited_proxy, floor, bare, upstream)
+        floor_dir.cleanup()
     print(f"# cost of one call: {os.cpu_count()} cores, wrk -t2 -c{connections} -d{seconds}s, "
           f"{rounds} interleaved rounds, medians")
     for kind in ("non-streaming", "streaming"):
