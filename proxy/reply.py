@@ -40,7 +40,7 @@ async def relay_reply(request: web.Request, call: Call, response: Response, plan
     else:
         call.answered = True
     out_headers = response_headers(response.headers)
-    if plan.ticket is not None:
+    if plan.ticket is not None and plan.ticket.limits:
         _add_limit_headers(out_headers, request.app[LIMITER].headers(plan.ticket.scopes))
     out_headers["X-Tollgate-Upstream"] = plan.upstream.name
     if call.cache_status is not None:

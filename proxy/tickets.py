@@ -26,7 +26,7 @@ def hold(app: web.Application, call: Call, plan: Plan) -> None:
     call.ticket = plan.ticket
     if plan.ticket is None:
         return
-    if not any(scope.limits.any for scope in plan.ticket.scopes):
+    if not plan.ticket.limits:
         call.admission = COUNTED_BY_ROW
         return
     call.admission = plan.ticket.key
@@ -37,5 +37,6 @@ def hold(app: web.Application, call: Call, plan: Plan) -> None:
 def finish_ticket(app: web.Application, call: Call, tokens: int) -> None:
     if call.ticket is not None:
         app[LIMITER].finish(call.ticket, tokens)
+        if call.ticket.limits:   # a counting-only ticket gives back no place anyone waits for
+            app[ADMISSION].lines.notify()
         call.ticket = None
-        app[ADMISSION].lines.notify()

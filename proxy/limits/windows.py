@@ -201,6 +201,12 @@ class Ticket:
     key: str = field(default_factory=lambda: f"{_PROCESS}{next(_SERIAL):x}")
     token_entries: list[tuple[Window, int]] = field(default_factory=list)
     done: bool = False
+    # Whether any of its scopes limits (rather than only counts): a counting-only ticket holds
+    # no place anyone could wait for, sets no x-ratelimit-* header and writes no admission row.
+    limits: bool = field(init=False)
+
+    def __post_init__(self) -> None:
+        self.limits = any(scope.limits.any for scope in self.scopes)
 
 
 def _row(scope: str, limit: str, used: float, maximum: int, reset: float) -> dict[str, object]:
