@@ -406,12 +406,12 @@ def scan_openai_frame(frame: bytes, state: StreamState, strip_usage: bool) -> by
         # judged by its bytes, its text read only if ever needed (DEFER_BYTES).
         uses = frame.count(b'"usage"')
         if uses == 0 or (uses == 1 and not strip_usage and b'"usage":null' in frame):
-            state.defer(frame, _read_openai_text)
+            state.defer(frame, _read_openai_texts)
             return frame
         if uses == 1 and strip_usage and frame.endswith(_LAST_NULL_USAGE):
             # The member just before the object's final brace belongs to the outermost object:
             # this is the `usage: null` the proxy caused, and only it is cut.
-            state.defer(frame, _read_openai_text)
+            state.defer(frame, _read_openai_texts)
             return frame[:-len(_LAST_NULL_USAGE)] + b"}\n\n"
     event, data = sse_data(frame)
     if data is None:
@@ -450,6 +450,39 @@ def scan_openai_frame(frame: bytes, state: StreamState, strip_usage: bool) -> by
 _LAST_NULL_USAGE = b',"usage":null}\n\n'
 
 
+def scan_openai_frames(frames: list[bytes], state: StreamState, strip_usage: bool) -> bytes:
+    """Learn from the frames of one read; return the bytes to forward, joined.
+
+    Most reads of a stream are common chunks only (scan_openai_frame's first case), but for the
+    last, which ends with the usage chunk and [DONE]. Such a run of frames is judged as a whole:
+    the same checks, each one pass over the run rather than one per frame (three quarters of a
+    stream's scanning went on checks frame by frame), its text kept in one piece for later. The
+    one or two frames after it, and any read that is not such a run, go frame by frame."""
+    count = len(frames)
+    for end in range(count, max(0, count - 3), -1):       # all of them, all but one, all but two
+        run = frames[0] if end == 1 else b"".join(frames[:end])
+        if _common_run(run, end):
+            state.defer(run, _read_openai_texts)
+            out = [run.replace(_LAST_NULL_USAGE, b"}\n\n") if strip_usage else run]
+            break
+    else:
+        out, end = [], 0
+    for frame in frames[end:]:
+        forwarded = scan_openai_frame(frame, state, strip_usage)
+        if forwarded:
+            out.append(forwarded)
+    return out[0] if len(out) == 1 else b"".join(out)
+
+
+def _common_run(run: bytes, frames: int) -> bool:
+    """Whether `run`, `frames` whole frames, is common chunks only: each one compact data line
+    ("}\n\ndata: {" can only join two frames, so every frame starts and ends as it must), no
+    error, no event type, and every "usage" the outermost object's last member, null."""
+    return (run.startswith(b"data: {") and run.endswith(b"}\n\n") and run.count(b"\n") == 2 * frames
+            and run.count(b"}\n\ndata: {") == frames - 1 and b"\r" not in run and b'"error"' not in run
+            and b'"type"' not in run and run.count(b'"usage"') in (0, run.count(_LAST_NULL_USAGE)))
+
+
 def _learn_choices(choices: Any, state: StreamState) -> None:
     for choice in choices if isinstance(choices, list) else ():
         if isinstance(choice, dict):
@@ -460,14 +493,17 @@ def _learn_choices(choices: Any, state: StreamState) -> None:
                 state.text_parts.append(choice["text"])
 
 
-def _read_openai_text(frame: bytes, state: StreamState) -> None:
-    """The text of a deferred chunk (one data line of a JSON object, checked when kept)."""
-    try:
-        obj = orjson.loads(frame[6:-2])
-    except orjson.JSONDecodeError:
-        return
-    if isinstance(obj, dict):
-        _learn_choices(obj.get("choices"), state)
+def _read_openai_texts(run: bytes, state: StreamState) -> None:
+    """The text of deferred chunks (each one data line of a JSON object, checked when kept)."""
+    for frame in run.split(b"\n\n"):
+        if not frame:
+            continue
+        try:
+            obj = orjson.loads(frame[6:])
+        except orjson.JSONDecodeError:
+            continue
+        if isinstance(obj, dict):
+            _learn_choices(obj.get("choices"), state)
 
 
 # `"usage": null` as a member of an object, with the comma that joins it to its neighbours.

@@ -119,36 +119,38 @@ def _as_int(value: str) -> float:
         return float("inf")  # unreadable: ours wins
 
 
-def _openai_scanner(strip_usage: bool) -> Callable[[bytes, StreamState], bytes | None]:
-    def scan(frame: bytes, state: StreamState) -> bytes | None:
-        return dialects.scan_openai_frame(frame, state, strip_usage)
+def _openai_scanner(strip_usage: bool) -> Callable[[list[bytes], StreamState], bytes]:
+    def scan(frames: list[bytes], state: StreamState) -> bytes:
+        return dialects.scan_openai_frames(frames, state, strip_usage)
     return scan
 
 
-def _ollama_scanner(line: bytes, state: StreamState) -> bytes:
-    dialects.scan_ollama_line(line, state)
-    return line
+def _ollama_scanner(lines: list[bytes], state: StreamState) -> bytes:
+    for line in lines:
+        dialects.scan_ollama_line(line, state)
+    return lines[0] if len(lines) == 1 else b"".join(lines)
 
 
 async def _relay_frames(request: web.Request, call: Call, body: AsyncIterator[bytes],
                         out: web.StreamResponse, framer: framing.Framer,
-                        scan: Callable[[bytes, StreamState], bytes | None]) -> None:
-    """Forward a stream frame by frame as it arrives, learning usage and text on the way."""
+                        scan: Callable[[list[bytes], StreamState], bytes]) -> None:
+    """Forward a stream as it arrives, each read's whole frames at once, learning usage and text
+    on the way."""
     state = StreamState()
     await out.prepare(request)
     call.headers_sent = True
     try:
         async for chunk in body:
-            forwarded = [f for f in (scan(frame, state) for frame in framer.feed(chunk)) if f]
+            forwarded = scan(framer.feed(chunk), state)
             if forwarded:
                 if call.ttft is None:
                     call.ttft = time.perf_counter() - call.started
-                await out.write(b"".join(forwarded))
+                await out.write(forwarded)
                 call.completed = state.done and state.error is None
         rest = framer.rest()
         if rest.strip():
             # A last frame without its terminator: still the upstream's words, pass them on.
-            last = scan(rest, state)
+            last = scan([rest], state)
             if last:
                 await out.write(last)
                 call.completed = state.done and state.error is None

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import orjson
 import pytest
-from hypothesis import given
+from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from proxy import dialects, framing
@@ -194,6 +194,8 @@ _CHUNKS = [
     b'{"choices":[],"usage":{"prompt_tokens":5,"completion_tokens":2,"total_tokens":7}}',
     b'{"error":{"message":"boom"}}',
     b'{"choices":[{"delta":{"content":"broken"}}],"usage":null',
+    b'{"type":"response.output_text.delta","delta":"hi"}',
+    b'{"type":"response.completed","response":{"usage":{"input_tokens":3,"output_tokens":2,"total_tokens":5}}}',
     b"[DONE]",
 ]
 
@@ -211,6 +213,28 @@ def test_chunks_judged_by_their_bytes_are_forwarded_and_read_as_parsed_ones_are(
         assert out == (reference.replace(b"\r\n", b"\n") if reference is not None else None)
     assert (judged.text, judged.usage, judged.error, judged.done) == (parsed.text, parsed.usage, parsed.error,
                                                                       parsed.done)
+
+
+@settings(max_examples=400)
+@given(st.lists(st.sampled_from(_CHUNKS), max_size=14), st.lists(st.integers(min_value=1, max_value=5), max_size=8),
+       st.booleans())
+def test_a_read_of_frames_is_forwarded_and_read_as_its_frames_one_by_one_are(
+        chunks: list[bytes], sizes: list[int], strip: bool) -> None:
+    """However a stream's frames come grouped into reads, judging each read's run of common
+    chunks at once forwards the same bytes and learns the same things as one frame at a time."""
+    frames = [b"data: " + data + b"\n\n" for data in chunks]
+    together, alone = StreamState(), StreamState()
+    forwarded, reference = b"", b""
+    start = 0
+    for size in [*sizes, len(frames)]:
+        read = frames[start:start + size]
+        start += size
+        forwarded += dialects.scan_openai_frames(read, together, strip)
+        for frame in read:
+            reference += dialects.scan_openai_frame(frame, alone, strip) or b""
+    assert forwarded == reference
+    assert (together.text, together.usage, together.error, together.done) == (alone.text, alone.usage, alone.error,
+                                                                              alone.done)
 
 
 _LINES = [
