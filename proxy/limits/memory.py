@@ -25,6 +25,11 @@ from ..config import Config
 from ..ledger import Admission
 from .windows import Denial, Scope, Ticket, Window, _longer, _row, format_duration
 
+# For requests, then tokens: the names of the limit, remaining and reset headers.
+_HEADER_NAMES = tuple(tuple(f"x-ratelimit-{part}-{kind}" for part in ("limit", "remaining", "reset"))
+                      for kind in ("requests", "tokens"))
+
+
 class Limiter:
     """The windows in this process's memory: exact, and one synchronous step per admission."""
 
@@ -210,21 +215,25 @@ class Limiter:
 
     def headers(self, scopes: list[Scope]) -> dict[str, str]:
         """OpenAI's x-ratelimit-* headers for a call in `scopes`: for requests and for tokens,
-        the window with the least left, whichever scope (upstream, model, user, key) holds it."""
+        the window with the least left, whichever scope (upstream, model, user, key) holds it.
+        Worked out in one pass over the windows: every admitted call with a limit asks."""
         now = self.clock()
+        # For requests, then tokens: (left, limit, used, reset) of the window with the least left.
+        tightest: list[tuple[float, int, float, float] | None] = [None, None]
+        for scope in scopes:
+            for window, kind in scope.windows():
+                used, reset = self._figure(scope, window, now)
+                i = kind == "tokens_per_minute"
+                held = tightest[i]
+                if held is None or (window.limit - used, window.limit) < held[:2]:
+                    tightest[i] = (window.limit - used, window.limit, used, reset)
         out: dict[str, str] = {}
-        by_kind: tuple[list[tuple[Scope, Window]], list[tuple[Scope, Window]]] = ([], [])
-        for s in scopes:
-            for w, k in s.windows():
-                by_kind[k == "tokens_per_minute"].append((s, w))
-        for kind, pairs in zip(("requests", "tokens"), by_kind):
-            tightest = self._tightest(pairs, now)
-            if tightest is None:
-                continue
-            limit, used, reset = tightest
-            out[f"x-ratelimit-limit-{kind}"] = str(limit)
-            out[f"x-ratelimit-remaining-{kind}"] = str(max(0, int(limit - used)))
-            out[f"x-ratelimit-reset-{kind}"] = format_duration(reset)
+        for found, (limit_name, remaining_name, reset_name) in zip(tightest, _HEADER_NAMES):
+            if found is not None:
+                _, limit, used, reset = found
+                out[limit_name] = str(limit)
+                out[remaining_name] = str(max(0, int(limit - used)))
+                out[reset_name] = format_duration(reset)
         return out
 
     def usage(self, upstream: str, model: str, kind: str) -> tuple[int, int | None]:
