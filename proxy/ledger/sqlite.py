@@ -121,11 +121,12 @@ class _Prune:
 # Rows deleted per prune transaction: each holds the writer a few milliseconds at most, and
 # whatever queued meanwhile is written before the next batch.
 PRUNE_BATCH = 100
-# A busy writer starts at most one transaction per this long. A transaction runs the same dozen
-# statements (the rollups' folds) and one commit whether it holds one row or a hundred: under
-# bench/profile.py's streaming load, transactions of 7-11 rows took 48-58 µs of the writer's
-# thread a row, paced ones of 78-89 rows 40. Whoever waits on the writer (a flush, a snapshot,
-# closing) cuts the wait short.
+# A busy writer starts at most one transaction per this long. A transaction costs some fixed
+# statements and one commit whether it holds one row or a hundred, and a row of the same
+# hour and kind as another adds nothing to the rollups' statements: under bench/profile.py's
+# streaming load (with the rollups then folded by SQL), transactions of 7-11 rows took 48-58 µs
+# of the writer's thread a row, paced ones of 78-89 rows 40. Whoever waits on the writer (a
+# flush, a snapshot, closing) cuts the wait short.
 PACE_S = 0.02
 
 
