@@ -457,16 +457,19 @@ def scan_openai_frames(frames: list[bytes], state: StreamState, strip_usage: boo
     last, which ends with the usage chunk and [DONE]. Such a run of frames is judged as a whole:
     the same checks, each one pass over the run rather than one per frame (three quarters of a
     stream's scanning went on checks frame by frame), its text kept in one piece for later. The
-    one or two frames after it, and any read that is not such a run, go frame by frame."""
-    count = len(frames)
-    for end in range(count, max(0, count - 3), -1):       # all of them, all but one, all but two
+    last two frames, if they look like the usage chunk or [DONE], are left out of the run; they,
+    and any read that is not such a run, go frame by frame."""
+    end = len(frames)
+    while end and end > len(frames) - 2 and (b'"usage":{' in frames[end - 1] or b"[DONE]" in frames[end - 1]):
+        end -= 1
+    out: list[bytes] = []
+    if end:
         run = frames[0] if end == 1 else b"".join(frames[:end])
         if _common_run(run, end):
             state.defer(run, _read_openai_texts)
-            out = [run.replace(_LAST_NULL_USAGE, b"}\n\n") if strip_usage else run]
-            break
-    else:
-        out, end = [], 0
+            out.append(run.replace(_LAST_NULL_USAGE, b"}\n\n") if strip_usage else run)
+        else:
+            end = 0
     for frame in frames[end:]:
         forwarded = scan_openai_frame(frame, state, strip_usage)
         if forwarded:
@@ -478,9 +481,10 @@ def _common_run(run: bytes, frames: int) -> bool:
     """Whether `run`, `frames` whole frames, is common chunks only: each one compact data line
     ("}\n\ndata: {" can only join two frames, so every frame starts and ends as it must), no
     error, no event type, and every "usage" the outermost object's last member, null."""
-    return (run.startswith(b"data: {") and run.endswith(b"}\n\n") and run.count(b"\n") == 2 * frames
+    return (run.startswith(b"data: {") and run.endswith(b"}\n\n")
+            and run.count(b'"usage"') in (0, run.count(_LAST_NULL_USAGE)) and run.count(b"\n") == 2 * frames
             and run.count(b"}\n\ndata: {") == frames - 1 and b"\r" not in run and b'"error"' not in run
-            and b'"type"' not in run and run.count(b'"usage"') in (0, run.count(_LAST_NULL_USAGE)))
+            and b'"type"' not in run)
 
 
 def _learn_choices(choices: Any, state: StreamState) -> None:
