@@ -479,7 +479,7 @@ def scan_openai_frames(frames: list[bytes], state: StreamState, strip_usage: boo
 
 def _common_run(run: bytes, frames: int) -> bool:
     """Whether `run`, `frames` whole frames, is common chunks only: each one compact data line
-    ("}\n\ndata: {" can only join two frames, so every frame starts and ends as it must), no
+    ('}\\n\\ndata: {' can only join two frames, so every frame starts and ends as it must), no
     error, no event type, and every "usage" the outermost object's last member, null."""
     return (run.startswith(b"data: {") and run.endswith(b"}\n\n")
             and run.count(b'"usage"') in (0, run.count(_LAST_NULL_USAGE)) and run.count(b"\n") == 2 * frames
