@@ -127,7 +127,7 @@ def rollup_tables(path: Path) -> dict[str, dict[tuple[object, ...], list[object]
 
 @pytest.mark.parametrize("seed", [4, 5])
 async def test_the_writer_and_the_back_fill_sum_alike(tmp_path: Path, seed: int) -> None:
-    """The writer sums its rows in Python (`Fold`), the back-fill of an older ledger in SQL
+    """The writer sums its rows in Python (`add_rows`), the back-fill of an older ledger in SQL
     (`add_range`): the same rows give the same tables, to the row, whatever the batches, with
     times on and a hair either side of hour and day boundaries."""
     rng = random.Random(seed)

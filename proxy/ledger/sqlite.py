@@ -485,9 +485,7 @@ class Ledger:
             nonlocal last, rows
             if rows:
                 _insert_many(conn, "calls", _COLUMNS, rows)
-                fold = rollups.Fold()
-                fold.add(rows)
-                fold.write(conn, epoch)
+                rollups.add_rows(conn, rows, epoch)
                 last += len(rows)
                 rows = []
 

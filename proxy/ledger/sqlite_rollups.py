@@ -10,7 +10,7 @@ use (histogram.bucket_index). A reader takes whole hours and days from here and 
 partial hours at the edges from raw rows.
 
 The writer sums the rows it has just inserted in Python, from the tuples still in its hands
-(`Fold`). A ledger an older version left is back-filled once in SQL, 250,000 rows a chunk, where
+(`add_rows`). A ledger an older version left is back-filled once in SQL, 250,000 rows a chunk, where
 SQLite's GROUP BY is the faster of the two (`add_range`; each chunk committed with the id it
 reached, so an interrupted back-fill resumes where it stopped; `PRAGMA user_version` says it is
 done). tests/test_rollups.py holds both to the same sums, and both to the raw rows.
@@ -21,7 +21,6 @@ from __future__ import annotations
 import logging
 import sqlite3
 import time
-from collections.abc import Iterable
 from operator import itemgetter
 from typing import Any
 
@@ -89,7 +88,7 @@ def _upsert(table: str, key: tuple[str, ...], sums: tuple[str, ...], last_ts: bo
 
 _UPSERT = {span: (_upsert(f"rollup_{span}", KEY, SUMS, True), _upsert(f"users_{span}", ("user",), USER_SUMS, True),
                   _upsert(f"latency_{span}", ("kind", "idx"), ("n",), False)) for span in SPANS}
-# The same upserts of one row of values each, for the writer's sums (`Fold`).
+# The same upserts of one row of values each, for the writer's sums (`add_rows`).
 _UPSERT_VALUES = {span: tuple(f"{head} VALUES ({', '.join('?' * (head.count(',') + 1))}) {tail}"
                               for head, tail in tables) for span, tables in _UPSERT.items()}
 
@@ -172,77 +171,63 @@ def _added(a: list[Any], b: list[Any]) -> list[Any]:
     return [*(x + y for x, y in zip(a[:-1], b[:-1])), max(a[-1], b[-1])]
 
 
-class Fold:
-    """The writer's rows summed for the hourly, daily and epoch tables, then added to them in a
-    few statements (`write`).
+def add_rows(conn: sqlite3.Connection, rows: list[tuple[Any, ...]], epoch: int) -> None:
+    """Add the writer's rows (of stats epoch `epoch`, as bound for their insert) to the hourly,
+    daily and epoch tables, in a few statements.
 
     The rows are grouped in Python, each group summed column by column in C: a batch costs the
     writer's thread one pass over rows it already holds, instead of the dozen statements of
     `add_range`, each reading the rows back and grouping them again (36 of the writer's 83 µs a
     call under bench/profile.py's load). The hour and day of a row are worked out as SQLite's
     CAST(ts / 3600 AS INTEGER) would, and each float column is summed in row order, as SUM does."""
-
-    def __init__(self) -> None:
-        # Keyed by (hour, day, KEY...), (hour, day, user) and (hour, day, kind, bucket index).
-        self.calls: dict[tuple[Any, ...], list[Any]] = {}
-        self.users: dict[tuple[Any, ...], list[Any]] = {}
-        self.latency: dict[tuple[int, int, int, int], int] = {}
-
-    def add(self, rows: Iterable[tuple[Any, ...]]) -> None:
-        calls: dict[tuple[Any, ...], list[tuple[Any, ...]]] = {}
-        users: dict[tuple[Any, ...], list[tuple[Any, ...]]] = {}
-        latency = self.latency
-        for row in rows:
-            ts = row[_TS]
-            hour, day = int(ts / HOUR), int(ts / DAY)
-            upstream, model, kind, endpoint, key_id, outcome, fallback_from, final, user = _KEY_PARTS(row)
-            key = (hour, day, upstream, model, kind, endpoint, key_id or "", outcome, fallback_from or "",
-                   1 if final else 0, 0 if user is None else 1)
-            group = calls.get(key)
+    # Keyed by (hour, day, KEY...), (hour, day, user) and (hour, day, kind, bucket index).
+    calls: dict[tuple[Any, ...], list[tuple[Any, ...]]] = {}
+    users: dict[tuple[Any, ...], list[tuple[Any, ...]]] = {}
+    latency: dict[tuple[int, int, int, int], int] = {}
+    for row in rows:
+        ts = row[_TS]
+        hour, day = int(ts / HOUR), int(ts / DAY)
+        upstream, model, kind, endpoint, key_id, outcome, fallback_from, final, user = _KEY_PARTS(row)
+        key = (hour, day, upstream, model, kind, endpoint, key_id or "", outcome, fallback_from or "",
+               1 if final else 0, 0 if user is None else 1)
+        group = calls.get(key)
+        if group is None:
+            calls[key] = [row]
+        else:
+            group.append(row)
+        if not final:
+            continue
+        if user is not None:
+            group = users.get(who := (hour, day, user))
             if group is None:
-                calls[key] = [row]
+                users[who] = [row]
             else:
                 group.append(row)
-            if not final:
-                continue
-            if user is not None:
-                group = users.get(who := (hour, day, user))
-                if group is None:
-                    users[who] = [row]
-                else:
-                    group.append(row)
-            at = (hour, day, LATENCY, bucket_index(row[_LATENCY_S]))
+        at = (hour, day, LATENCY, bucket_index(row[_LATENCY_S]))
+        latency[at] = latency.get(at, 0) + 1
+        if (ttft := row[_TTFT_S]) is not None:
+            at = (hour, day, TTFT, bucket_index(ttft))
             latency[at] = latency.get(at, 0) + 1
-            if (ttft := row[_TTFT_S]) is not None:
-                at = (hour, day, TTFT, bucket_index(ttft))
-                latency[at] = latency.get(at, 0) + 1
-        for into, groups, summed in ((self.calls, calls, _sums), (self.users, users, _user_sums)):
-            for key, group in groups.items():
-                held = into.get(key)
-                into[key] = summed(group) if held is None else _added(held, summed(group))
+    call_sums = {key: _sums(group) for key, group in calls.items()}
+    user_sums = {key: _user_sums(group) for key, group in users.items()}
+    for span, (rollup, users_sql, latency_sql) in _UPSERT_VALUES.items():
+        def bucket(hour: int, day: int) -> int:
+            return hour if span == "hour" else day if span == "day" else epoch
 
-    def write(self, conn: sqlite3.Connection, epoch: int) -> None:
-        """Add the sums to the hour, day and epoch tables (rows of stats epoch `epoch`), and
-        start again empty."""
-        for span, (rollup, users, latency) in _UPSERT_VALUES.items():
-            def bucket(hour: int, day: int) -> int:
-                return hour if span == "hour" else day if span == "day" else epoch
-
-            for sql, groups in ((rollup, self.calls), (users, self.users)):
-                merged: dict[tuple[Any, ...], list[Any]] = {}
-                for (hour, day, *key), sums in groups.items():
-                    at = (bucket(hour, day), *key)
-                    held = merged.get(at)
-                    merged[at] = sums if held is None else _added(held, sums)
-                if merged:
-                    conn.executemany(sql, [(*key, *sums) for key, sums in merged.items()])
-            counts: dict[tuple[int, int, int], int] = {}
-            for (hour, day, kind, index), n in self.latency.items():
-                at = (bucket(hour, day), kind, index)
-                counts[at] = counts.get(at, 0) + n
-            if counts:
-                conn.executemany(latency, [(*at, n) for at, n in counts.items()])
-        self.calls, self.users, self.latency = {}, {}, {}
+        for sql, sums_by_group in ((rollup, call_sums), (users_sql, user_sums)):
+            merged: dict[tuple[Any, ...], list[Any]] = {}
+            for (hour, day, *rest), sums in sums_by_group.items():
+                at = (bucket(hour, day), *rest)
+                held = merged.get(at)
+                merged[at] = sums if held is None else _added(held, sums)
+            if merged:
+                conn.executemany(sql, [(*at, *sums) for at, sums in merged.items()])
+        counts: dict[tuple[int, int, int], int] = {}
+        for (hour, day, kind, index), n in latency.items():
+            spot = (bucket(hour, day), kind, index)
+            counts[spot] = counts.get(spot, 0) + n
+        if counts:
+            conn.executemany(latency_sql, [(*spot, n) for spot, n in counts.items()])
 
 
 def add_columns(conn: sqlite3.Connection) -> None:
@@ -258,7 +243,7 @@ def add_columns(conn: sqlite3.Connection) -> None:
 def add_range(conn: sqlite3.Connection, lo: int, hi: int, epoch: int) -> None:
     """Fold the call rows lo < id <= hi, all of stats epoch `epoch`, into the hourly, daily and
     epoch rollups: the back-fill's step over a chunk of an older ledger, in SQLite's C, a dozen
-    statement steps however many rows. The same sums as `Fold`'s."""
+    statement steps however many rows. The same sums `add_rows` makes."""
     for statement in _FOLD[_bucket_of(conn)]:
         conn.execute(statement, {"lo": lo, "hi": hi, "epoch": epoch})
 
@@ -267,7 +252,7 @@ def backfill(conn: sqlite3.Connection) -> None:
     """Bring the rollups up to every row written before they existed. Each chunk commits with the
     last id it covered, so an interrupted back-fill picks up where it stopped, and never counts a
     row twice. New rows are not written meanwhile: this runs before the writer starts. The sums
-    are the writer's own (`Fold`)."""
+    are the writer's own (`add_rows`)."""
     if conn.execute("PRAGMA user_version").fetchone()[0] >= VERSION:
         return
     done = conn.execute("SELECT value FROM meta WHERE name = 'rollups_upto'").fetchone()
