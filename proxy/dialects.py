@@ -400,19 +400,12 @@ def scan_openai_frame(frame: bytes, state: StreamState, strip_usage: bool) -> by
     dropped and the `usage: null` the upstream adds to every other chunk is removed, so the
     client receives the stream it asked for.
     """
-    if (frame.startswith(b"data: {") and frame.endswith(b"}\n\n") and frame.count(b"\n") == 2
-            and b"\r" not in frame and b'"error"' not in frame and b'"type"' not in frame):
-        # The common chunk, one compact data line with neither an error nor an event type:
-        # judged by its bytes, its text read only if ever needed (DEFER_BYTES).
-        uses = frame.count(b'"usage"')
-        if uses == 0 or (uses == 1 and not strip_usage and b'"usage":null' in frame):
-            state.defer(frame, _read_openai_texts)
-            return frame
-        if uses == 1 and strip_usage and frame.endswith(_LAST_NULL_USAGE):
-            # The member just before the object's final brace belongs to the outermost object:
-            # this is the `usage: null` the proxy caused, and only it is cut.
-            state.defer(frame, _read_openai_texts)
-            return frame[:-len(_LAST_NULL_USAGE)] + b"}\n\n"
+    if _common_run(frame, 1):
+        # The common chunk, judged by its bytes, its text read only if ever needed (DEFER_BYTES).
+        # A `usage: null` just before the object's final brace belongs to the outermost object:
+        # it is the one the proxy caused, and only it is cut.
+        state.defer(frame, _read_openai_texts)
+        return frame.replace(_LAST_NULL_USAGE, b"}\n\n") if strip_usage else frame
     event, data = sse_data(frame)
     if data is None:
         return frame
