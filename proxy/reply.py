@@ -21,6 +21,7 @@ from .call import Call
 from .dialects import StreamState
 from .http1 import Response
 from .keys import LIMITER
+from .limits.windows import HEADER_NAMES
 from .upstream import BadResponse, UpstreamClient, UpstreamError, response_headers
 
 # A non-streamed reply is relayed as it arrives; this much of it is also kept to read usage
@@ -92,16 +93,11 @@ async def _captured(call: Call, body: AsyncIterator[bytes], limit: int) -> Async
         yield chunk
 
 
-# For requests, then tokens: the header compared, and the three given together.
-_LIMIT_HEADERS = [(f"x-ratelimit-remaining-{kind}",
-                   [f"x-ratelimit-{part}-{kind}" for part in ("limit", "remaining", "reset")])
-                  for kind in ("requests", "tokens")]
-
-
 def _add_limit_headers(out: CIMultiDict[str], ours: dict[str, str]) -> None:
     """Our x-ratelimit-* figures for requests and for tokens, unless the upstream sent its own
     and they leave less: a client must see the tighter of the two, never the looser."""
-    for remaining, names in _LIMIT_HEADERS:
+    for names in HEADER_NAMES:
+        remaining = names[1]
         mine = ours.get(remaining)
         if mine is None:
             continue

@@ -23,12 +23,7 @@ from typing import Any
 
 from ..config import Config
 from ..ledger import Admission
-from .windows import Denial, Scope, Ticket, Window, _longer, _row, format_duration
-
-# For requests, then tokens: the names of the limit, remaining and reset headers.
-_HEADER_NAMES = tuple(tuple(f"x-ratelimit-{part}-{kind}" for part in ("limit", "remaining", "reset"))
-                      for kind in ("requests", "tokens"))
-
+from .windows import HEADER_NAMES, Denial, Scope, Ticket, Window, _longer, _row, format_duration
 
 class Limiter:
     """The windows in this process's memory: exact, and one synchronous step per admission."""
@@ -208,29 +203,29 @@ class Limiter:
     def _held_for(self, scope: Scope, now: float) -> float:
         return max(0.0, scope.blocked_until - now)
 
-    def _tightest(self, pairs: list[tuple[Scope, Window]], now: float) -> tuple[int, float, float] | None:
-        """(limit, used, reset) of the window with the least left among `pairs`."""
-        figures = [(w.limit, *self._figure(s, w, now)) for s, w in pairs]
-        return min(figures, key=lambda f: (f[0] - f[1], f[0])) if figures else None
+    def _tightest(self, pairs: Iterable[tuple[Scope, Window]], now: float) -> tuple[int, float, float] | None:
+        """(limit, used, reset) of the window with the least left among `pairs` (the smaller
+        limit if two leave as much; the first if they tie), in one pass."""
+        best: tuple[int, float, float] | None = None
+        for scope, window in pairs:
+            used, reset = self._figure(scope, window, now)
+            if best is None or (window.limit - used, window.limit) < (best[0] - best[1], best[0]):
+                best = (window.limit, used, reset)
+        return best
 
     def headers(self, scopes: list[Scope]) -> dict[str, str]:
         """OpenAI's x-ratelimit-* headers for a call in `scopes`: for requests and for tokens,
-        the window with the least left, whichever scope (upstream, model, user, key) holds it.
-        Worked out in one pass over the windows: every admitted call with a limit asks."""
+        the window with the least left, whichever scope (upstream, model, user, key) holds it."""
         now = self.clock()
-        # For requests, then tokens: (left, limit, used, reset) of the window with the least left.
-        tightest: list[tuple[float, int, float, float] | None] = [None, None]
+        by_kind: tuple[list[tuple[Scope, Window]], list[tuple[Scope, Window]]] = ([], [])
         for scope in scopes:
             for window, kind in scope.windows():
-                used, reset = self._figure(scope, window, now)
-                i = kind == "tokens_per_minute"
-                held = tightest[i]
-                if held is None or (window.limit - used, window.limit) < held[:2]:
-                    tightest[i] = (window.limit - used, window.limit, used, reset)
+                by_kind[kind == "tokens_per_minute"].append((scope, window))
         out: dict[str, str] = {}
-        for found, (limit_name, remaining_name, reset_name) in zip(tightest, _HEADER_NAMES):
-            if found is not None:
-                _, limit, used, reset = found
+        for pairs, (limit_name, remaining_name, reset_name) in zip(by_kind, HEADER_NAMES):
+            tightest = self._tightest(pairs, now)
+            if tightest is not None:
+                limit, used, reset = tightest
                 out[limit_name] = str(limit)
                 out[remaining_name] = str(max(0, int(limit - used)))
                 out[reset_name] = format_duration(reset)

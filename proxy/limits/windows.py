@@ -220,6 +220,11 @@ def _longer(a: Denial, b: Denial) -> bool:
     return b.retry_after is not None and a.retry_after > b.retry_after
 
 
+# OpenAI's x-ratelimit-* headers, for requests, then tokens: the limit, remaining and reset names.
+HEADER_NAMES = tuple(tuple(f"x-ratelimit-{part}-{kind}" for part in ("limit", "remaining", "reset"))
+                     for kind in ("requests", "tokens"))
+
+
 def format_duration(seconds: float) -> str:
     """OpenAI's reset format: 20ms, 1s, 6m0s, 1h2m3s."""
     if seconds < 1:
