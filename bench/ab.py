@@ -23,7 +23,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from bench.cpu import cpu_seconds, shipped, wrk, wrk_script  # noqa: E402
+from bench.cpu import cpu_seconds, round_by_round, shipped, wrk, wrk_script  # noqa: E402
 from bench.harness import ROOT, free_port, start, start_upstream, stop  # noqa: E402
 
 
@@ -77,9 +77,7 @@ async def _compare(rev: str, tree: Path, stream: bool, limits: bool, rounds: int
           "|---|---:|---:|---:|---:|---|")
     for name, rows in figures.items():
         cpu = statistics.median(c for c, _ in rows)
-        # Each round's ratio to the bare relay's in the same round, then their median: the
-        # machine's speed drifts between rounds, and a ratio taken within one round cancels it.
-        paired = statistics.median(c / b for (c, _), (b, _) in zip(rows, figures["bare relay"]))
+        paired = round_by_round([c for c, _ in rows], [b for b, _ in figures["bare relay"]])
         print(f"| {name} | {cpu:,.0f} | {cpu / base:.2f}× | {paired:.2f}× | {statistics.median(r for _, r in rows):,.0f} | "
               f"{', '.join(f'{c:.0f}' for c, _ in rows)} |")
 

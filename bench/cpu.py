@@ -45,6 +45,12 @@ def cpu_seconds(pid: int, task: int | None = None) -> float:
     return (int(fields[11]) + int(fields[12])) / TICK
 
 
+def round_by_round(cpu: list[float], bare: list[float]) -> float:
+    """Each round's CPU a call over the bare relay's in the same round, then their median: the
+    machine's speed drifts between rounds, and a ratio taken within one round cancels it."""
+    return statistics.median(c / b for c, b in zip(cpu, bare))
+
+
 def shipped(up_port: int, limits: bool) -> str:
     """config.toml as shipped, its upstreams at the fake; limits kept (scaled up) or dropped."""
     raw: dict[str, Any] = tomllib.loads((ROOT / "config.toml").read_text())
@@ -148,9 +154,7 @@ async def main(rounds: int, seconds: int, connections: int) -> None:
             cpu_text = "–" if cpu != cpu else f"{cpu:.0f}"
             loop_text = "–" if loop != loop else f"{loop:.0f}"
             ratio = "–" if cpu != cpu else f"{cpu / bare_cpu:.2f}×"
-            # Each round's ratio to the bare relay's in the same round, then their median: the
-            # machine's speed drifts between rounds, and a ratio within one round cancels it.
-            paired = statistics.median(r[1] / b[1] for r, b in zip(rows, figures[(kind, "bare relay")]))
+            paired = round_by_round([r[1] for r in rows], [b[1] for b in figures[(kind, "bare relay")]])
             paired_text = "–" if paired != paired else f"{paired:.2f}×"
             print(f"| {name} | {rate:,.0f} | {cpu_text} | {loop_text} | {p50:.2f} | {p99:.2f} | "
                   f"{rate / bare_rate:.0%} | {ratio} | {paired_text} |")
