@@ -80,6 +80,12 @@ class Response:
         if conn is not None and conn.response is self:
             conn.close()
 
+    @property
+    def ended(self) -> bool:
+        """The whole body has arrived and `chunks()` has handed all of it out: what it gave last
+        was the end."""
+        return self._done and not self._body
+
     async def chunks(self) -> AsyncIterator[bytes]:
         """The body as it arrives: each step everything received since the last."""
         while True:

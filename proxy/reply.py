@@ -60,13 +60,14 @@ async def relay_reply(request: web.Request, call: Call, response: Response, plan
             # A small whole reply: checked, then sent in one write, headers and body together.
             _learn_from_body(call, head, content_type)
             return web.Response(body=head, status=response.status, reason=response.reason, headers=out_headers)
-    out = web.StreamResponse(status=response.status, reason=response.reason, headers=out_headers)
+    out = _Streamed(status=response.status, reason=response.reason, headers=out_headers)
     try:
         if content_type == "text/event-stream":
             await _relay_frames(request, call, rest_of_body, out, framing.sse_framer(),
-                                _openai_scanner(strip_usage))
+                                _openai_scanner(strip_usage), lambda: response.ended)
         elif content_type == "application/x-ndjson":
-            await _relay_frames(request, call, rest_of_body, out, framing.ndjson_framer(), _ollama_scanner)
+            await _relay_frames(request, call, rest_of_body, out, framing.ndjson_framer(), _ollama_scanner,
+                                lambda: response.ended)
         else:
             await _relay_body(request, call, rest_of_body, head, out)
     except UpstreamError as exc:
@@ -79,6 +80,18 @@ async def relay_reply(request: web.Request, call: Call, response: Response, plan
         call.fail(exc, status_sent=True)
         await _end_broken(request, call, out, exc)
     return out
+
+
+class _Streamed(web.StreamResponse):
+    """A reply relayed as it arrives, whose status line and headers leave with its first bytes.
+
+    aiohttp's StreamResponse sends its headers the moment it is prepared, a write of their own;
+    web.Response holds them for the body, and so does this. A client can do nothing with the
+    headers of a stream before its first frame, and under load a whole stream often comes in one
+    read: its headers, frames and end then leave in one write instead of three (each write to a
+    socket is a system call, and on loopback the receiver's TCP work is charged to it too)."""
+
+    _send_headers_immediately = False
 
 
 async def _captured(call: Call, body: AsyncIterator[bytes], limit: int) -> AsyncIterator[bytes]:
@@ -129,26 +142,36 @@ def _ollama_scanner(lines: list[bytes], state: StreamState) -> bytes:
 
 async def _relay_frames(request: web.Request, call: Call, body: AsyncIterator[bytes],
                         out: web.StreamResponse, framer: framing.Framer,
-                        scan: Callable[[list[bytes], StreamState], bytes]) -> None:
+                        scan: Callable[[list[bytes], StreamState], bytes], ended: Callable[[], bool]) -> None:
     """Forward a stream as it arrives, each read's whole frames at once, learning usage and text
-    on the way."""
+    on the way. `ended()` says whether the read just taken was the upstream body's last: its
+    frames then go out with the end of our body, in one write."""
     state = StreamState()
     await out.prepare(request)
     call.headers_sent = True
+    eof_sent = False
     try:
         async for chunk in body:
-            forwarded = scan(framer.feed(chunk), state)
-            if forwarded:
-                if call.ttft is None:
-                    call.ttft = time.perf_counter() - call.started
-                await out.write(forwarded)
-                call.completed = state.done and state.error is None
-        rest = framer.rest()
-        if rest.strip():
-            # A last frame without its terminator: still the upstream's words, pass them on.
-            last = scan([rest], state)
+            frames = framer.feed(chunk)
+            last = ended()
+            if last and (rest := framer.rest()).strip():
+                frames.append(rest)  # a last frame without its terminator: still the upstream's words
+            forwarded = scan(frames, state) if frames else b""
+            if forwarded and call.ttft is None:
+                call.ttft = time.perf_counter() - call.started
             if last:
-                await out.write(last)
+                await out.write_eof(forwarded)
+                eof_sent = True
+            elif forwarded:
+                await out.write(forwarded)
+            else:
+                continue
+            call.completed = state.done and state.error is None
+        if not eof_sent and (rest := framer.rest()).strip():
+            # The body ended without a last read (cut off, or ended after the frames we had).
+            last_frames = scan([rest], state)
+            if last_frames:
+                await out.write(last_frames)
                 call.completed = state.done and state.error is None
     finally:
         call.usage, call.prompt_missing = state.usage, state.prompt_missing
@@ -159,6 +182,8 @@ async def _relay_frames(request: web.Request, call: Call, body: AsyncIterator[by
         call.outcome = "stream_error"
     elif not state.done and state.usage is None and call.outcome == "ok":
         call.outcome = "broken_stream"
+    if eof_sent:
+        return
     try:
         await out.write_eof()
     except ConnectionResetError:
@@ -169,7 +194,7 @@ async def _relay_frames(request: web.Request, call: Call, body: AsyncIterator[by
 async def _relay_body(request: web.Request, call: Call, body: AsyncIterator[bytes], head: bytes,
                       out: web.StreamResponse) -> None:
     """Forward a large body as it arrives, keeping only its tail to read usage from."""
-    await out.prepare(request)
+    await out.prepare(request)  # its headers leave with `head`
     call.headers_sent = True
     await out.write(head)
     tail = head[-_TAIL_BYTES:]
