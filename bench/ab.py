@@ -57,7 +57,7 @@ async def _compare(rev: str, tree: Path, stream: bool, limits: bool, rounds: int
     after, after_port = await serve_from(ROOT, config)
     targets = {"bare relay": (bare, bare_port), f"Tollgate at {rev}": (before, before_port),
                "Tollgate, this tree": (after, after_port)}
-    figures: dict[str, list[tuple[float, float]]] = {name: [] for name in targets}
+    figures: dict[str, list[tuple[float, float, float]]] = {name: [] for name in targets}
     try:
         with tempfile.TemporaryDirectory() as tmp:
             script = wrk_script(Path(tmp), stream)
@@ -65,21 +65,23 @@ async def _compare(rev: str, tree: Path, stream: bool, limits: bool, rounds: int
                 await wrk(f"http://127.0.0.1:{port}/v1/chat/completions", script, 2, 32)
             for _ in range(rounds):
                 for name, (proc, port) in targets.items():
-                    used = cpu_seconds(proc.pid)
+                    used, loop = cpu_seconds(proc.pid), cpu_seconds(proc.pid, proc.pid)
                     done, rate, _, _ = await wrk(f"http://127.0.0.1:{port}/v1/chat/completions", script, seconds, 32)
-                    figures[name].append(((cpu_seconds(proc.pid) - used) / done * 1e6, rate))
+                    figures[name].append(((cpu_seconds(proc.pid) - used) / done * 1e6, rate,
+                                          (cpu_seconds(proc.pid, proc.pid) - loop) / done * 1e6))
     finally:
         await stop(before, after, bare, upstream)
-    base = statistics.median(cpu for cpu, _ in figures["bare relay"])
+    base = statistics.median(cpu for cpu, _, _ in figures["bare relay"])
     print(f"# {'streaming' if stream else 'non-streaming'} chat, shipped config "
           f"{'with its limits' if limits else 'without limits'}: {rounds} interleaved rounds of {seconds} s, medians")
-    print("| target | CPU µs/call | × bare relay | × bare relay, round by round | req/s | each round's CPU |\n"
-          "|---|---:|---:|---:|---:|---|")
+    print("| target | CPU µs/call | of which other threads (the ledger writer) | × bare relay | "
+          "× bare relay, round by round | req/s | each round's CPU |\n|---|---:|---:|---:|---:|---:|---|")
     for name, rows in figures.items():
-        cpu = statistics.median(c for c, _ in rows)
-        paired = round_by_round([c for c, _ in rows], [b for b, _ in figures["bare relay"]])
-        print(f"| {name} | {cpu:,.0f} | {cpu / base:.2f}× | {paired:.2f}× | {statistics.median(r for _, r in rows):,.0f} | "
-              f"{', '.join(f'{c:.0f}' for c, _ in rows)} |")
+        cpu = statistics.median(c for c, _, _ in rows)
+        others = statistics.median(c - loop for c, _, loop in rows)
+        paired = round_by_round([c for c, _, _ in rows], [b for b, _, _ in figures["bare relay"]])
+        print(f"| {name} | {cpu:,.0f} | {others:,.0f} | {cpu / base:.2f}× | {paired:.2f}× | "
+              f"{statistics.median(r for _, r, _ in rows):,.0f} | {', '.join(f'{c:.0f}' for c, _, _ in rows)} |")
 
 
 if __name__ == "__main__":
