@@ -48,6 +48,10 @@ class Behavior:
     headers: dict[str, str] | None = None  # extra reply headers (its own x-ratelimit-*, say)
     raw_body: bytes | None = None       # override the whole reply body
     finish_reason: str = "stop"         # "length": a reply cut by the output limit (Ollama's done_reason too)
+    # The stream's last frame and the end of the body in one write (so they arrive in one read),
+    # and that frame without the line ending that should close it.
+    last_with_end: bool = False
+    unterminated_last: bool = False
 
 
 @dataclass
@@ -188,12 +192,16 @@ class FakeUpstream:
             await self._write(response, b, frame)
             if i == 0:
                 self.first_chunk_sent.set()
+        tail = list(tail)
+        if b.unterminated_last:
+            tail[-1] = tail[-1].rstrip(b"\r\n")
+        last = tail.pop() if b.last_with_end else b""
         for frame in tail:
             await self._write(response, b, frame)
         count()
         if b.pause_before_eof is not None:
             await b.pause_before_eof.wait()
-        await response.write_eof()
+        await response.write_eof(last)
         return response
 
     @staticmethod

@@ -7,6 +7,7 @@ behalf, and then the client gets exactly the stream it would have got without as
 
 from __future__ import annotations
 
+import asyncio
 import gzip
 import zlib
 
@@ -59,6 +60,42 @@ async def test_chat_stream_reaches_the_client_byte_for_byte(proxy: Proxy, fake: 
     assert (row.outcome, row.estimated) == ("ok", False)
     # The usage was counted even when the client never saw it.
     assert row.total_tokens == fake.reported.total - reported == 16
+
+
+async def _fetch_in_two(url: str, body: dict[str, object], fake: FakeUpstream, with_end: bool) -> bytes:
+    """A stream whose last frame lacks its line ending: sent with the end of the body in one
+    write, or alone, its end held back until the client has read the frames before it (so the
+    end comes in a read of its own)."""
+    release = asyncio.Event()
+    fake.behavior = Behavior(prompt_tokens=6, chunks=2, unterminated_last=True, last_with_end=with_end,
+                             pause_before_eof=None if with_end else release)
+    async with aiohttp.ClientSession() as session:
+        async with session.post(url, data=orjson.dumps(body), headers={"Content-Type": "application/json"}) as r:
+            assert r.status == 200
+            first = await r.content.readany()
+            release.set()
+            return first + await r.content.read()
+
+
+@pytest.mark.parametrize("path,direct_path,body", [
+    ("/v1/chat/completions", "/chat/completions", _chat(True, include_usage=True)),
+    ("/api/chat", "/api/chat", {"model": "llama3", "messages": [{"role": "user", "content": "hola"}]}),
+], ids=["openai", "ollama"])
+@pytest.mark.parametrize("with_end", [True, False], ids=["last-read-ends-the-body", "body-ends-after"])
+async def test_a_last_frame_without_its_line_ending_is_relayed_and_counted(
+        proxy: Proxy, fake: FakeUpstream, path: str, direct_path: str, body: dict[str, object], with_end: bool) -> None:
+    """The final frame (`data: [DONE]`, Ollama's done line) comes without the line ending that
+    should close it, in the same read as the end of the body or before it: either way it is the
+    upstream's, passed on, and the usage before it counted."""
+    direct = await _fetch_in_two(fake.url + direct_path, body, fake, with_end)  # type: ignore[attr-defined]
+    assert not direct.endswith(b"\n")
+    reported = fake.reported.total
+    recorded = proxy.records()
+    relayed = await _fetch_in_two(proxy.url + path, body, fake, with_end)
+    assert relayed == direct
+    (row,) = await recorded.wait_for(1)
+    assert (row.outcome, row.estimated) == ("ok", False)
+    assert row.total_tokens == fake.reported.total - reported == 10
 
 
 @pytest.mark.parametrize("awkward", AWKWARD, ids=list(AWKWARD))
