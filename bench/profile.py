@@ -28,7 +28,7 @@ from bench.harness import start_proxy, start_upstream, stop  # noqa: E402
 RATE = 250  # samples per second
 # Innermost match wins: (part, pattern over "function (file)").
 PARTS = [
-    ("ledger writer (its thread)", r"Ledger\._writer|Ledger\._write|add_range|_insert_many|add_rows"),
+    ("ledger writer (its thread)", r"Ledger\._writer|Ledger\._write|add_range|write_many|add_rows"),
     ("access log", r"\(access\.py\)|logging/__init__"),
     ("metrics", r"\(metrics\.py\)|prometheus_client"),
     ("accounting", r"\(accounting\.py\)|Call\.record|\(call\.py\)|\(books\.py\)"),

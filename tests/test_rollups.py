@@ -165,6 +165,33 @@ async def test_the_writer_and_the_back_fill_sum_alike(tmp_path: Path, seed: int)
     assert all(filled_tables.values()) and sum(len(t) for t in filled_tables.values()) > 3000
 
 
+def test_a_burst_of_many_users_is_written_in_a_few_statements(tmp_path: Path) -> None:
+    """The writer's thread takes the GIL back after every statement it runs, and under a busy
+    event loop each time can cost it up to a switch interval: its statements a transaction, not
+    its rows, are what keep the ledger within 100 ms of the calls (bench/crash_lag.py). 500 calls
+    of 500 users, each in its own latency bucket, spread over two hours, are a handful of
+    statements, not one per user and bucket."""
+    now = START - 10
+    ledger = Ledger(tmp_path / "ledger.sqlite3")
+    ledger.open(now)
+    ledger.close()
+    rows = [CallRecord(ts=START + i * 14.4, upstream="cloud", model="gpt-4o", dialect="openai", endpoint="chat",
+                       type="chat", user=f"52155{i:08d}", stream=True, status=200, outcome="ok", prompt_tokens=20,
+                       completion_tokens=i, cached_tokens=0, estimated=False, latency_s=0.01 * 1.03 ** i,
+                       ttft_s=0.001 * 1.03 ** i, cost_usd=0.0001) for i in range(500)]
+    steps: list[str] = []
+    conn = sqlite3.connect(tmp_path / "ledger.sqlite3", isolation_level=None)
+    conn.set_trace_callback(steps.append)
+    conn.execute("BEGIN IMMEDIATE")
+    Ledger._write(conn, [*rows])
+    conn.execute("COMMIT")
+    assert len(steps) <= 60, f"{len(steps)} statements for 500 rows"
+    for table in ("users_hour", "users_day", "users_epoch"):
+        assert conn.execute(f"SELECT COUNT(*), SUM(requests) FROM {table}").fetchone() == (500, 500)
+    assert conn.execute("SELECT COUNT(*) FROM latency_hour").fetchone()[0] > 500
+    conn.close()
+
+
 async def test_an_older_ledger_is_back_filled_once_even_if_killed(tmp_path: Path, raw_config: dict[str, Any]) -> None:
     """`tollgate serve` on a ledger an older version left (no rollups), killed in the middle of
     its back-fill, then started again: it carries on from where it stopped, and no row counts twice."""

@@ -35,6 +35,7 @@ from pathlib import Path
 from typing import Any
 
 from . import sqlite_rollups as rollups
+from .sqlite_rows import write_many
 from ..files import make_private_dir
 from . import (COLUMNS, COUNTED_BY_ROW, GROUPS, IS_ERROR_SQL, OTHERS, Spend, Admission, CallRecord, Filters, GroupBy, LedgerError,
                      LedgerHealth, Piece, Snapshot, Summary)
@@ -71,37 +72,8 @@ CREATE TABLE IF NOT EXISTS epochs (id INTEGER PRIMARY KEY, started REAL NOT NULL
 _ROW = operator.attrgetter(*_COLUMNS)
 _ADMISSION_COLUMNS = [f.name for f in fields(Admission)]
 _ADMISSION_ROW = operator.attrgetter(*_ADMISSION_COLUMNS)
-# Rows per INSERT statement at most (SQLite allows 32,766 parameters; 25 columns x 512 is well under).
-_ROWS_PER_STATEMENT = 512
-
-
-def _insert_many(conn: sqlite3.Connection, table: str, columns: list[str], rows: list[tuple[object, ...]],
-                 ignore: bool = False) -> None:
-    """Insert `rows` with multi-row statements rather than executemany.
-
-    The sqlite3 module lets go of the GIL around every statement step; executemany steps once
-    per row, and against a busy event loop each step can wait a whole switch interval (5 ms) to
-    get the GIL back, so a burst of rows fell hundreds of milliseconds behind. One step per
-    512 rows keeps the ledger within a few milliseconds of the calls.
-
-    Each statement takes a power of two of rows (100 rows: 64, 32 and 4), so a table has ten
-    statement texts at most and each is prepared once and then found in the connection's cache;
-    with one text per batch size, every batch prepared a statement of thousands of parameters
-    anew (a fifth of the cost of writing a row).
-    """
-    start = 0
-    while start < len(rows):
-        size = min(_ROWS_PER_STATEMENT, 1 << ((len(rows) - start).bit_length() - 1))
-        chunk = rows[start:start + size]
-        conn.execute(_insert_sql(table, tuple(columns), size, ignore), [value for row in chunk for value in row])
-        start += size
-
-
-@functools.lru_cache(maxsize=64)
-def _insert_sql(table: str, columns: tuple[str, ...], rows: int, ignore: bool) -> str:
-    one = "(" + ", ".join("?" * len(columns)) + ")"
-    verb = "INSERT OR IGNORE" if ignore else "INSERT"
-    return f"{verb} INTO {table} ({', '.join(columns)}) VALUES {', '.join([one] * rows)}"
+_INSERT_CALL = f"INSERT INTO calls ({', '.join(_COLUMNS)})"
+_INSERT_ADMISSION = f"INSERT OR IGNORE INTO admissions ({', '.join(_ADMISSION_COLUMNS)})"
 
 
 @dataclass(slots=True)
@@ -472,8 +444,7 @@ class Ledger:
     def _write(conn: sqlite3.Connection, batch: list[CallRecord | _Epoch | Admission]) -> None:
         """Rows and epochs in queue order: an epoch starts after exactly the rows before it. The
         rollups take the same rows in the same transaction: they never disagree with the rows."""
-        _insert_many(conn, "admissions", _ADMISSION_COLUMNS,
-                     [_ADMISSION_ROW(item) for item in batch if isinstance(item, Admission)], ignore=True)
+        write_many(conn, _INSERT_ADMISSION, [_ADMISSION_ROW(item) for item in batch if isinstance(item, Admission)])
         rows: list[tuple[object, ...]] = []
         epoch = conn.execute("SELECT MAX(id) FROM epochs").fetchone()[0]
         last = conn.execute("SELECT COALESCE(MAX(id), 0) FROM calls").fetchone()[0]
@@ -484,7 +455,7 @@ class Ledger:
             # from the writer's hands, not read back.
             nonlocal last, rows
             if rows:
-                _insert_many(conn, "calls", _COLUMNS, rows)
+                write_many(conn, _INSERT_CALL, rows)
                 rollups.add_rows(conn, rows, epoch)
                 last += len(rows)
                 rows = []

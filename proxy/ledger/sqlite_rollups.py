@@ -26,6 +26,7 @@ from typing import Any
 
 from ..histogram import _BASE, _FLOOR, bucket_index
 from . import COLUMNS, IS_ERROR_SQL, LATENCY, OTHERS, SUCCESSES, TTFT, Summary
+from .sqlite_rows import write_many
 
 log = logging.getLogger("tollgate.ledger")
 
@@ -88,9 +89,6 @@ def _upsert(table: str, key: tuple[str, ...], sums: tuple[str, ...], last_ts: bo
 
 _UPSERT = {span: (_upsert(f"rollup_{span}", KEY, SUMS, True), _upsert(f"users_{span}", ("user",), USER_SUMS, True),
                   _upsert(f"latency_{span}", ("kind", "idx"), ("n",), False)) for span in SPANS}
-# The same upserts of one row of values each, for the writer's sums (`add_rows`).
-_UPSERT_VALUES = {span: tuple(f"{head} VALUES ({', '.join('?' * (head.count(',') + 1))}) {tail}"
-                              for head, tail in tables) for span, tables in _UPSERT.items()}
 
 
 def _fold_sql(span: str, size: int, bucket_of: str) -> list[str]:
@@ -210,7 +208,7 @@ def add_rows(conn: sqlite3.Connection, rows: list[tuple[Any, ...]], epoch: int) 
             latency[at] = latency.get(at, 0) + 1
     call_sums = {key: _sums(group) for key, group in calls.items()}
     user_sums = {key: _user_sums(group) for key, group in users.items()}
-    for span, (rollup, users_sql, latency_sql) in _UPSERT_VALUES.items():
+    for span, (rollup, users_sql, latency_sql) in _UPSERT.items():
         def bucket(hour: int, day: int) -> int:
             return hour if span == "hour" else day if span == "day" else epoch
 
@@ -220,14 +218,12 @@ def add_rows(conn: sqlite3.Connection, rows: list[tuple[Any, ...]], epoch: int) 
                 at = (bucket(hour, day), *rest)
                 held = merged.get(at)
                 merged[at] = sums if held is None else _added(held, sums)
-            if merged:
-                conn.executemany(sql, [(*at, *sums) for at, sums in merged.items()])
+            write_many(conn, sql[0], [(*at, *sums) for at, sums in merged.items()], sql[1])
         counts: dict[tuple[int, int, int], int] = {}
         for (hour, day, kind, index), n in latency.items():
             spot = (bucket(hour, day), kind, index)
             counts[spot] = counts.get(spot, 0) + n
-        if counts:
-            conn.executemany(latency_sql, [(*spot, n) for spot, n in counts.items()])
+        write_many(conn, latency_sql[0], [(*spot, n) for spot, n in counts.items()], latency_sql[1])
 
 
 def add_columns(conn: sqlite3.Connection) -> None:
