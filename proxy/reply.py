@@ -89,7 +89,8 @@ class _Streamed(web.StreamResponse):
     web.Response holds them for the body, and so does this. A client can do nothing with the
     headers of a stream before its first frame, and under load a whole stream often comes in one
     read: its headers, frames and end then leave in one write instead of three (each write to a
-    socket is a system call, and on loopback the receiver's TCP work is charged to it too)."""
+    socket is a system call, and on loopback the receiver's TCP work is charged to it too).
+    The switch is aiohttp's own, the one web.Response turns off."""
 
     _send_headers_immediately = False
 

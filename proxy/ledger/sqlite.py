@@ -20,7 +20,6 @@ serving and counts each row it had to drop (`"serve"`). The fault is logged once
 from __future__ import annotations
 
 import asyncio
-import functools
 import logging
 import math
 import os

@@ -1,9 +1,11 @@
 """Many rows per SQLite statement: the writer's inserts and the rollups' upserts.
 
 The sqlite3 module lets go of the GIL around every statement step, and executemany steps once
-per row: against a busy event loop each step can wait a whole switch interval (5 ms) to get the
-GIL back, so a burst of rows fell hundreds of milliseconds behind, and each step costs the
-writer its binding and reset besides. One statement of many rows takes one step.
+per row: against a busy event loop each step can wait up to a switch interval to get the GIL
+back, so the writer's statements a transaction, not its rows, set how far the ledger trails the
+calls. With the rollups upserted a step per user and per latency bucket, a burst of calls from
+many users left it hundreds of milliseconds behind (bench/crash_lag.py); one statement of many
+rows takes one step.
 
 Each statement takes a power of two of rows (100 rows: 64, 32 and 4), so a table has ten
 statement texts at most and each is prepared once, then found in the connection's cache; with
