@@ -142,7 +142,6 @@ _ESTIMATED, _LATENCY_S, _TTFT_S, _COST = _AT["estimated"], _AT["latency_s"], _AT
 _SAVED_TOKENS, _SAVED_USD = _AT["saved_tokens"], _AT["saved_usd"]
 _KEY_PARTS = itemgetter(_AT["upstream"], _AT["model"], _AT["type"], _AT["endpoint"], _AT["key_id"], _AT["outcome"],
                         _AT["fallback_from"], _AT["final"], _AT["user"])
-_ANSWERED = frozenset(SUCCESSES)
 
 
 def _sums(rows: list[tuple[Any, ...]]) -> list[Any]:
@@ -159,7 +158,7 @@ def _sums(rows: list[tuple[Any, ...]]) -> list[Any]:
 def _user_sums(rows: list[tuple[Any, ...]]) -> list[Any]:
     columns = list(zip(*rows))
     prompt, completion, estimated = columns[_PROMPT], columns[_COMPLETION], columns[_ESTIMATED]
-    return [len(rows), sum(1 for outcome in columns[_OUTCOME] if outcome not in _ANSWERED), sum(prompt),
+    return [len(rows), sum(1 for outcome in columns[_OUTCOME] if outcome not in SUCCESSES), sum(prompt),
             sum(completion), sum(columns[_CACHED]), sum(estimated),
             sum(p + c for p, c, e in zip(prompt, completion, estimated) if e), sum(columns[_COST]), max(columns[_TS])]
 
@@ -248,7 +247,7 @@ def backfill(conn: sqlite3.Connection) -> None:
     """Bring the rollups up to every row written before they existed. Each chunk commits with the
     last id it covered, so an interrupted back-fill picks up where it stopped, and never counts a
     row twice. New rows are not written meanwhile: this runs before the writer starts. The sums
-    are the writer's own (`add_rows`)."""
+    are `add_range`'s, in SQL; tests/test_rollups.py holds them to the writer's (`add_rows`)."""
     if conn.execute("PRAGMA user_version").fetchone()[0] >= VERSION:
         return
     done = conn.execute("SELECT value FROM meta WHERE name = 'rollups_upto'").fetchone()
