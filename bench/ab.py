@@ -27,6 +27,17 @@ from bench.cpu import cpu_seconds, round_by_round, shipped, wrk, wrk_script  # n
 from bench.harness import ROOT, free_port, start, start_upstream, stop  # noqa: E402
 
 
+def switches(pid: int) -> int:
+    """Context switches of all a process's threads so far: each hand-off of the GIL between the
+    event loop and the ledger's writer is a few, so they count what CPU time is too noisy to show."""
+    total = 0
+    for status in Path(f"/proc/{pid}/task").glob("*/status"):
+        for line in status.read_text().splitlines():
+            if "ctxt_switches:" in line:   # voluntary and nonvoluntary
+                total += int(line.split()[1])
+    return total
+
+
 async def serve_from(tree: Path, config: str) -> tuple[asyncio.subprocess.Process, int]:
     """`tollgate serve` running the code in `tree`, its ledger in a fresh directory."""
     port, tmp = free_port(), Path(tempfile.mkdtemp(prefix="tollgate-ab-"))
@@ -57,7 +68,7 @@ async def _compare(rev: str, tree: Path, stream: bool, limits: bool, rounds: int
     after, after_port = await serve_from(ROOT, config)
     targets = {"bare relay": (bare, bare_port), f"Tollgate at {rev}": (before, before_port),
                "Tollgate, this tree": (after, after_port)}
-    figures: dict[str, list[tuple[float, float, float]]] = {name: [] for name in targets}
+    figures: dict[str, list[tuple[float, float, float, float]]] = {name: [] for name in targets}
     try:
         with tempfile.TemporaryDirectory() as tmp:
             script = wrk_script(Path(tmp), stream)
@@ -65,23 +76,26 @@ async def _compare(rev: str, tree: Path, stream: bool, limits: bool, rounds: int
                 await wrk(f"http://127.0.0.1:{port}/v1/chat/completions", script, 2, 32)
             for _ in range(rounds):
                 for name, (proc, port) in targets.items():
-                    used, loop = cpu_seconds(proc.pid), cpu_seconds(proc.pid, proc.pid)
+                    used, loop, switched = cpu_seconds(proc.pid), cpu_seconds(proc.pid, proc.pid), switches(proc.pid)
                     done, rate, _, _ = await wrk(f"http://127.0.0.1:{port}/v1/chat/completions", script, seconds, 32)
                     figures[name].append(((cpu_seconds(proc.pid) - used) / done * 1e6, rate,
-                                          (cpu_seconds(proc.pid, proc.pid) - loop) / done * 1e6))
+                                          (cpu_seconds(proc.pid, proc.pid) - loop) / done * 1e6,
+                                          (switches(proc.pid) - switched) / done))
     finally:
         await stop(before, after, bare, upstream)
-    base = statistics.median(cpu for cpu, _, _ in figures["bare relay"])
+    base = statistics.median(cpu for cpu, *_ in figures["bare relay"])
     print(f"# {'streaming' if stream else 'non-streaming'} chat, shipped config "
           f"{'with its limits' if limits else 'without limits'}: {rounds} interleaved rounds of {seconds} s, medians")
-    print("| target | CPU µs/call | of which other threads (the ledger writer) | × bare relay | "
-          "× bare relay, round by round | req/s | each round's CPU |\n|---|---:|---:|---:|---:|---:|---|")
+    print("| target | CPU µs/call | of which other threads (the ledger writer) | context switches a call | "
+          "× bare relay | × bare relay, round by round | req/s | each round's CPU |\n"
+          "|---|---:|---:|---:|---:|---:|---:|---|")
     for name, rows in figures.items():
-        cpu = statistics.median(c for c, _, _ in rows)
-        others = statistics.median(c - loop for c, _, loop in rows)
-        paired = round_by_round([c for c, _, _ in rows], [b for b, _, _ in figures["bare relay"]])
-        print(f"| {name} | {cpu:,.0f} | {others:,.0f} | {cpu / base:.2f}× | {paired:.2f}× | "
-              f"{statistics.median(r for _, r, _ in rows):,.0f} | {', '.join(f'{c:.0f}' for c, _, _ in rows)} |")
+        cpu = statistics.median(c for c, *_ in rows)
+        others = statistics.median(c - loop for c, _, loop, _ in rows)
+        switches_a_call = statistics.median(s for *_, s in rows)
+        paired = round_by_round([c for c, *_ in rows], [b for b, *_ in figures["bare relay"]])
+        print(f"| {name} | {cpu:,.0f} | {others:,.0f} | {switches_a_call:.2f} | {cpu / base:.2f}× | {paired:.2f}× | "
+              f"{statistics.median(r for _, r, *_ in rows):,.0f} | {', '.join(f'{c:.0f}' for c, *_ in rows)} |")
 
 
 if __name__ == "__main__":

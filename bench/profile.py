@@ -1,6 +1,6 @@
 """Where the time of one call goes: py-spy samples of a `tollgate serve` under load, by part.
 
-    python bench/profile.py [--stream] [--gil] [--limits] [--seconds 10]
+    python bench/profile.py [--stream] [--gil] [--limits] [--seconds 10] [--raw stacks.txt]
 
 Starts the fake upstream and Tollgate with the shipped config (tagging rules, no limits), drives
 it with wrk (32 connections), records py-spy raw stacks for `--seconds` (with `--gil`: only
@@ -57,7 +57,7 @@ def parts(raw: Path) -> tuple[collections.Counter[str], int]:
     return counts, total
 
 
-async def main(stream: bool, gil: bool, seconds: int, limits: bool = False) -> None:
+async def main(stream: bool, gil: bool, seconds: int, limits: bool = False, raw: Path | None = None) -> None:
     spy = shutil.which("py-spy") or str(Path(sys.executable).parent / "py-spy")
     upstream, up_port = await start_upstream()
     proxy, port, _ = await start_proxy(shipped(up_port, limits=limits))
@@ -75,6 +75,8 @@ async def main(stream: bool, gil: bool, seconds: int, limits: bool = False) -> N
         await record.wait()
         done, rate, _, _ = await load
         counts, total = parts(out)
+        if raw is not None:
+            shutil.copyfile(out, raw)
     await stop(proxy, upstream)
     calls = rate * seconds
     print(f"# {'streaming' if stream else 'non-streaming'} chat at {rate:,.0f} req/s under py-spy"
@@ -91,5 +93,6 @@ if __name__ == "__main__":
     parser.add_argument("--gil", action="store_true")
     parser.add_argument("--seconds", type=int, default=10)
     parser.add_argument("--limits", action="store_true", help="with every shipped limit on (as bench/cpu.py)")
+    parser.add_argument("--raw", type=Path, help="keep py-spy's raw stacks here, to look deeper than the parts")
     args = parser.parse_args()
-    asyncio.run(main(args.stream, args.gil, args.seconds, args.limits))
+    asyncio.run(main(args.stream, args.gil, args.seconds, args.limits, args.raw))
