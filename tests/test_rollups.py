@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import random
+import re
 import signal
 import sqlite3
 import sys
@@ -19,7 +20,7 @@ import pytest
 
 from proxy import reports
 from proxy.accounting import Aggregates
-from proxy.ledger import OTHERS, CallRecord, Filters
+from proxy.ledger import OTHERS, Admission, CallRecord, Filters
 from proxy.ledger import sqlite_rollups as rollups
 from proxy.ledger.sqlite import Ledger
 
@@ -189,6 +190,39 @@ def test_a_burst_of_many_users_is_written_in_a_few_statements(tmp_path: Path) ->
     for table in ("users_hour", "users_day", "users_epoch"):
         assert conn.execute(f"SELECT COUNT(*), SUM(requests) FROM {table}").fetchone() == (500, 500)
     assert conn.execute("SELECT COUNT(*) FROM latency_hour").fetchone()[0] > 500
+    conn.close()
+
+
+def test_each_rollup_table_takes_one_statement_a_transaction(tmp_path: Path) -> None:
+    """A busy writer's usual transaction: 80 calls of one kind, their latencies in 15 buckets, a
+    limit's admission for each. Each rollup table and the admissions take one statement, filled
+    up with rows that add nothing, instead of one per bit of their count (8 + 4 + 2 + 1 buckets):
+    every statement is a hand-off of the GIL between the writer and the event loop. The sums are
+    still exact."""
+    ledger = Ledger(tmp_path / "ledger.sqlite3")
+    ledger.open(START - 10)
+    ledger.close()
+    latencies = [0.002 * 1.09 ** (i % 15) for i in range(80)]
+    rows = [CallRecord(ts=START + i * 0.01, upstream="cloud", model="gpt-4o", dialect="openai", endpoint="chat",
+                       type="chat", user=None, stream=False, status=200, outcome="ok", prompt_tokens=25,
+                       completion_tokens=12, cached_tokens=0, estimated=False, latency_s=latency, ttft_s=None,
+                       cost_usd=0.0015, admission=f"k{i}") for i, latency in enumerate(latencies)]
+    admissions = [Admission(f"k{i}", START + i * 0.01, "cloud", "gpt-4o", None, None, 40) for i in range(80)]
+    steps: list[str] = []
+    conn = sqlite3.connect(tmp_path / "ledger.sqlite3", isolation_level=None)
+    conn.set_trace_callback(steps.append)
+    conn.execute("BEGIN IMMEDIATE")
+    Ledger._write(conn, [*admissions, *rows])
+    conn.execute("COMMIT")
+    tables = [found.group(1) for step in steps if (found := re.match(r"INSERT (?:OR IGNORE )?INTO (\w+)", step))]
+    assert {table: tables.count(table) for table in set(tables) if table != "calls"} == {
+        "admissions": 1, "rollup_hour": 1, "rollup_day": 1, "rollup_epoch": 1,
+        "latency_hour": 1, "latency_day": 1, "latency_epoch": 1}, steps
+    assert conn.execute("SELECT COUNT(*) FROM admissions").fetchone()[0] == 80
+    for span in rollups.SPANS:
+        assert conn.execute(f"SELECT requests, prompt_tokens, cost_usd FROM rollup_{span}").fetchall() == [
+            (80, 2000, sum(row.cost_usd for row in rows))]
+        assert conn.execute(f"SELECT COUNT(*), SUM(n) FROM latency_{span}").fetchone() == (15, 80)
     conn.close()
 
 

@@ -443,10 +443,12 @@ class Ledger:
     def _write(conn: sqlite3.Connection, batch: list[CallRecord | _Epoch | Admission]) -> None:
         """Rows and epochs in queue order: an epoch starts after exactly the rows before it. The
         rollups take the same rows in the same transaction: they never disagree with the rows."""
-        write_many(conn, _INSERT_ADMISSION, [_ADMISSION_ROW(item) for item in batch if isinstance(item, Admission)])
+        admissions = [_ADMISSION_ROW(item) for item in batch if isinstance(item, Admission)]
+        # An admission already written is ignored: the first again fills the last statement up.
+        write_many(conn, _INSERT_ADMISSION, admissions, nothing=admissions[0] if admissions else None)
         rows: list[tuple[object, ...]] = []
-        epoch = conn.execute("SELECT MAX(id) FROM epochs").fetchone()[0]
-        last = conn.execute("SELECT COALESCE(MAX(id), 0) FROM calls").fetchone()[0]
+        epoch, last = conn.execute("SELECT (SELECT MAX(id) FROM epochs), (SELECT COALESCE(MAX(id), 0) FROM calls)"
+                                   ).fetchone()
 
         def write_rows() -> None:
             # New rows take the ids after the last (no AUTOINCREMENT gaps inside a transaction),

@@ -217,12 +217,18 @@ def add_rows(conn: sqlite3.Connection, rows: list[tuple[Any, ...]], epoch: int) 
                 at = (bucket(hour, day), *rest)
                 held = merged.get(at)
                 merged[at] = sums if held is None else _added(held, sums)
-            write_many(conn, sql[0], [(*at, *sums) for at, sums in merged.items()], sql[1])
+            if merged:
+                # Nothing: the first key again, its sums zero and its last time the same.
+                at, sums = next(iter(merged.items()))
+                write_many(conn, sql[0], [(*at, *sums) for at, sums in merged.items()], sql[1],
+                           nothing=(*at, *[0] * (len(sums) - 1), sums[-1]))
         counts: dict[tuple[int, int, int], int] = {}
         for (hour, day, kind, index), n in latency.items():
             spot = (bucket(hour, day), kind, index)
             counts[spot] = counts.get(spot, 0) + n
-        write_many(conn, latency_sql[0], [(*spot, n) for spot, n in counts.items()], latency_sql[1])
+        if counts:
+            write_many(conn, latency_sql[0], [(*spot, n) for spot, n in counts.items()], latency_sql[1],
+                       nothing=(*next(iter(counts)), 0))
 
 
 def add_columns(conn: sqlite3.Connection) -> None:
