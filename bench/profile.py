@@ -57,6 +57,29 @@ def parts(raw: Path) -> tuple[collections.Counter[str], int]:
     return counts, total
 
 
+def writer_share(raw: Path) -> tuple[int, int]:
+    """(samples of the ledger writer's thread, all samples) in py-spy's raw stacks: recorded with
+    --gil, the writer's part of the time anyone held the GIL, which the event loop waited for."""
+    writer = total = 0
+    for line in raw.read_text().splitlines():
+        stack, _, n = line.rpartition(" ")
+        if stack:
+            total += int(n)
+            writer += int(n) if "Ledger._writer" in stack else 0
+    return writer, total
+
+
+async def record_gil(pid: int, seconds: int, out: Path) -> bool:
+    """py-spy's raw stacks of `pid` holding the GIL for `seconds`; False if py-spy could not."""
+    spy = shutil.which("py-spy") or str(Path(sys.executable).parent / "py-spy")
+    if not Path(spy).exists():
+        return False
+    record = await asyncio.create_subprocess_exec(
+        spy, "record", "--pid", str(pid), "-d", str(seconds), "-r", str(RATE), "--format", "raw",
+        "-o", str(out), "--nonblocking", "--gil", stdout=asyncio.subprocess.DEVNULL, stderr=asyncio.subprocess.DEVNULL)
+    return await record.wait() == 0 and out.exists()
+
+
 async def main(stream: bool, gil: bool, seconds: int, limits: bool = False, raw: Path | None = None) -> None:
     spy = shutil.which("py-spy") or str(Path(sys.executable).parent / "py-spy")
     upstream, up_port = await start_upstream()

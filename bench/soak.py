@@ -16,6 +16,7 @@ import argparse
 import asyncio
 import random
 import sys
+import tempfile
 import time
 from collections import Counter
 from pathlib import Path
@@ -27,6 +28,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from bench.harness import fds, rss_kib, start_proxy, start_upstream, stop  # noqa: E402
+from bench.profile import record_gil, writer_share  # noqa: E402
 
 MESSAGES = [{"role": "user", "content": "hola, ¿qué tal?"}]
 # (weight, path, body): what a WhatsApp bot and its operator's tests would send.
@@ -81,6 +83,9 @@ output = 0.06
             next_report = 0.0
             tasks: set[asyncio.Task[None]] = set()
             print(f"# soak: {minutes:g} min at {rate:g} calls/s ({total:,} calls), proxy pid {proxy.pid}")
+            # The GIL the ledger's writer takes, sampled by py-spy over the first minute at most.
+            gil_raw = Path(tempfile.mkdtemp(prefix="tollgate-soak-")) / "gil.txt"
+            gil = asyncio.create_task(record_gil(proxy.pid, max(5, min(60, int(minutes * 30))), gil_raw))
             for i in range(total):
                 elapsed = time.perf_counter() - start_t
                 if elapsed >= next_report:
@@ -96,6 +101,12 @@ output = 0.06
                 task.add_done_callback(tasks.discard)
             await asyncio.gather(*tasks)
             elapsed = time.perf_counter() - start_t
+            if await gil:
+                writer, held = writer_share(gil_raw)
+                print(f"ledger writer: {writer / max(1, held):.1%} of the time the GIL was held "
+                      f"({writer:,} of {held:,} py-spy --gil samples)")
+            else:
+                print("ledger writer's GIL share: not measured (py-spy missing or not allowed)")
             rss, peak = rss_kib(proxy.pid)
             print(f"t={elapsed:6.0f}s sent={total:>8,} RSS={rss / 1024:6.1f} MiB (peak {peak / 1024:.1f}) "
                   f"fds={fds(proxy.pid)}")
