@@ -13,9 +13,9 @@ one text per batch size, every batch prepared a statement of thousands of parame
 fifth of the cost of writing a row). Where a row can be written that changes nothing (an upsert
 adding zeros to a key already written, an INSERT OR IGNORE of a key already there), the last
 statement is filled up with it instead: one statement, not one per bit of the count. Each
-statement is a hand-off of the GIL, and under load each hand-off costs both threads a few
-futex calls and context switches (2 futex calls a call in the writer, 1.7 in the event loop
-with 21 statements a transaction, before the rollups' upserts were filled up: then 11).
+statement is a hand-off of the GIL, and under load each hand-off costs both threads futex calls
+and context switches: with 21 statements a transaction, 2 futex calls a call in the writer and
+1.7 in the event loop; filled up, the same transaction is 11 statements.
 """
 
 from __future__ import annotations
