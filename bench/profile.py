@@ -69,19 +69,20 @@ def writer_share(raw: Path) -> tuple[int, int]:
     return writer, total
 
 
-async def record_gil(pid: int, seconds: int, out: Path) -> bool:
-    """py-spy's raw stacks of `pid` holding the GIL for `seconds`; False if py-spy could not."""
+async def record(pid: int, seconds: int, out: Path, gil: bool) -> bool:
+    """py-spy's raw stacks of `pid` for `seconds` into `out` (with `gil`: only samples holding the
+    GIL); False if py-spy is missing or could not read the process."""
     spy = shutil.which("py-spy") or str(Path(sys.executable).parent / "py-spy")
     if not Path(spy).exists():
         return False
-    record = await asyncio.create_subprocess_exec(
+    recording = await asyncio.create_subprocess_exec(
         spy, "record", "--pid", str(pid), "-d", str(seconds), "-r", str(RATE), "--format", "raw",
-        "-o", str(out), "--nonblocking", "--gil", stdout=asyncio.subprocess.DEVNULL, stderr=asyncio.subprocess.DEVNULL)
-    return await record.wait() == 0 and out.exists()
+        "-o", str(out), "--nonblocking", *(["--gil"] if gil else []),
+        stdout=asyncio.subprocess.DEVNULL, stderr=asyncio.subprocess.DEVNULL)
+    return await recording.wait() == 0 and out.exists()
 
 
 async def main(stream: bool, gil: bool, seconds: int, limits: bool = False, raw: Path | None = None) -> None:
-    spy = shutil.which("py-spy") or str(Path(sys.executable).parent / "py-spy")
     upstream, up_port = await start_upstream()
     proxy, port, _ = await start_proxy(shipped(up_port, limits=limits))
     url = f"http://127.0.0.1:{port}/v1/chat/completions"
@@ -91,12 +92,11 @@ async def main(stream: bool, gil: bool, seconds: int, limits: bool = False, raw:
         load = asyncio.create_task(wrk(url, script, seconds + 3, 32))
         await asyncio.sleep(1.5)
         out = Path(tmp) / "raw.txt"
-        record = await asyncio.create_subprocess_exec(
-            spy, "record", "--pid", str(proxy.pid), "-d", str(seconds), "-r", str(RATE), "--format", "raw",
-            "-o", str(out), "--nonblocking", *(["--gil"] if gil else []),
-            stdout=asyncio.subprocess.DEVNULL, stderr=asyncio.subprocess.DEVNULL)
-        await record.wait()
+        recorded = await record(proxy.pid, seconds, out, gil)
         done, rate, _, _ = await load
+        if not recorded:
+            await stop(proxy, upstream)
+            raise SystemExit("py-spy is missing or may not read the proxy (pip install py-spy; root, or ptrace scope 0)")
         counts, total = parts(out)
         if raw is not None:
             shutil.copyfile(out, raw)

@@ -28,7 +28,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from bench.harness import fds, rss_kib, start_proxy, start_upstream, stop  # noqa: E402
-from bench.profile import record_gil, writer_share  # noqa: E402
+from bench.profile import record, writer_share  # noqa: E402
 
 MESSAGES = [{"role": "user", "content": "hola, ¿qué tal?"}]
 # (weight, path, body): what a WhatsApp bot and its operator's tests would send.
@@ -85,7 +85,7 @@ output = 0.06
             print(f"# soak: {minutes:g} min at {rate:g} calls/s ({total:,} calls), proxy pid {proxy.pid}")
             # The GIL the ledger's writer takes, sampled by py-spy over the first minute at most.
             gil_raw = Path(tempfile.mkdtemp(prefix="tollgate-soak-")) / "gil.txt"
-            gil = asyncio.create_task(record_gil(proxy.pid, max(5, min(60, int(minutes * 30))), gil_raw))
+            gil = asyncio.create_task(record(proxy.pid, max(5, min(60, int(minutes * 30))), gil_raw, gil=True))
             for i in range(total):
                 elapsed = time.perf_counter() - start_t
                 if elapsed >= next_report:
