@@ -33,6 +33,7 @@ class WaitLines:
     def __init__(self) -> None:
         self._locks: dict[str, asyncio.Lock] = {}
         self._released = asyncio.Event()
+        self._watching = 0  # callers in `changed` now: with none, a given-back place tells no one
         self.waiting = 0  # callers in some line now
         # `waiting` (the tollgate_waiting_calls gauge) changes under this, and its watchers are
         # told: whoever observes the lines sees every change, in order.
@@ -57,17 +58,21 @@ class WaitLines:
 
     def notify(self) -> None:
         """A place was given back: whoever waits for one looks again."""
-        event, self._released = self._released, asyncio.Event()
-        event.set()
+        if self._watching:
+            event, self._released = self._released, asyncio.Event()
+            event.set()
 
     async def changed(self, timeout: float) -> None:
         # asyncio.timeout, not wait_for: on 3.11 wait_for can swallow a cancellation that comes
         # as the event is set, and a caller who hung up would go on to be forwarded.
+        self._watching += 1
         try:
             async with asyncio.timeout(timeout):
                 await self._released.wait()
         except TimeoutError:
             pass
+        finally:
+            self._watching -= 1
 
 
 @dataclass
@@ -146,7 +151,8 @@ class Admission:
             await self.estimator.ready(info.model or "")  # a budget's estimate may need it
         upstream, model, fallback_from = self._within_budgets(info, upstream, model, user, key, tried, fallback_from,
                                                               refused)
-        if not self.limiter.scopes(upstream.name, model, user, key):
+        scopes = self.limiter.scopes(upstream.name, model, user, key)
+        if not scopes:
             # Nothing limits this call.
             return Plan(upstream, model, None, None, fallback_from, tuple(refused))
         policy = self.config.limits
@@ -154,13 +160,17 @@ class Admission:
         deadline = loop.time() + policy.max_wait_s
         held: asyncio.Lock | None = None
         prompt: int | None = None
+        again = False
         try:
             while True:
-                scopes = self.limiter.scopes(upstream.name, model, user, key)
+                if again:  # after a wait, a line or a fallback: the scopes are looked up anew
+                    scopes = self.limiter.scopes(upstream.name, model, user, key)
+                again = True
                 if not scopes:
                     return Plan(upstream, model, None, None, fallback_from, tuple(refused), held is not None)
                 if prompt is None and self.limiter.needs_estimate(scopes):
-                    await self.estimator.ready(info.model or "")
+                    if not self.estimator.is_ready(info.model or ""):
+                        await self.estimator.ready(info.model or "")
                     prompt = info.estimate_prompt(self.estimator)
                 tokens, clamp = self._caps(info, scopes, prompt)
                 if policy.on_limit == "wait" and held is None:

@@ -147,6 +147,10 @@ class Estimator:
         self._known: dict[tuple[str, str], int] = {}
         self._held = 0
 
+    def is_ready(self, model: str) -> bool:
+        """Whether `model`'s encoding is built: then `ready` has nothing to wait for."""
+        return encoding_name(model) in _BUILT
+
     async def ready(self, model: str) -> None:
         """Have `model`'s encoding built before an estimate is asked of it on the event loop."""
         await ready(encoding_name(model))
@@ -204,6 +208,8 @@ class Estimator:
 def message_text(message: dict[str, Any]) -> str:
     """The text of one chat message, whatever shape its content takes."""
     content = message.get("content")
+    if isinstance(content, str) and not message.get("tool_calls"):
+        return content  # the common shape: nothing to gather
     parts: list[str] = []
     if isinstance(content, str):
         parts.append(content)

@@ -46,6 +46,9 @@ class Limiter:
         # Per-user scopes made on demand; idle ones are dropped so 10,000 users cost only
         # what their live windows hold.
         self._users: dict[str, Scope] = {}
+        # The model patterns each model name falls under, matched once per name (fnmatch costs
+        # a regex per pattern per call). Names come from clients: held for at most 1,024.
+        self._matched: dict[str, list[Scope]] = {}
         self._sweep_at = 1024  # sweep when the user table doubles: amortised O(1) per call
         self.released: list[Callable[[], None]] = []  # told when a place is given back later
 
@@ -55,7 +58,13 @@ class Limiter:
         found = [self._upstreams[upstream]]
         if key is not None and key in self._keys:
             found.append(self._keys[key])
-        found += [s for pattern, s in self._models.items() if fnmatch.fnmatchcase(model, pattern)]
+        matched = self._matched.get(model)
+        if matched is None:
+            if len(self._matched) >= 1024:
+                self._matched.clear()
+            matched = self._matched[model] = [s for pattern, s in self._models.items()
+                                              if fnmatch.fnmatchcase(model, pattern)]
+        found += matched
         if user is not None:
             if user in self._named_users:
                 found.append(self._named_users[user])
@@ -67,7 +76,10 @@ class Limiter:
         return [s for s in found if s.limits.any or s.blocked_until or s.tracked]
 
     def needs_estimate(self, scopes: list[Scope]) -> bool:
-        return any((s.tpm is not None and s.tpm.limit) or s.limits.max_input_tokens for s in scopes)
+        for scope in scopes:
+            if scope.estimates:
+                return True
+        return False
 
     def caps(self, scopes: list[Scope]) -> tuple[int | None, int | None]:
         """The tightest per-request (input, output) token caps among the scopes."""
@@ -82,21 +94,22 @@ class Limiter:
         now = self.clock()
         worst: Denial | None = None
         for scope in scopes:
-            for denial in self._scope_denials(scope, now, tokens):
+            # One plain loop, a Denial built only where one is due: every admission runs it.
+            found: list[Denial] = []
+            if scope.blocked_until > now:
+                found.append(Denial(scope.name, "upstream_rate_limit", scope.blocked_until - now, 0))
+            concurrency = scope.limits.concurrency
+            if concurrency and scope.in_flight >= concurrency:
+                # No time can be promised: a place frees when a call in flight ends.
+                found.append(Denial(scope.name, "concurrency", self.policy.concurrency_retry_s, concurrency))
+            for window, kind, weighted in scope.limited:
+                wait = window.wait_for(now, tokens if weighted else 1)
+                if wait is None or wait > 0:
+                    found.append(Denial(scope.name, kind, wait, window.limit))
+            for denial in found:
                 if worst is None or _longer(denial, worst):
                     worst = denial
         return worst
-
-    def _scope_denials(self, scope: Scope, now: float, tokens: int) -> Iterable[Denial]:
-        if scope.blocked_until > now:
-            yield Denial(scope.name, "upstream_rate_limit", scope.blocked_until - now, 0)
-        if scope.limits.concurrency and scope.in_flight >= scope.limits.concurrency:
-            # No time can be promised: a place frees when a call in flight ends.
-            yield Denial(scope.name, "concurrency", self.policy.concurrency_retry_s, scope.limits.concurrency)
-        for window, kind in scope.windows():
-            wait = window.wait_for(now, tokens if kind == "tokens_per_minute" else 1)
-            if wait is None or wait > 0:
-                yield Denial(scope.name, kind, wait, window.limit)
 
     async def admit(self, scopes: list[Scope], tokens: int) -> Ticket | Denial:
         return self.admit_now(scopes, tokens)
@@ -217,15 +230,20 @@ class Limiter:
         """OpenAI's x-ratelimit-* headers for a call in `scopes`: for requests and for tokens,
         the window with the least left, whichever scope (upstream, model, user, key) holds it."""
         now = self.clock()
-        by_kind: tuple[list[tuple[Scope, Window]], list[tuple[Scope, Window]]] = ([], [])
+        # The tightest window for requests [0] and for tokens [1], in one pass as `_tightest`
+        # picks it: every limited reply carries these, so no pair lists are built on the way.
+        tightest: list[tuple[float, int, float, float] | None] = [None, None]   # (left, limit, used, reset)
         for scope in scopes:
-            for window, kind in scope.windows():
-                by_kind[kind == "tokens_per_minute"].append((scope, window))
+            for window, _, weighted in scope.limited:
+                used, reset = self._figure(scope, window, now)
+                limit = window.limit
+                best = tightest[weighted]
+                if best is None or (limit - used, limit) < (best[0], best[1]):
+                    tightest[weighted] = (limit - used, limit, used, reset)
         out: dict[str, str] = {}
-        for pairs, (limit_name, remaining_name, reset_name) in zip(by_kind, HEADER_NAMES):
-            tightest = self._tightest(pairs, now)
-            if tightest is not None:
-                limit, used, reset = tightest
+        for best, (limit_name, remaining_name, reset_name) in zip(tightest, HEADER_NAMES):
+            if best is not None:
+                _, limit, used, reset = best
                 out[limit_name] = str(limit)
                 out[remaining_name] = str(max(0, int(limit - used)))
                 out[reset_name] = format_duration(reset)

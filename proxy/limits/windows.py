@@ -128,6 +128,16 @@ class Scope:
     in_flight: int = 0
     blocked_until: float = 0.0  # the upstream's own 429 holds calls back until then
     tracked: bool = False       # counted for /stats even where no limit is set
+    # Worked out once: every admission and every reply's headers walk these.
+    limited: tuple[tuple[Window, str, bool], ...] = field(init=False, repr=False)  # (window, kind, tokens?)
+    estimates: bool = field(init=False, repr=False)  # a limit that needs the prompt's tokens
+
+    def __post_init__(self) -> None:
+        self.limited = tuple((window, kind, kind == "tokens_per_minute")
+                             for window, kind in ((self.rpm, "requests_per_minute"), (self.rpd, "requests_per_day"),
+                                                  (self.tpm, "tokens_per_minute"))
+                             if window is not None and window.limit)
+        self.estimates = bool((self.tpm is not None and self.tpm.limit) or self.limits.max_input_tokens)
 
     @classmethod
     def build(cls, name: str, limits: Limits, zone: ZoneInfo, tracked: bool = False) -> Scope:
@@ -141,10 +151,7 @@ class Scope:
 
     def windows(self) -> Iterable[tuple[Window, str]]:
         """Its windows that hold a limit, with the limit's name."""
-        for window, kind in ((self.rpm, "requests_per_minute"), (self.rpd, "requests_per_day"),
-                             (self.tpm, "tokens_per_minute")):
-            if window is not None and window.limit:
-                yield window, kind
+        return [(window, kind) for window, kind, _ in self.limited]
 
     @property
     def idle(self) -> bool:
