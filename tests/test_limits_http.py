@@ -228,6 +228,37 @@ async def test_wait_mode_is_first_come_first_served_and_a_leaver_gives_up_its_pl
     assert contents == ["A", "B", "C"]          # L never reached the upstream
 
 
+async def test_a_caller_in_line_goes_the_moment_a_place_is_given_back(
+        raw_config: dict[str, Any], fake: FakeUpstream, make_proxy: Any) -> None:
+    """A concurrency place frees at no time anyone could promise: the caller waiting for it is
+    told when the call holding it ends, not when concurrency_retry_s (longer than this test
+    waits) would have it look again."""
+    set_limits(raw_config, concurrency=1)
+    raw_config["limits"] = {"on_limit": "wait", "max_wait_s": 120, "concurrency_retry_s": 60}
+    proxy = await make_proxy()
+    gate = asyncio.Event()
+    fake.behavior = Behavior(chunks=2, gate_before_last=gate)
+    url = proxy.url + "/v1/chat/completions"
+
+    async def call(name: str) -> int:
+        body = {"model": "gpt-4o", "stream": True, "messages": [{"role": "user", "content": name}]}
+        async with aiohttp.ClientSession() as s:
+            async with s.post(url, json=body) as r:
+                await r.read()
+                return r.status
+
+    first = asyncio.create_task(call("A"))
+    await fake.first_chunk_sent.wait()          # A holds the only place, mid-stream
+    second = asyncio.create_task(call("B"))
+    lines = proxy.server.app[ADMISSION].lines
+    async with lines.waiting_changed:           # B has taken the line and waits for a place
+        await asyncio.wait_for(lines.waiting_changed.wait_for(lambda: lines.busy("upstream:gpt4o_cloud") is not None), 10)
+    gate.set()
+    assert await first == 200
+    assert await asyncio.wait_for(second, 10) == 200
+    assert [seen.body["messages"][0]["content"] for seen in fake.seen] == ["A", "B"]
+
+
 async def test_fallback_to_local_when_cloud_quota_is_out(raw_config: dict[str, Any], fake: FakeUpstream,
                                                          make_proxy: Any) -> None:
     set_limits(raw_config, rpm=1)
