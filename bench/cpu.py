@@ -1,6 +1,6 @@
 """The cost of one call: CPU per call and throughput of Tollgate against a bare relay, in one run.
 
-    python bench/cpu.py [--rounds 3] [--seconds 10] [--connections 32]
+    python bench/cpu.py [--rounds 3] [--seconds 10] [--connections 32] [--rate 800]
 
 Starts the fake upstream (tests/fake_upstream.py), `bench/bare_relay.py`,
 `bench/metering_floor.py` (the bare relay plus usage read and one SQLite row a call) and two
@@ -10,6 +10,11 @@ per-request caps; values scaled up so the load is admitted; no fallback). For no
 streaming chat, in interleaved rounds, wrk drives each target for a fixed time; each process's
 CPU is read from /proc/PID/stat (utime + stime) before and after and divided by the calls wrk
 completed. Medians of the rounds are printed, with each target's ratio to the bare relay.
+
+With `--rate`, each target also takes the same calls a second from an open-loop client (this
+script's aiohttp), in interleaved rounds. A process's CPU per call depends on its rate: at a
+lower rate fewer calls share each turn of its event loop and each wake-up, so under wrk the
+slower target pays for that too. At one rate for all, the ratio is the cost of the work alone.
 """
 
 from __future__ import annotations
@@ -27,7 +32,7 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from bench.harness import ROOT, free_port, start, start_proxy, start_upstream, stop  # noqa: E402
+from bench.harness import ROOT, free_port, open_loop, pct, start, start_proxy, start_upstream, stop  # noqa: E402
 from tests.conftest import to_toml  # noqa: E402
 
 TICK = os.sysconf("SC_CLK_TCK")
@@ -102,7 +107,36 @@ def _ms(out: str, label: str) -> float:
     return float(value) * {"us": 0.001, "ms": 1.0, "s": 1000.0}[unit]
 
 
-async def main(rounds: int, seconds: int, connections: int) -> None:
+async def at_rate(targets: dict[str, tuple[str, int | None]], rate: float, rounds: int, seconds: int) -> str:
+    """Every target at the same `rate` (open loop): CPU a call, p50 and p99, medians of rounds."""
+    lines = [f"\n# at one rate for all: {rate:,.0f} calls a second from an open-loop client, {rounds} interleaved "
+          f"rounds of {seconds} s, medians"]
+    for stream in (False, True):
+        body = (BODY % (', "stream": true' if stream else "")).encode()
+        figures: dict[str, list[tuple[float, float, float]]] = {}
+        for _ in range(rounds):
+            for name, (url, pid) in targets.items():
+                if pid is None:
+                    continue
+                before = cpu_seconds(pid)
+                times = await open_loop(url, body, rate, seconds)
+                calls = len(times) + 20   # open_loop's 20 warm-up calls are counted in the CPU
+                figures.setdefault(name, []).append(((cpu_seconds(pid) - before) / calls * 1e6,
+                                                     pct(times, 0.5) * 1000, pct(times, 0.99) * 1000))
+        bare_rows = figures["bare relay"]
+        lines.append(f"\n## {'streaming' if stream else 'non-streaming'}, {rate:,.0f}/s\n"
+              "| target | CPU µs/call | p50 ms | p99 ms | CPU vs bare | CPU vs bare, round by round |\n"
+              "|---|---:|---:|---:|---:|---:|")
+        bare_cpu = statistics.median(r[0] for r in bare_rows)
+        for name, rows in figures.items():
+            cpu = statistics.median(r[0] for r in rows)
+            paired = round_by_round([r[0] for r in rows], [b[0] for b in bare_rows])
+            lines.append(f"| {name} | {cpu:.0f} | {statistics.median(r[1] for r in rows):.2f} | "
+                         f"{statistics.median(r[2] for r in rows):.2f} | {cpu / bare_cpu:.2f}× | {paired:.2f}× |")
+    return "\n".join(lines)
+
+
+async def main(rounds: int, seconds: int, connections: int, fixed_rate: float = 0.0) -> None:
     upstream, up_port = await start_upstream()
     bare_port = free_port()
     bare = await start([sys.executable, str(ROOT / "bench" / "bare_relay.py"), str(bare_port),
@@ -135,6 +169,7 @@ async def main(rounds: int, seconds: int, connections: int) -> None:
                         cpu_us = (cpu_seconds(pid) - before) / done * 1e6 if pid else float("nan")
                         loop_us = (cpu_seconds(pid, pid) - loop_before) / done * 1e6 if pid else float("nan")
                         figures.setdefault((kind, name), []).append((rate, cpu_us, p50, p99, loop_us))
+        same_rate = await at_rate(targets, fixed_rate, rounds, seconds) if fixed_rate else ""
     finally:
         await stop(plain_proxy, limited_proxy, floor, bare, upstream)
         floor_dir.cleanup()
@@ -158,6 +193,8 @@ async def main(rounds: int, seconds: int, connections: int) -> None:
             paired_text = "–" if paired != paired else f"{paired:.2f}×"
             print(f"| {name} | {rate:,.0f} | {cpu_text} | {loop_text} | {p50:.2f} | {p99:.2f} | "
                   f"{rate / bare_rate:.0%} | {ratio} | {paired_text} |")
+    if same_rate:
+        print(same_rate)
 
 
 if __name__ == "__main__":
@@ -165,5 +202,7 @@ if __name__ == "__main__":
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--seconds", type=int, default=10)
     parser.add_argument("--connections", type=int, default=32)
+    parser.add_argument("--rate", type=float, default=0.0,
+                        help="also measure every target at this many calls a second (open loop)")
     args = parser.parse_args()
-    asyncio.run(main(args.rounds, args.seconds, args.connections))
+    asyncio.run(main(args.rounds, args.seconds, args.connections, args.rate))
