@@ -96,9 +96,12 @@ PRUNE_BATCH = 100
 # statements and one commit whether it holds one row or a hundred, and a row of the same
 # hour and kind as another adds nothing to the rollups' statements: under bench/profile.py's
 # streaming load (with the rollups then folded by SQL), transactions of 7-11 rows took 48-58 µs
-# of the writer's thread a row, paced ones of 78-89 rows 40. Whoever waits on the writer (a
-# flush, a snapshot, closing) cuts the wait short.
-PACE_S = 0.02
+# of the writer's thread a row, paced ones of 78-89 rows 40. At a steady 500 calls a second,
+# 20 ms made transactions of 10 calls and the writer held the GIL for 6.5% of the time anyone
+# did; 50 ms makes them 25 calls and 4.0% (bench/soak.py), and a SIGKILL still loses no call
+# finished 50 ms before it (bench/crash_lag.py). Whoever waits on the writer (a flush, a
+# snapshot, closing) cuts the wait short.
+PACE_S = 0.05
 
 
 class _Flush:
