@@ -70,12 +70,8 @@ class Window:
         return self._day_of(ts)[1]
 
     def prune(self, now: float) -> None:
-        # start() and end_of() inline here and in figure(): an admission and its headers prune
-        # each window twice, and the rolling case is one subtraction.
-        start = now - self.span if self.tz is None else self._day_of(now)[0]
+        start = self.start(now)
         times, amounts = self.times, self.amounts
-        if times and times[0] > start:
-            return
         while times and times[0] <= start:
             times.popleft()
             self.popped += 1
@@ -119,10 +115,7 @@ class Window:
         """(used, seconds until it is empty again: what x-ratelimit-reset-* means), pruned once."""
         self.prune(now)
         times = self.times
-        if not times:
-            return self.used, 0.0
-        end = times[-1] + self.span if self.tz is None else self._day_of(times[-1])[1]
-        return self.used, max(0.0, end - now)
+        return self.used, (max(0.0, self.end_of(times[-1]) - now) if times else 0.0)
 
 
 @dataclass
