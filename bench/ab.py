@@ -14,9 +14,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import os
 import statistics
-import subprocess
 import sys
 import tempfile
 from pathlib import Path
@@ -24,7 +22,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from bench.cpu import cpu_seconds, round_by_round, shipped, wrk, wrk_script  # noqa: E402
-from bench.harness import ROOT, free_port, start, start_upstream, stop  # noqa: E402
+from bench.harness import ROOT, checkout, free_port, serve_from, start, start_upstream, stop  # noqa: E402
 
 
 def switches(pid: int) -> int:
@@ -38,24 +36,9 @@ def switches(pid: int) -> int:
     return total
 
 
-async def serve_from(tree: Path, config: str) -> tuple[asyncio.subprocess.Process, int]:
-    """`tollgate serve` running the code in `tree`, its ledger in a fresh directory."""
-    port, tmp = free_port(), Path(tempfile.mkdtemp(prefix="tollgate-ab-"))
-    (tmp / "config.toml").write_text(f"[server]\nport = {port}\ndata_dir = \"{tmp / 'data'}\"\n{config}")
-    proc = await start([sys.executable, "-P", "-m", "proxy", "-c", str(tmp / "config.toml"), "serve"],
-                       b"tollgate ready", env={**os.environ, "PYTHONPATH": str(tree)})
-    return proc, port
-
-
 async def main(rev: str, stream: bool, limits: bool, rounds: int, seconds: int) -> None:
-    with tempfile.TemporaryDirectory(prefix="tollgate-ab-tree-") as holder:
-        tree = Path(holder) / "tree"
-        subprocess.run(["git", "-C", str(ROOT), "worktree", "add", "--detach", str(tree), rev],
-                       check=True, capture_output=True)
-        try:
-            await _compare(rev, tree, stream, limits, rounds, seconds)
-        finally:
-            subprocess.run(["git", "-C", str(ROOT), "worktree", "remove", "--force", str(tree)], capture_output=True)
+    with checkout(rev) as tree:
+        await _compare(rev, tree, stream, limits, rounds, seconds)
 
 
 async def _compare(rev: str, tree: Path, stream: bool, limits: bool, rounds: int, seconds: int) -> None:

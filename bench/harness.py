@@ -10,10 +10,12 @@ import argparse
 import asyncio
 import os
 import socket
+import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Callable, Coroutine
+from collections.abc import Callable, Coroutine, Iterator, Sequence
+from contextlib import contextmanager
 from typing import Any
 from pathlib import Path
 
@@ -190,6 +192,30 @@ async def start_proxy(config: str, data_dir: Path | None = None) -> tuple[asynci
     proc = await start([sys.executable, "-m", "proxy", "-c", str(tmp / "config.toml"), "serve"],
                        b"tollgate ready", env={**os.environ, "PYTHONPATH": str(ROOT)})
     return proc, port, tmp
+
+
+@contextmanager
+def checkout(rev: str) -> Iterator[Path]:
+    """`rev` checked out in a temporary git worktree, removed afterwards."""
+    with tempfile.TemporaryDirectory(prefix="tollgate-tree-") as holder:
+        tree = Path(holder) / "tree"
+        subprocess.run(["git", "-C", str(ROOT), "worktree", "add", "--detach", str(tree), rev],
+                       check=True, capture_output=True)
+        try:
+            yield tree
+        finally:
+            subprocess.run(["git", "-C", str(ROOT), "worktree", "remove", "--force", str(tree)], capture_output=True)
+
+
+async def serve_from(tree: Path, config: str, wrapper: Sequence[str] = ()) -> tuple[asyncio.subprocess.Process, int]:
+    """`tollgate serve` running the code in `tree` (under `wrapper`, such as valgrind, if given),
+    its ledger in a fresh directory. `python -P`: the code of `tree`, not of the current directory,
+    which `python -m` would otherwise put first."""
+    port, tmp = free_port(), Path(tempfile.mkdtemp(prefix="tollgate-serve-"))
+    (tmp / "config.toml").write_text(f"[server]\nport = {port}\ndata_dir = \"{tmp / 'data'}\"\n{config}")
+    proc = await start([*wrapper, sys.executable, "-P", "-m", "proxy", "-c", str(tmp / "config.toml"), "serve"],
+                       b"tollgate ready", env={**os.environ, "PYTHONPATH": str(tree)})
+    return proc, port
 
 
 async def stop(*procs: asyncio.subprocess.Process) -> None:

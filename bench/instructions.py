@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import os
+import contextlib
 import re
 import shutil
 import subprocess
@@ -31,37 +31,38 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from bench.cpu import BODY, shipped  # noqa: E402
-from bench.harness import ROOT, closed_loop, free_port, start, start_upstream, stop  # noqa: E402
+from bench.harness import ROOT, checkout, closed_loop, free_port, serve_from, start, start_upstream, stop  # noqa: E402
 
 WARM_UP = 200
 
 
-async def counted(name: str, command: list[str], ready: bytes, url: str, body: bytes, calls: int,
-                  env: dict[str, str]) -> tuple[float, float]:
-    """(kIr a call on the main thread, kIr a call on every other thread) of `command` under load."""
-    with tempfile.TemporaryDirectory(prefix="tollgate-callgrind-") as tmp:
-        out = Path(tmp) / "callgrind.out"
-        proc = await start(["valgrind", "--tool=callgrind", "--separate-threads=yes", f"--callgrind-out-file={out}",
-                            *command], ready, env=env)
-        try:
-            await closed_loop(url, body, WARM_UP, 1)
-            subprocess.run(["callgrind_control", "--zero", str(proc.pid)], check=True, capture_output=True)
-            await closed_loop(url, body, calls, 1)
-            subprocess.run(["callgrind_control", "--dump", str(proc.pid)], check=True, capture_output=True)
-        finally:
-            await stop(proc)
-        main = rest = 0
-        for dump in Path(tmp).glob("callgrind.out.1-*"):   # the first dump, one file a thread
-            text = dump.read_text(errors="replace")
-            thread = re.search(r"^thread: (\d+)", text, re.M)
-            total = re.search(r"^(?:summary|totals): (\d+)", text, re.M)
-            if thread is None or total is None:
-                raise RuntimeError(f"{name}: {dump} is not a callgrind dump")
-            if thread.group(1) == "1":
-                main += int(total.group(1))
-            else:
-                rest += int(total.group(1))
+async def counted(name: str, proc: asyncio.subprocess.Process, out: Path, url: str, body: bytes,
+                  calls: int) -> tuple[float, float]:
+    """(kIr a call on the main thread, kIr a call on every other thread) of `proc`, started under
+    callgrind writing to `out`, for `calls` calls after a warm-up."""
+    try:
+        await closed_loop(url, body, WARM_UP, 1)
+        subprocess.run(["callgrind_control", "--zero", str(proc.pid)], check=True, capture_output=True)
+        await closed_loop(url, body, calls, 1)
+        subprocess.run(["callgrind_control", "--dump", str(proc.pid)], check=True, capture_output=True)
+    finally:
+        await stop(proc)
+    main = rest = 0
+    for dump in out.parent.glob(f"{out.name}.1-*"):   # the first dump, one file a thread
+        text = dump.read_text(errors="replace")
+        thread = re.search(r"^thread: (\d+)", text, re.M)
+        total = re.search(r"^(?:summary|totals): (\d+)", text, re.M)
+        if thread is None or total is None:
+            raise RuntimeError(f"{name}: {dump} is not a callgrind dump")
+        if thread.group(1) == "1":
+            main += int(total.group(1))
+        else:
+            rest += int(total.group(1))
     return main / calls / 1000, rest / calls / 1000
+
+
+def callgrind(out: Path) -> list[str]:
+    return ["valgrind", "--tool=callgrind", "--separate-threads=yes", f"--callgrind-out-file={out}"]
 
 
 async def main(rev: str | None, stream: bool, limits: bool, calls: int) -> None:
@@ -71,33 +72,25 @@ async def main(rev: str | None, stream: bool, limits: bool, calls: int) -> None:
     upstream, up_port = await start_upstream()
     config = shipped(up_port, limits=limits)
     rows: list[tuple[str, float, float]] = []
-    with tempfile.TemporaryDirectory(prefix="tollgate-instructions-") as holder:
-        trees = [("Tollgate, this tree", ROOT)]
-        if rev is not None:
-            tree = Path(holder) / "tree"
-            subprocess.run(["git", "-C", str(ROOT), "worktree", "add", "--detach", str(tree), rev],
-                           check=True, capture_output=True)
-            trees.insert(0, (f"Tollgate at {rev}", tree))
-        try:
+    try:
+        with tempfile.TemporaryDirectory(prefix="tollgate-callgrind-") as tmp:
+            out = Path(tmp) / "bare.out"
             port = free_port()
-            bare = [sys.executable, str(ROOT / "bench" / "bare_relay.py"), str(port), f"http://127.0.0.1:{up_port}"]
-            rows.append(("bare relay", *await counted("bare relay", bare, b"bare relay ready",
-                                                      f"http://127.0.0.1:{port}/v1/chat/completions", body, calls,
-                                                      dict(os.environ))))
-            for name, tree in trees:
-                port = free_port()
-                data = Path(holder) / f"data-{len(rows)}"
-                (Path(holder) / "config.toml").write_text(f"[server]\nport = {port}\ndata_dir = \"{data}\"\n{config}")
-                # -P: the code of `tree`, not of the current directory.
-                serve = [sys.executable, "-P", "-m", "proxy", "-c", str(Path(holder) / "config.toml"), "serve"]
-                rows.append((name, *await counted(name, serve, b"tollgate ready",
-                                                  f"http://127.0.0.1:{port}/v1/chat/completions", body, calls,
-                                                  {**os.environ, "PYTHONPATH": str(tree)})))
-        finally:
-            await stop(upstream)
-            if rev is not None:
-                subprocess.run(["git", "-C", str(ROOT), "worktree", "remove", "--force", str(Path(holder) / "tree")],
-                               capture_output=True)
+            bare = await start([*callgrind(out), sys.executable, str(ROOT / "bench" / "bare_relay.py"), str(port),
+                                f"http://127.0.0.1:{up_port}"], b"bare relay ready")
+            rows.append(("bare relay", *await counted("bare relay", bare, out,
+                                                      f"http://127.0.0.1:{port}/v1/chat/completions", body, calls)))
+            with contextlib.ExitStack() as trees:
+                targets = [("Tollgate, this tree", ROOT)]
+                if rev is not None:
+                    targets.insert(0, (f"Tollgate at {rev}", trees.enter_context(checkout(rev))))
+                for index, (name, tree) in enumerate(targets):
+                    out = Path(tmp) / f"tollgate-{index}.out"
+                    proc, port = await serve_from(tree, config, callgrind(out))
+                    rows.append((name, *await counted(name, proc, out, f"http://127.0.0.1:{port}/v1/chat/completions",
+                                                      body, calls)))
+    finally:
+        await stop(upstream)
     print(f"# instructions a call (callgrind), {'streaming' if stream else 'non-streaming'} chat, "
           f"{'shipped limits on' if limits else 'no limits'}, {calls} calls one at a time")
     # The writer's count is not comparable between runs: one call at a time, whether two calls
