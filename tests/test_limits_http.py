@@ -252,7 +252,8 @@ async def test_a_caller_in_line_goes_the_moment_a_place_is_given_back(
     second = asyncio.create_task(call("B"))
     lines = proxy.server.app[ADMISSION].lines
     async with lines.waiting_changed:           # B has taken the line and waits for a place
-        await asyncio.wait_for(lines.waiting_changed.wait_for(lambda: lines.busy("upstream:gpt4o_cloud") is not None), 10)
+        await asyncio.wait_for(lines.waiting_changed.wait_for(
+            lambda: lines.busy("upstream:gpt4o_cloud") is not None), 10)
     gate.set()
     assert await first == 200
     assert await asyncio.wait_for(second, 10) == 200
