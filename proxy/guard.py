@@ -62,9 +62,10 @@ def _cross_site(request: web.Request) -> str | None:
     return None
 
 
-@web.middleware
 async def guard(request: web.Request,
                 handler: Callable[[web.Request], Awaitable[web.StreamResponse]]) -> web.StreamResponse:
+    """Every request, before its handler (app.py's error middleware calls it, so its refusals
+    leave in the caller's dialect like any other error)."""
     server = request.app[CONFIG].server
     allowed = server.allowed_hosts
     if "*" not in allowed and host_name(request.host) not in allowed:
