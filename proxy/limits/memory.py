@@ -230,22 +230,23 @@ class Limiter:
         """OpenAI's x-ratelimit-* headers for a call in `scopes`: for requests and for tokens,
         the window with the least left, whichever scope (upstream, model, user, key) holds it."""
         now = self.clock()
+        figure = self._figure
         # The tightest window for requests [0] and for tokens [1], in one pass as `_tightest`
         # picks it: every limited reply carries these, so no pair lists are built on the way.
-        tightest: list[tuple[float, int, float, float] | None] = [None, None]   # (left, limit, used, reset)
+        tightest: list[tuple[float, Window, float] | None] = [None, None]   # (left, window, reset)
         for scope in scopes:
             for window, _, weighted in scope.limited:
-                used, reset = self._figure(scope, window, now)
-                limit = window.limit
+                used, reset = figure(scope, window, now)
+                left = window.limit - used
                 best = tightest[weighted]
-                if best is None or (limit - used, limit) < (best[0], best[1]):
-                    tightest[weighted] = (limit - used, limit, used, reset)
+                if best is None or left < best[0] or (left == best[0] and window.limit < best[1].limit):
+                    tightest[weighted] = (left, window, reset)
         out: dict[str, str] = {}
         for best, (limit_name, remaining_name, reset_name) in zip(tightest, HEADER_NAMES):
             if best is not None:
-                _, limit, used, reset = best
-                out[limit_name] = str(limit)
-                out[remaining_name] = str(max(0, int(limit - used)))
+                left, window, reset = best
+                out[limit_name] = window.limit_text
+                out[remaining_name] = str(int(left)) if left > 0 else "0"
                 out[reset_name] = format_duration(reset)
         return out
 

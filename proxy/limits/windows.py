@@ -10,6 +10,7 @@ oldest entries that stand in the way leave the window.
 
 from __future__ import annotations
 
+import functools
 import math
 import os
 import secrets
@@ -41,6 +42,7 @@ class Window:
 
     def __init__(self, limit: int, span: float, tz: ZoneInfo | None = None, weighted: bool = False) -> None:
         self.limit = limit
+        self.limit_text = str(limit)  # as x-ratelimit-limit-* says it, on every limited reply
         self.span = span
         self.tz = tz  # set: a calendar day in this zone instead of a rolling span
         self.times: deque[float] = deque()
@@ -115,7 +117,10 @@ class Window:
         """(used, seconds until it is empty again: what x-ratelimit-reset-* means), pruned once."""
         self.prune(now)
         times = self.times
-        return self.used, (max(0.0, self.end_of(times[-1]) - now) if times else 0.0)
+        if not times:
+            return self.used, 0.0
+        reset = self.end_of(times[-1]) - now
+        return self.used, reset if reset > 0.0 else 0.0
 
 
 @dataclass
@@ -236,7 +241,13 @@ def format_duration(seconds: float) -> str:
     """OpenAI's reset format: 20ms, 1s, 6m0s, 1h2m3s."""
     if seconds < 1:
         return f"{max(0, math.ceil(seconds * 1000))}ms"
-    total = math.ceil(seconds)
+    return _whole_seconds(math.ceil(seconds))
+
+
+@functools.lru_cache(maxsize=512)
+def _whole_seconds(total: int) -> str:
+    """Every limited reply formats one or two resets, and a window's reset moves by a second at
+    a time: working one out took as many instructions as the rest of the headers together."""
     hours, rest = divmod(total, 3600)
     minutes, secs = divmod(rest, 60)
     if hours:
