@@ -23,7 +23,7 @@ from typing import Any
 
 from ..config import Config
 from ..ledger import Admission
-from .windows import HEADER_NAMES, Denial, Scope, Ticket, Window, _longer, _row, format_duration
+from .windows import HEADER_NAMES, Denial, Scope, Ticket, Window, _row, _worse, format_duration
 
 class Limiter:
     """The windows in this process's memory: exact, and one synchronous step per admission."""
@@ -83,32 +83,36 @@ class Limiter:
 
     def caps(self, scopes: list[Scope]) -> tuple[int | None, int | None]:
         """The tightest per-request (input, output) token caps among the scopes."""
-        ins = [s.limits.max_input_tokens for s in scopes if s.limits.max_input_tokens]
-        outs = [s.limits.max_output_tokens for s in scopes if s.limits.max_output_tokens]
-        return (min(ins) if ins else None), (min(outs) if outs else None)
+        # One loop, no lists: every admission asks.
+        cap_in: int | None = None
+        cap_out: int | None = None
+        for scope in scopes:
+            limits = scope.limits
+            if limits.max_input_tokens and (cap_in is None or limits.max_input_tokens < cap_in):
+                cap_in = limits.max_input_tokens
+            if limits.max_output_tokens and (cap_out is None or limits.max_output_tokens < cap_out):
+                cap_out = limits.max_output_tokens
+        return cap_in, cap_out
 
     # --- admission ----------------------------------------------------------------------
 
     def check(self, scopes: list[Scope], tokens: int) -> Denial | None:
-        """The denial that lasts longest, or None if every scope has room now."""
+        """The denial that lasts longest (the first found of those that last as long), or None
+        if every scope has room now."""
         now = self.clock()
         worst: Denial | None = None
         for scope in scopes:
             # One plain loop, a Denial built only where one is due: every admission runs it.
-            found: list[Denial] = []
             if scope.blocked_until > now:
-                found.append(Denial(scope.name, "upstream_rate_limit", scope.blocked_until - now, 0))
+                worst = _worse(Denial(scope.name, "upstream_rate_limit", scope.blocked_until - now, 0), worst)
             concurrency = scope.limits.concurrency
             if concurrency and scope.in_flight >= concurrency:
                 # No time can be promised: a place frees when a call in flight ends.
-                found.append(Denial(scope.name, "concurrency", self.policy.concurrency_retry_s, concurrency))
+                worst = _worse(Denial(scope.name, "concurrency", self.policy.concurrency_retry_s, concurrency), worst)
             for window, kind, weighted in scope.limited:
                 wait = window.wait_for(now, tokens if weighted else 1)
                 if wait is None or wait > 0:
-                    found.append(Denial(scope.name, kind, wait, window.limit))
-            for denial in found:
-                if worst is None or _longer(denial, worst):
-                    worst = denial
+                    worst = _worse(Denial(scope.name, kind, wait, window.limit), worst)
         return worst
 
     async def admit(self, scopes: list[Scope], tokens: int) -> Ticket | Denial:
@@ -123,7 +127,7 @@ class Limiter:
 
     def record(self, scopes: list[Scope], tokens: int, now: float, key: str | None = None) -> Ticket:
         """Take the call's places in every window (already decided: nothing is checked)."""
-        ticket = Ticket(scopes, now, tokens) if key is None else Ticket(scopes, now, tokens, key)
+        ticket = Ticket(scopes, now, tokens, key)
         for scope in scopes:
             scope.in_flight += 1
             for window in (scope.rpm, scope.rpd):
