@@ -7,6 +7,7 @@ the shape of an error body. Nothing here does I/O, so all of it is tested withou
 
 from __future__ import annotations
 
+import functools
 import re
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
@@ -199,8 +200,11 @@ def _max_output(dialect: Dialect, body: dict[str, Any]) -> int | None:
         options = body.get("options")
         value = options.get("num_predict") if isinstance(options, dict) else None
     else:
-        value = next((body[k] for k in ("max_completion_tokens", "max_tokens", "max_output_tokens")
-                      if body.get(k) is not None), None)
+        value = None
+        for key in _OUTPUT_FIELDS:   # a loop, not next() over a generator: every call reads this
+            value = body.get(key)
+            if value is not None:
+                break
     return value if isinstance(value, int) and not isinstance(value, bool) and value >= 0 else None
 
 
@@ -228,19 +232,24 @@ def with_max_output(info: CallInfo, body: dict[str, Any], cap: int) -> dict[str,
         options["num_predict"] = cap
         body["options"] = options
         return body
-    keys = [k for k in ("max_completion_tokens", "max_tokens", "max_output_tokens") if body.get(k) is not None]
-    if not keys:
-        keys = [_output_field(info.endpoint, str(body.get("model") or ""))]
-    for key in keys:
-        body[key] = cap
+    capped = False
+    for key in _OUTPUT_FIELDS:
+        if body.get(key) is not None:
+            body[key] = cap
+            capped = True
+    if not capped:
+        body[_output_field(info.endpoint, str(body.get("model") or ""))] = cap
     return body
 
 
+# The fields a body may cap its output with, in the order they are read.
+_OUTPUT_FIELDS = ("max_completion_tokens", "max_tokens", "max_output_tokens")
 # Reasoning models take only max_completion_tokens on chat and refuse max_tokens (OpenAI's
 # reference: max_tokens "is not compatible with o-series models").
 _COMPLETION_TOKENS_ONLY = re.compile(r"^(o\d|gpt-5)")
 
 
+@functools.lru_cache(maxsize=256)
 def _output_field(endpoint: str, model: str) -> str:
     """The field to add when capping output the client did not cap: the one the model takes."""
     if endpoint == "responses":
