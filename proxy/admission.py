@@ -149,8 +149,8 @@ class Admission:
         refused: list[tuple[Upstream, str, Denial]] = []
         if self.budgets is not None and self.budgets.budgets:
             await self.estimator.ready(info.model or "")  # a budget's estimate may need it
-        upstream, model, fallback_from = self._within_budgets(info, upstream, model, user, key, tried, fallback_from,
-                                                              refused)
+            upstream, model, fallback_from = self._within_budgets(info, upstream, model, user, key, tried,
+                                                                  fallback_from, refused)
         scopes = self.limiter.scopes(upstream.name, model, user, key)
         if not scopes:
             # Nothing limits this call.

@@ -73,7 +73,7 @@ class Limiter:
                 if scope is None:
                     scope = self._users[user] = Scope.build(f"user:{user}", self.policy.per_user, self.zone)
                 found.append(scope)
-        return [s for s in found if s.limits.any or s.blocked_until or s.tracked]
+        return [s for s in found if s.counts or s.blocked_until]
 
     def needs_estimate(self, scopes: list[Scope]) -> bool:
         for scope in scopes:

@@ -136,6 +136,7 @@ class Scope:
     # Worked out once: every admission and every reply's headers walk these.
     limited: tuple[tuple[Window, str, bool], ...] = field(init=False, repr=False)  # (window, kind, tokens?)
     estimates: bool = field(init=False, repr=False)  # a limit that needs the prompt's tokens
+    counts: bool = field(init=False, repr=False)     # a limit of its own, or tracked for /stats
 
     def __post_init__(self) -> None:
         self.limited = tuple((window, kind, kind == "tokens_per_minute")
@@ -143,6 +144,7 @@ class Scope:
                                                   (self.tpm, "tokens_per_minute"))
                              if window is not None and window.limit)
         self.estimates = bool((self.tpm is not None and self.tpm.limit) or self.limits.max_input_tokens)
+        self.counts = self.limits.any or self.tracked
 
     @classmethod
     def build(cls, name: str, limits: Limits, zone: ZoneInfo, tracked: bool = False) -> Scope:
