@@ -216,11 +216,12 @@ def error_response(request: web.Request, status: int, message: str, type_: str, 
 
 
 @web.middleware
-async def error_middleware(request: web.Request, handler: Callable[[web.Request], object]) -> web.StreamResponse:
+async def error_middleware(request: web.Request,
+                           handler: Callable[[web.Request], Awaitable[web.StreamResponse]]) -> web.StreamResponse:
     """Every failure leaves in the caller's dialect, with a message and never a traceback; the
     guard (allowed hosts, cross-site requests, CORS) sees each request first."""
     try:
-        return await guard(request, handler)  # type: ignore[arg-type]
+        return await guard(request, handler)
     except ProxyError as exc:
         response = error_response(request, exc.status, exc.message, exc.type, exc.code)
         response.headers.update(exc.headers)
